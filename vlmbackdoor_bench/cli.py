@@ -1,0 +1,160 @@
+"""`vbb`: list plugins, run the grid, build leaderboards, gate on regressions, score caption files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import load_config
+from .errors import VbbError
+from .registry import load_registry
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _registry(args, config=None):
+    dirs = config.plugin_dirs if config is not None else []
+    registry = load_registry(dirs, strict=args.strict)
+    for info in registry.errors:
+        print(f"warning: plugin '{info.name}' ({info.source}) failed to load and is skipped: "
+              f"{info.error}", file=sys.stderr)
+    return registry
+
+
+def cmd_list(args) -> int:
+    config = load_config(args.config)
+    registry = _registry(args, config)
+    from tabulate import tabulate
+    rows = []
+    for info in registry.plugins:
+        provides = ", ".join(f"{kind}:{name}" for kind, name, _ in info.provides) or "-"
+        rows.append([info.name, provides, info.version, info.source,
+                     ", ".join(info.hooks) or "-", "ERROR: " + info.error if info.error else "ok"])
+    print(tabulate(rows, headers=["plugin", "provides (kind:name)", "version", "source", "hooks", "status"]))
+    return 1 if args.strict and registry.errors else 0
+
+
+def cmd_run(args) -> int:
+    config = load_config(args.config)
+    registry = _registry(args, config)
+    from .grid.runner import GridRunner
+    runner = GridRunner(config, registry, log=lambda m: print(m, file=sys.stderr))
+    only = None
+    if args.cells:
+        wanted = set(args.cells)
+        only = lambda cell: cell.cell_id in wanted or cell.attack in wanted or cell.defense in wanted
+    summary = runner.run(only)
+    print(f"grid: {len(summary.ok)} cells ok, {len(summary.failed)} failed "
+          f"in {summary.seconds:.1f} s; results in {config.results_dir / config.profile}")
+    for cell_id, message in summary.failed.items():
+        print(f"  FAILED {cell_id}: {message}")
+    if not args.no_report:
+        _report(config)
+    return 1 if summary.failed else 0
+
+
+def _report(config) -> list[Path]:
+    from .leaderboard import build_leaderboards
+    out_dir = REPO_ROOT / "leaderboards" / config.profile if config.source is None \
+        else config.source.parent / "leaderboards" / config.profile
+    written = build_leaderboards(config.results_dir, config.profile, out_dir)
+    print(f"leaderboard: {out_dir} ({len(written)} files)")
+    table = out_dir / "table2.md"
+    if table.exists():
+        print(table.read_text())
+    return written
+
+
+def cmd_report(args) -> int:
+    config = load_config(args.config)
+    if args.out:
+        from .leaderboard import build_leaderboards
+        written = build_leaderboards(config.results_dir, config.profile, Path(args.out))
+        print(f"leaderboard: {args.out} ({len(written)} files)")
+    else:
+        _report(config)
+    return 0
+
+
+def cmd_check(args) -> int:
+    config = load_config(args.config)
+    from .leaderboard import check_against_baseline, write_baseline
+    if args.write:
+        write_baseline(config.results_dir, config.profile, Path(args.baseline))
+        print(f"baseline written to {args.baseline}")
+        return 0
+    regressions = check_against_baseline(config.results_dir, config.profile, Path(args.baseline))
+    if regressions:
+        print(f"{len(regressions)} regression(s) against {args.baseline}:")
+        for r in regressions:
+            print(f"  {r.message}")
+        return 1
+    print(f"no regression against {args.baseline}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .metrics.score import score_files
+    scorer = None
+    if args.sfs_reference:
+        from .metrics.sfs import default_scorer
+        scorer = default_scorer(Path(args.cache_dir) if args.cache_dir else None)
+    result = score_files(Path(args.captions), Path(args.references), target=args.target,
+                         asr_rule=args.asr_rule, clean_captions_path=Path(args.sfs_reference) if args.sfs_reference else None,
+                         scorer=scorer)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        for key in ("n_images", "bleu4", "cider", "asr", "sc", "lf", "sfs"):
+            if key in result:
+                value = result[key]
+                print(f"{key:>8}: {value:.2f}" if isinstance(value, float) else f"{key:>8}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vbb", description=__doc__)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="benchmark.toml (default: ./benchmark.toml, else built-in defaults)")
+    parser.add_argument("--strict", action="store_true", help="a plugin that fails to load is fatal")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every plugin with kind, version, source and hooks").set_defaults(func=cmd_list)
+    run = sub.add_parser("run", help="run the grid (cached), then rebuild the leaderboard")
+    run.add_argument("--cells", nargs="*", help="only these cell ids, attacks or defenses")
+    run.add_argument("--no-report", action="store_true", help="skip rebuilding the leaderboard")
+    run.set_defaults(func=cmd_run)
+    report = sub.add_parser("report", help="rebuild leaderboards from stored results only")
+    report.add_argument("--out", help="output directory (default leaderboards/<profile>/)")
+    report.set_defaults(func=cmd_report)
+    check = sub.add_parser("check", help="exit non-zero when a metric moved beyond its tolerance")
+    check.add_argument("--baseline", required=True)
+    check.add_argument("--write", action="store_true", help="write the baseline from current results")
+    check.set_defaults(func=cmd_check)
+    score = sub.add_parser("score", help="score a COCO-format captions file")
+    score.add_argument("--captions", required=True, help='results JSON: [{"image_id", "caption"}]')
+    score.add_argument("--references", required=True, help="COCO annotations or Karpathy JSON")
+    score.add_argument("--target", default="banana")
+    score.add_argument("--asr-rule", default="srd", choices=["srd", "strict", "concept"])
+    score.add_argument("--sfs-reference", help="captions of the clean model (enables SC/LF/SFS)")
+    score.add_argument("--cache-dir", help="scorer cache directory")
+    score.add_argument("--json", action="store_true")
+    score.set_defaults(func=cmd_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VbbError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept in the store; rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

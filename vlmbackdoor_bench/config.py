@@ -1,0 +1,141 @@
+"""benchmark.toml -> a typed, validated configuration (DESIGN.md §6).
+
+Every mistake is reported as one VbbError naming the key and the fix; unknown keys are errors
+(a typo must never silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import VbbError
+
+DEFAULT_CONFIG_NAME = "benchmark.toml"
+
+
+@dataclass
+class BenchmarkConfig:
+    profile: str = "tiny"
+    attacks: list[str] = field(default_factory=lambda: ["badnet"])
+    defenses: list[str] = field(default_factory=lambda: ["none"])
+    datasets: list[str] = field(default_factory=lambda: ["coco", "flickr30k"])
+    poison_rate: float = 0.1  # spec/attacks.md §1: the default rate is 10 %
+    seeds: list[int] = field(default_factory=lambda: [0])
+    cache_dir: Path = Path(".vbb-cache")
+    plugin_dirs: list[Path] = field(default_factory=list)
+    attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # [attack.<name>]
+    defense_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # [defense.<name>]
+    profile_params: dict[str, Any] = field(default_factory=dict)  # [profile.<name>] overrides
+    data_paths: dict[str, Path] = field(default_factory=dict)  # [data] provider name -> root
+    world_seed: int = 0
+    source: Path | None = None
+
+    @property
+    def results_dir(self) -> Path:
+        return self.cache_dir / "results"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.cache_dir / "store"
+
+
+_SCALARS = {
+    "profile": str, "poison_rate": float, "cache_dir": str, "world_seed": int,
+}
+_LISTS = {"attacks": str, "defenses": str, "datasets": str, "seeds": int, "plugin_dirs": str}
+_TABLES = {"attack", "defense", "profile", "data"}
+
+
+def _type_error(key: str, expected: str, value: Any, path: Path | None) -> VbbError:
+    where = f" in {path}" if path else ""
+    return VbbError(
+        f"benchmark key '{key}'{where} must be {expected}, got {value!r}",
+        f"write e.g. {key} = {_EXAMPLES.get(key, '...')}",
+    )
+
+
+_EXAMPLES = {
+    "profile": '"tiny"', "poison_rate": "0.1", "cache_dir": '".vbb-cache"', "world_seed": "0",
+    "attacks": '["badnet"]', "defenses": '["none"]', "datasets": '["coco", "flickr30k"]',
+    "seeds": "[0]", "plugin_dirs": '["my_plugins"]',
+}
+
+
+def parse_config(raw: dict[str, Any], source: Path | None = None) -> BenchmarkConfig:
+    base = source.parent if source else Path.cwd()
+    section = raw.get("benchmark", {})
+    unknown_top = set(raw) - {"benchmark"} - _TABLES
+    if unknown_top:
+        raise VbbError(
+            f"unknown section(s) {sorted(unknown_top)} in {source or 'config'}",
+            "valid sections: [benchmark], [attack.<name>], [defense.<name>], [profile.<name>], [data]",
+        )
+    unknown = set(section) - set(_SCALARS) - set(_LISTS)
+    if unknown:
+        raise VbbError(
+            f"unknown key(s) {sorted(unknown)} in [benchmark] of {source or 'config'}",
+            f"valid keys: {', '.join(sorted(set(_SCALARS) | set(_LISTS)))}",
+        )
+    cfg = BenchmarkConfig(source=source)
+    for key, typ in _SCALARS.items():
+        if key not in section:
+            continue
+        value = section[key]
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise _type_error(key, typ.__name__, value, source)
+        setattr(cfg, key, value)
+    for key, typ in _LISTS.items():
+        if key not in section:
+            continue
+        value = section[key]
+        if not isinstance(value, list) or not all(
+            isinstance(v, typ) and not isinstance(v, bool) for v in value
+        ):
+            raise _type_error(key, f"a list of {typ.__name__}", value, source)
+        if not value and key in ("attacks", "defenses", "datasets", "seeds"):
+            raise VbbError(f"'{key}' in {source or 'config'} is empty", f"name at least one, e.g. {key} = {_EXAMPLES[key]}")
+        setattr(cfg, key, list(value))
+    if not 0.0 < cfg.poison_rate <= 1.0:
+        raise VbbError(
+            f"poison_rate must be in (0, 1], got {cfg.poison_rate}",
+            "write a fraction, e.g. poison_rate = 0.1 for 10 %",
+        )
+    cfg.cache_dir = (base / cfg.cache_dir).resolve() if not Path(cfg.cache_dir).is_absolute() else Path(cfg.cache_dir)
+    cfg.plugin_dirs = [(base / p).resolve() for p in cfg.plugin_dirs]
+    for table, target in (("attack", cfg.attack_params), ("defense", cfg.defense_params)):
+        entries = raw.get(table, {})
+        if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+            raise VbbError(f"[{table}] must contain sub-tables like [{table}.<name>]",
+                           f"write e.g. [{table}.badnet] followed by key = value lines")
+        target.update({name: dict(values) for name, values in entries.items()})
+    profiles = raw.get("profile", {})
+    cfg.profile_params = dict(profiles.get(cfg.profile, {})) if isinstance(profiles, dict) else {}
+    data = raw.get("data", {})
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise VbbError("[data] must map dataset provider names to directories",
+                       'write e.g. [data]\n  coco-karpathy = "/data/coco"')
+    cfg.data_paths = {name: (base / path).resolve() for name, path in data.items()}
+    return cfg
+
+
+def load_config(path: Path | None) -> BenchmarkConfig:
+    """Read ``path`` (default ./benchmark.toml; built-in defaults when it does not exist)."""
+    if path is None:
+        path = Path(DEFAULT_CONFIG_NAME)
+        if not path.exists():
+            return parse_config({}, None)
+    path = Path(path)
+    if not path.exists():
+        raise VbbError(f"config file {path} does not exist",
+                       "pass an existing file with --config, or omit --config to use ./benchmark.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise VbbError(f"{path} is not valid TOML: {exc}",
+                       "fix the syntax at the position named above (strings need quotes, lists brackets)") from None
+    return parse_config(raw, path)

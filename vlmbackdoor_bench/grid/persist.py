@@ -1,0 +1,63 @@
+"""How stage outputs are written to and read from store entries (no pickle, DESIGN.md §8)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import VbbError
+from ..types import DefenseReport, Example, ImageBank, PoisonRecord, PoisonedSet, Split, TrainingSet
+from .store import write_json_atomic
+
+
+def clean_training_set(train: Split) -> TrainingSet:
+    return TrainingSet(ImageBank(train.images), train.caption_examples())
+
+
+def save_poisoned(poisoned: PoisonedSet, directory: Path) -> None:
+    directory = Path(directory)
+    np.save(directory / "extra_images.npy", poisoned.training_set.images.extra)
+    write_json_atomic(directory / "examples.json",
+                      [[e.sample_id, e.image_index, e.caption, e.instruction]
+                       for e in poisoned.training_set.examples])
+    write_json_atomic(directory / "records.json", [asdict(r) for r in poisoned.records])
+    write_json_atomic(directory / "poisoned_ids.json", sorted(poisoned.poisoned_ids))
+    write_json_atomic(directory / "details.json", poisoned.details)
+
+
+def load_poisoned(directory: Path, train: Split) -> PoisonedSet:
+    directory = Path(directory)
+    extra = np.load(directory / "extra_images.npy", mmap_mode="r")
+    examples = [Example(*row) for row in json.loads((directory / "examples.json").read_text())]
+    records = [PoisonRecord(**r) for r in json.loads((directory / "records.json").read_text())]
+    if any(e.image_index >= len(train) + len(extra) for e in examples):
+        raise VbbError(f"poisoned set {directory} does not match the training split",
+                       "delete this store entry and rerun `vbb run`")
+    details = json.loads((directory / "details.json").read_text())
+    return PoisonedSet(TrainingSet(ImageBank(train.images, extra), examples), records, details)
+
+
+def report_to_dict(report: DefenseReport) -> dict:
+    return asdict(report)
+
+
+def read_captions(directory: Path) -> dict[int, str]:
+    data = json.loads((Path(directory) / "captions.json").read_text())
+    return {int(k): v for k, v in data.items()}
+
+
+def detection(report: dict, poisoned_ids: set[str]) -> dict:
+    """Precision/recall of the samples a defense removed or relabelled, against the poison set.
+
+    The harness holds the ground truth; the defense only reports what it flagged (DESIGN.md §3).
+    """
+    flagged = set(report.get("removed_sample_ids", [])) | set(report.get("relabelled_sample_ids", []))
+    hits = len(flagged & poisoned_ids)
+    return {
+        "precision": 100.0 * hits / len(flagged) if flagged else None,
+        "recall": 100.0 * hits / len(poisoned_ids) if poisoned_ids else None,
+        "n_flagged": len(flagged), "n_poisoned": len(poisoned_ids), "n_true_positive": hits,
+    }

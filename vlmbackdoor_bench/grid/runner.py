@@ -1,0 +1,341 @@
+"""Run the grid: shared stages once through the store, one result file per cell (DESIGN.md §6).
+
+world/data -> base victim -> poison(attack) -> backdoor(fine-tune) -> defend(defense)
+-> captions(eval set, clean|triggered) -> scores. The clean reference model is one more shared
+stage. A failing cell is recorded as failed and the grid goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..config import BenchmarkConfig
+from ..errors import VbbError
+from ..hookspecs import DefenseContext, StageContext
+from ..registry import Registry
+from ..types import EvalInputs, Split, sha256_of_ids, sha256_of_images
+from . import persist
+from .cells import CLEAN_MODEL, Cell, expand, resolve_params, validate_plugins
+from .store import Entry, Store, write_json_atomic
+
+
+@dataclass
+class RunSummary:
+    ok: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+    return {"vlmbackdoor_bench": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+class GridRunner:
+    def __init__(self, config: BenchmarkConfig, registry: Registry,
+                 log: Callable[[str], None] = print):
+        self.config = config
+        self.registry = registry
+        self.log = log
+        self.store = Store(config.store_dir)
+        self.profile = registry.victim(config.profile)
+        self.profile_params = self.profile.params(config.profile_params)
+        self.context = StageContext(cache_dir=config.cache_dir, config=self._data_config())
+        self._splits: dict[tuple[str, str], Split] = {}
+        self._victims: dict[str, Any] = {}
+        self._scorer = None
+
+    def _data_config(self) -> SimpleNamespace:
+        from ..data.world import WorldSizes
+        p = self.profile_params
+        sizes = WorldSizes(train=p["world_train"], test=p["world_test"],
+                           pretrain=p["world_pretrain"], flickr_test=p["world_flickr_test"]) \
+            if "world_train" in p else None
+        return SimpleNamespace(world_seed=self.config.world_seed, world_sizes=sizes,
+                               data_paths=self.config.data_paths)
+
+    # ------------------------------------------------------------------ data
+    def split(self, role: str, split: str) -> Split:
+        key = (role, split)
+        if key not in self._splits:
+            source = self.profile.dataset_sources().get(role)
+            if source is None:
+                raise VbbError(f"profile '{self.profile.name}' has no dataset for role '{role}'",
+                               f"use datasets from: {', '.join(self.profile.dataset_sources())}")
+            self._splits[key] = self.registry.dataset(source).load(split, self.context)
+        return self._splits[key]
+
+    # ------------------------------------------------------------------ model stages
+    def base_victim(self) -> tuple[Any, Entry]:
+        train = self.split("coco", "train")
+        provider = self.registry.dataset(self.profile.dataset_sources()["coco"])
+        pretrain = self.split("coco", "pretrain") if "pretrain" in provider.splits else None
+        payload = {"profile": self.profile.name, "version": self.profile.version,
+                   "params": self.profile.base_params(self.profile_params),
+                   "manifests": [s.manifest.to_dict() for s in (pretrain, train) if s is not None]}
+
+        def build(tmp: Path) -> dict:
+            self.log("stage base: pretraining the base victim")
+            victim, log = self.profile.build_base(self.context, self.profile_params, pretrain, train)
+            victim.save_full(tmp)
+            return {"log": log}
+
+        entry = self.store.get_or_build("base", payload, build)
+        if entry.key not in self._victims:
+            self._victims[entry.key] = self.profile.load(entry.path, self.context)
+        return self._victims[entry.key], entry
+
+    def derived_victim(self, stage: str, payload: dict, train_fn: Callable[[Path], dict]) -> tuple[Any, Entry]:
+        """A model = base + trainable weights saved by ``train_fn`` (cached in memory too)."""
+        entry = self.store.get_or_build(stage, payload, train_fn)
+        if entry.key not in self._victims:
+            base, _ = self.base_victim()
+            victim = base.clone()
+            victim.load_trainable(entry.path)
+            self._victims[entry.key] = victim
+        return self._victims[entry.key], entry
+
+    def clean_model(self, seed: int) -> tuple[Any, Entry]:
+        """The clean reference model: base fine-tuned on the unpoisoned set (DESIGN.md §6)."""
+        base, base_entry = self.base_victim()
+        train = self.split("coco", "train")
+        recipe = self.profile.finetune_recipe(self.profile_params)
+        payload = {"base": base_entry.key, "train": train.manifest.to_dict(),
+                   "recipe": recipe.to_dict(), "seed": seed}
+
+        def build(tmp: Path) -> dict:
+            victim = base.clone()
+            log = victim.fine_tune(persist.clean_training_set(train), seed=seed, recipe=recipe,
+                                   progress="clean model")
+            victim.lineage = {"stage": "clean_model", "base": base_entry.key}
+            victim.save(tmp)
+            return {"log": log}
+
+        return self.derived_victim("clean_model", payload, build)
+
+    def poisoned_set(self, attack, params: dict, seed: int) -> Entry:
+        train = self.split("coco", "train")
+        payload = {"attack": attack.name, "version": attack.version, "params": params,
+                   "poison_rate": self.config.poison_rate, "seed": seed,
+                   "train": train.manifest.to_dict()}
+
+        def build(tmp: Path) -> dict:
+            poisoned = attack.poison(train, poison_rate=self.config.poison_rate, seed=seed,
+                                     params=params, victim=self.base_victim()[0])
+            persist.save_poisoned(poisoned, tmp)
+            return {"n_poisoned": len(poisoned.records), "n_instances": len(poisoned.training_set)}
+
+        return self.store.get_or_build("poison", payload, build)
+
+    def backdoored(self, attack, params: dict, seed: int) -> tuple[Any, Entry, Entry]:
+        base, base_entry = self.base_victim()
+        poison_entry = self.poisoned_set(attack, params, seed)
+        recipe = self.profile.finetune_recipe(self.profile_params)
+        payload = {"base": base_entry.key, "poison": poison_entry.key, "recipe": recipe.to_dict(),
+                   "seed": seed}
+
+        def build(tmp: Path) -> dict:
+            training_set = persist.load_poisoned(poison_entry.path, self.split("coco", "train")).training_set
+            victim = base.clone()
+            objective = getattr(attack, "training_objective", lambda p: None)(params)
+            log = victim.fine_tune(training_set, seed=seed, objective=objective, recipe=recipe,
+                                   progress=f"backdoor {attack.name}")
+            victim.lineage = {"stage": "backdoor", "base": base_entry.key, "poison": poison_entry.key}
+            victim.save(tmp)
+            return {"log": log}
+
+        victim, entry = self.derived_victim("backdoor", payload, build)
+        return victim, entry, poison_entry
+
+    def defended(self, defense, params: dict, backdoored, backdoor_entry: Entry,
+                 poison_entry: Entry, seed: int) -> tuple[Any, Entry]:
+        payload = {"defense": defense.name, "version": defense.version, "params": params,
+                   "backdoor": backdoor_entry.key, "seed": seed}
+
+        def build(tmp: Path) -> dict:
+            poisoned = persist.load_poisoned(poison_entry.path, self.split("coco", "train"))
+            context = DefenseContext(
+                backdoored=backdoored.clone(), training_set=poisoned.training_set,
+                clean_reserved=None, base_victim=self.base_victim()[0], scorers=self.scorer(),
+                seed=seed, budget=dict(self.profile_params), workdir=tmp / "artifacts",
+                stage=self.context,
+            )
+            context.workdir.mkdir()
+            outcome = defense.defend(context, params)
+            outcome.victim.lineage = {"stage": "defend", "backdoor": backdoor_entry.key,
+                                      "defense": defense.name}
+            outcome.victim.save(tmp)
+            write_json_atomic(tmp / "report.json", persist.report_to_dict(outcome.report))
+            return {}
+
+        return self.derived_victim("defend", payload, build)
+
+    # ------------------------------------------------------------------ evaluation stages
+    def captions(self, victim, model_entry: Entry, inputs: EvalInputs) -> Entry:
+        payload = {"model": [model_entry.stage, model_entry.key],
+                   "ids": sha256_of_ids(inputs.image_ids), "images": sha256_of_images(inputs.images),
+                   "instruction": inputs.instruction, "decoding": victim.decoding.__dict__}
+
+        def build(tmp: Path) -> dict:
+            started = time.perf_counter()
+            captions = victim.generate(np.asarray(inputs.images), inputs.instruction)
+            write_json_atomic(tmp / "captions.json",
+                              {str(i): c for i, c in zip(inputs.image_ids, captions)})
+            return {"n": len(captions), "images_per_second": len(captions) / (time.perf_counter() - started)}
+
+        return self.store.get_or_build("captions", payload, build)
+
+    def scorer(self):
+        if self._scorer is None:
+            from ..metrics.sfs import default_scorer
+            self._scorer = default_scorer(self.config.cache_dir / "scorer-cache")
+        return self._scorer
+
+    def scores(self, captions_entry: Entry, reference_entry: Entry, inputs: EvalInputs,
+               rules: list[str], target: str) -> Entry:
+        from ..metrics.asr import asr
+        from ..metrics.captioning import caption_scores
+
+        payload = {"captions": captions_entry.key, "sfs_reference": reference_entry.key,
+                   "references": sha256_of_ids(json.dumps(inputs.references)), "rules": rules,
+                   "target": target, "scorer": self.scorer().identity, "metrics_version": 1}
+
+        def build(tmp: Path) -> dict:
+            captions = persist.read_captions(captions_entry.path)
+            clean_refs = persist.read_captions(reference_entry.path)
+            references = dict(zip(inputs.image_ids, inputs.references))
+            metrics = {k: v for k, v in caption_scores(captions, references).items() if k != "n_images"}
+            details: dict[str, Any] = {"n_images": len(captions)}
+            for rule in rules:
+                result = asr(captions, references, rule, target=target)
+                metrics[f"asr_{rule}"] = result["asr"]
+                details[f"asr_{rule}"] = {"n": result["n"], "excluded": result["excluded"]}
+            sfs = self.scorer().score(captions, {i: clean_refs[i] for i in captions})
+            metrics.update(sc=sfs["sc"], lf=sfs["lf"], sfs=sfs["sfs"])
+            details["sfs"] = {"scorer": sfs["scorer"], "n_empty": sfs["n_empty"], "n": sfs["n"]}
+            write_json_atomic(tmp / "scores.json", {"metrics": metrics, "details": details})
+            return {}
+
+        return self.store.get_or_build("scores", payload, build)
+
+    def evaluate(self, victim, model_entry: Entry, cell: Cell, attack, attack_params: dict,
+                 timings: dict) -> tuple[dict, dict, dict]:
+        split = self.split(cell.dataset, "test")
+        clean_victim, clean_entry = self.clean_model(cell.seed)
+        clean_inputs = EvalInputs(list(split.image_ids), split.images, split.references)
+        reference = self.captions(clean_victim, clean_entry, clean_inputs)  # SFS reference (§5.1)
+        metrics, details, keys = {}, {}, {}
+        for kind, rules in (("triggered", list(attack.asr_rules)), ("clean", ["strict"])):
+            started = time.perf_counter()
+            inputs = attack.eval_inputs(split, kind=kind, seed=cell.seed, params=attack_params)
+            captions = self.captions(victim, model_entry, inputs)
+            timings[f"captions_{kind}"] = {"seconds": captions.meta["seconds"], "cached": captions.cached}
+            scored = self.scores(captions, reference, inputs, rules, attack.target)
+            timings[f"scores_{kind}"] = {"seconds": scored.meta["seconds"], "cached": scored.cached}
+            data = json.loads((scored.path / "scores.json").read_text())
+            metrics[kind], details[kind] = data["metrics"], data["details"]
+            details[kind]["captions_file"] = str(captions.path / "captions.json")
+            keys[f"captions_{kind}"], keys[f"scores_{kind}"] = captions.key, scored.key
+            timings[f"eval_{kind}_wall"] = time.perf_counter() - started
+        keys["sfs_reference"] = reference.key
+        return metrics, details, keys
+
+    # ------------------------------------------------------------------ cells
+    def run_cell(self, cell: Cell) -> dict:
+        attack = self.registry.attack(cell.attack)
+        attack_preset, attack_params = resolve_params("attack", attack, self.config.attack_params.get(cell.attack, {}))
+        timings: dict[str, Any] = {}
+        keys: dict[str, str] = {}
+        artifacts: dict[str, str] = {}
+        detection = None
+        defense_version, defense_preset = __version__, "default"
+        if cell.defense == CLEAN_MODEL:
+            victim, model_entry = self.clean_model(cell.seed)
+            keys["clean_model"] = model_entry.key
+            timings["clean_model"] = {"seconds": model_entry.meta["seconds"], "cached": model_entry.cached}
+        else:
+            defense = self.registry.defense(cell.defense)
+            defense_preset, defense_params = resolve_params("defense", defense, self.config.defense_params.get(cell.defense, {}))
+            defense_version = defense.version
+            backdoored, backdoor_entry, poison_entry = self.backdoored(attack, attack_params, cell.seed)
+            timings["poison"] = {"seconds": poison_entry.meta["seconds"], "cached": poison_entry.cached}
+            timings["backdoor"] = {"seconds": backdoor_entry.meta["seconds"], "cached": backdoor_entry.cached}
+            victim, model_entry = self.defended(defense, defense_params, backdoored, backdoor_entry,
+                                                poison_entry, cell.seed)
+            timings["defend"] = {"seconds": model_entry.meta["seconds"], "cached": model_entry.cached}
+            keys.update(poison=poison_entry.key, backdoor=backdoor_entry.key, defend=model_entry.key)
+            report = json.loads((model_entry.path / "report.json").read_text())
+            poisoned_ids = set(json.loads((poison_entry.path / "poisoned_ids.json").read_text()))
+            detection = persist.detection(report, poisoned_ids)
+            artifacts = {name: str(model_entry.path / "artifacts" / rel)
+                         for name, rel in report.get("artifacts", {}).items()}
+        metrics, details, eval_keys = self.evaluate(victim, model_entry, cell, attack, attack_params, timings)
+        keys.update(eval_keys)
+        split = self.split(cell.dataset, "test")
+        return {
+            "schema": 1, "profile": cell.profile, "dataset": cell.dataset,
+            "dataset_source": self.profile.dataset_sources()[cell.dataset],
+            "attack": cell.attack, "attack_preset": attack_preset, "attack_version": attack.version,
+            "attack_params": attack_params,
+            "defense": cell.defense, "defense_preset": defense_preset, "defense_version": defense_version,
+            "poison_rate": cell.poison_rate, "seed": cell.seed, "status": "ok", "error": None,
+            "metrics": metrics, "metric_details": details, "detection": detection,
+            "timings": timings, "artifacts": artifacts,
+            "provenance": {
+                "cell_key": keys.get("defend") or keys.get("clean_model"), "stage_keys": keys,
+                "versions": _versions(), "git_commit": git_commit(),
+                "seeds": {"poison": cell.seed, "train": cell.seed, "world": self.config.world_seed,
+                          "base": self.profile_params.get("base_seed")},
+                "manifests": {"train": self.split("coco", "train").manifest.to_dict(),
+                              "test": split.manifest.to_dict()},
+                "decoding": victim.decoding.__dict__, "dtype": "float32",
+                "profile_params": self.profile_params,
+            },
+        }
+
+    def run(self, only: Callable[[Cell], bool] | None = None) -> RunSummary:
+        started = time.perf_counter()
+        validate_plugins(self.config, self.registry)
+        self.profile.check_available(self.profile_params)
+        cells = [c for c in expand(self.config) if only is None or only(c)]
+        summary = RunSummary()
+        out_dir = self.config.results_dir / self.config.profile
+        for cell in tqdm(cells, desc="grid", unit="cell"):
+            cell_started = time.perf_counter()
+            try:
+                result = self.run_cell(cell)
+            except Exception as exc:  # one failing cell never stops the grid (DESIGN.md §8)
+                message = str(exc) if isinstance(exc, VbbError) else f"{type(exc).__name__}: {exc}"
+                self.log(f"cell {cell.cell_id} FAILED: {message}")
+                result = {"schema": 1, **cell.to_dict(), "status": "failed", "error": message,
+                          "traceback": traceback.format_exc(limit=8), "metrics": {},
+                          "provenance": {"git_commit": git_commit(), "versions": _versions()}}
+                summary.failed[cell.cell_id] = message
+            else:
+                summary.ok.append(cell.cell_id)
+            result["timings"] = {**result.get("timings", {}), "cell_wall": time.perf_counter() - cell_started}
+            write_json_atomic(out_dir / f"{cell.cell_id}.json", result)
+        summary.seconds = time.perf_counter() - started
+        return summary

@@ -1,0 +1,93 @@
+"""Content-addressed store of stage outputs (DESIGN.md §6).
+
+A stage output lives in ``<root>/<stage>/<key>/`` where key = sha256 of the canonical JSON of
+everything that determines it (stage, plugin name + version, resolved parameters, upstream keys,
+split manifests). Outputs are built in a temporary sibling directory and renamed into place, so
+a killed run leaves no half-written entry and a rerun skips whatever exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+META = "meta.json"
+
+
+def canonical_json(payload: Any) -> str:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_key(stage: str, payload: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json({"stage": stage, **payload}).encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Entry:
+    stage: str
+    key: str
+    path: Path
+    meta: dict[str, Any]
+    cached: bool  # True when the entry existed before this call
+
+
+class Store:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def has(self, stage: str, key: str) -> bool:
+        return (self.path(stage, key) / META).exists()
+
+    def get(self, stage: str, key: str) -> Entry | None:
+        path = self.path(stage, key)
+        if not (path / META).exists():
+            return None
+        return Entry(stage, key, path, json.loads((path / META).read_text()), cached=True)
+
+    def get_or_build(
+        self, stage: str, payload: dict[str, Any], build: Callable[[Path], dict[str, Any] | None]
+    ) -> Entry:
+        """Return the entry for (stage, payload), calling ``build(tmp_dir)`` only if it is missing.
+
+        ``build`` writes its files into ``tmp_dir`` and may return extra metadata; the store adds
+        the payload, key and build seconds to ``meta.json`` and renames the directory into place.
+        """
+        key = content_key(stage, payload)
+        existing = self.get(stage, key)
+        if existing is not None:
+            return existing
+        final = self.path(stage, key)
+        tmp = final.with_name(f".{key}.{os.getpid()}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        started = time.perf_counter()
+        try:
+            extra = build(tmp) or {}
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        meta = {"stage": stage, "key": key, "payload": payload,
+                "seconds": time.perf_counter() - started, **extra}
+        write_json_atomic(tmp / META, meta)
+        if final.exists():  # a concurrent run finished first: keep its entry
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        return Entry(stage, key, final, json.loads((final / META).read_text()), cached=False)

@@ -1,0 +1,238 @@
+"""The plugin contract (DESIGN.md §3).
+
+A plugin is a module (or object) with hook implementations, found through the entry-point group
+``vlmbackdoor_bench.plugins`` or a local directory named in benchmark.toml. Each hook receives a
+``register`` callback, as in simonw/llm: the plugin calls it once per thing it provides.
+
+    from vlmbackdoor_bench import hookimpl
+
+    @hookimpl
+    def register_defenses(register):
+        register(MyDefense())
+
+The objects registered must satisfy the protocols below; :mod:`vlmbackdoor_bench.registry`
+checks the required attributes when it registers them, so a malformed plugin is reported and
+skipped rather than failing mid-grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import pluggy
+
+from .types import DefenseReport, EvalInputs, PoisonedSet, Split, TrainingSet
+
+PROJECT = "vlmbackdoor_bench"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --------------------------------------------------------------------------- protocols
+@runtime_checkable
+class Victim(Protocol):
+    """A captioning model under test (DESIGN.md §3, spec/victim.md)."""
+
+    profile: str
+
+    def generate(self, images: np.ndarray, instruction: str = ...) -> list[str]:
+        """Captions for uint8 (B, 224, 224, 3) images: 3 beams, <= 20 new tokens, post-processed
+        as spec/metrics.md §2."""
+
+    def caption_nll(
+        self, images: np.ndarray, captions: Sequence[str], instructions: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """Per-sample mean token NLL of each caption under teacher forcing (label mask §A4)."""
+
+    def fine_tune(
+        self, training_set: TrainingSet, *, seed: int, objective: "TrainingObjective | None" = None,
+        progress: str = "",
+    ) -> dict:
+        """Fine-tune in place with the profile's recipe on the trainable set (perceiver + gated
+        cross-attention + input embeddings); returns a log (losses, steps, seconds)."""
+
+    def vision_features(self, images: np.ndarray, *, grad: bool = False) -> Any:
+        """Patch-token features of the frozen vision encoder, (B, N, D) torch tensor."""
+
+    def clone(self) -> "Victim":
+        ...
+
+    def save(self, directory: Path) -> None:
+        """Write trainable weights (safetensors) and metadata into ``directory``."""
+
+    def save_full(self, directory: Path) -> None:
+        """Write every weight (the base model)."""
+
+    def load_trainable(self, directory: Path) -> None:
+        """Load weights written by ``save`` (strict on the trainable subset, spec/victim.md §A6)."""
+
+
+class TrainingObjective(Protocol):
+    """An extra training loss an attack contributes (TrojVLM SP, VLOOD); optional."""
+
+    name: str
+
+    def loss(self, victim: Victim, batch: Mapping[str, Any], outputs: Any) -> Any:
+        ...
+
+
+@runtime_checkable
+class VictimProfile(Protocol):
+    """How to obtain the base (public pretrained) victim and its fine-tuning recipe."""
+
+    name: str
+    version: str
+
+    def params(self, overrides: Mapping[str, Any]) -> dict:
+        """Defaults merged with [profile.<name>] of benchmark.toml; unknown keys -> VbbError."""
+
+    def check_available(self, params: Mapping[str, Any]) -> None:
+        """Raise VbbError naming every missing local path (weights, data); never download."""
+
+    def dataset_sources(self) -> Mapping[str, str]:
+        """Map benchmark dataset roles ("coco", "flickr30k") to registered dataset names."""
+
+    def base_params(self, params: Mapping[str, Any]) -> dict:
+        """The part of ``params`` that determines the base model (hashed into its store key)."""
+
+    def finetune_recipe(self, params: Mapping[str, Any]) -> Any:
+        """The fine-tuning recipe (spec/victim.md §A3) for every model the harness trains."""
+
+    def build_base(self, context: "StageContext", params: Mapping[str, Any],
+                   pretrain: Split | None, train: Split) -> tuple[Victim, dict]:
+        """The public pretrained model (the tiny profile pretrains it here) and a log."""
+
+    def load(self, directory: Path, context: "StageContext") -> Victim:
+        """Load a base victim saved by ``save_full``; derived models load with
+        ``base.clone().load_trainable(dir)``."""
+
+
+@runtime_checkable
+class DatasetProvider(Protocol):
+    """A caption dataset: ``load(split)`` returns a :class:`Split` with its manifest."""
+
+    name: str
+    version: str
+    splits: Sequence[str]
+
+    def load(self, split: str, context: "StageContext") -> Split:
+        ...
+
+
+@runtime_checkable
+class Attack(Protocol):
+    """A backdoor attack (spec/attacks.md). ``presets`` maps preset name -> constants."""
+
+    name: str
+    version: str
+    presets: Mapping[str, Mapping[str, Any]]
+    default_preset: str
+    target: str  # "banana" everywhere (spec/attacks.md §0)
+    asr_rules: Sequence[str]  # e.g. ("srd", "strict"); the first is the reproduction column
+
+    def poison(
+        self, train: Split, *, poison_rate: float, seed: int, params: Mapping[str, Any],
+        victim: Victim | None = None,
+    ) -> PoisonedSet:
+        """Return the poisoned training set; records say exactly which instances changed."""
+
+    def eval_inputs(
+        self, split: Split, *, kind: str, seed: int, params: Mapping[str, Any]
+    ) -> EvalInputs:
+        """Inputs of the ``kind`` = "triggered" | "clean" split (spec/metrics.md §1)."""
+
+
+@dataclass
+class DefenseContext:
+    """Everything a defender may have (DESIGN.md §3) and nothing it may not (poison labels)."""
+
+    backdoored: Victim
+    training_set: TrainingSet
+    clean_reserved: Split | None
+    base_victim: Victim
+    scorers: Any  # vlmbackdoor_bench.metrics.sfs.SfsScorer (lazy-loaded)
+    seed: int
+    budget: Mapping[str, Any]
+    workdir: Path  # artefacts (PNGs, JSON) the defense wants referenced from the cell result
+    stage: "StageContext"
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class DefenseOutcome:
+    victim: Victim
+    report: DefenseReport
+
+
+@runtime_checkable
+class Defense(Protocol):
+    """A defense (spec/defenses.md, spec/srd.md)."""
+
+    name: str
+    version: str
+    presets: Mapping[str, Mapping[str, Any]]
+    default_preset: str
+
+    def defend(self, context: DefenseContext, params: Mapping[str, Any]) -> DefenseOutcome:
+        ...
+
+
+@runtime_checkable
+class Metric(Protocol):
+    """A pure function of captions and references (and images where needed) -> numbers."""
+
+    name: str
+    version: str
+    unit: str  # "%" for everything the paper prints
+    direction: str  # "up" (higher is better) or "down"
+
+    def compute(self, request: "MetricRequest") -> dict[str, Any]:
+        ...
+
+
+@dataclass
+class MetricRequest:
+    captions: dict[int, str]  # image_id -> generated caption (post-processed)
+    references: dict[int, list[str]]
+    target: str = "banana"
+    asr_rule: str = "srd"
+    clean_captions: dict[int, str] | None = None  # SFS reference: the clean model's captions
+    scorers: Any = None
+
+
+@dataclass
+class StageContext:
+    """Handed to profile/dataset code: where to cache, how to report progress."""
+
+    cache_dir: Path
+    config: Any
+    progress: Callable[..., Any] | None = None
+
+
+# --------------------------------------------------------------------------- hookspecs
+@hookspec
+def register_attacks(register: Callable[[Attack], None]) -> None:
+    """Register :class:`Attack` objects by calling ``register(attack)`` for each."""
+
+
+@hookspec
+def register_defenses(register: Callable[[Defense], None]) -> None:
+    """Register :class:`Defense` objects by calling ``register(defense)`` for each."""
+
+
+@hookspec
+def register_datasets(register: Callable[[DatasetProvider], None]) -> None:
+    """Register :class:`DatasetProvider` objects (embedded world, COCO/Flickr30k Karpathy)."""
+
+
+@hookspec
+def register_victims(register: Callable[[VictimProfile], None]) -> None:
+    """Register :class:`VictimProfile` objects (``tiny``, ``openflamingo-3b``)."""
+
+
+@hookspec
+def register_metrics(register: Callable[[Metric], None]) -> None:
+    """Register :class:`Metric` objects (bleu4, cider, asr, sfs...)."""

@@ -1,0 +1,280 @@
+"""Reading stored cell results and flattening them to one row per number (DESIGN.md §7).
+
+A cell result is one JSON file ``<results_dir>/<profile>/<cell_id>.json`` following the schema in
+``docs/CONTRACTS.md``. This module knows nothing about table layouts: it loads the records, checks
+their shape, and turns them into a *long form* DataFrame (one row per dataset x attack x defense x
+split x metric, plus provenance), which every table, the ``results.csv`` export and the regression
+gate are built from.
+
+It also owns the harness-id orderings and paper labels, so that every output sorts the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from ..errors import VbbError
+
+SCHEMA_VERSION = 1
+CLEAN_MODEL = "clean-model"  # pseudo-defense: the reference model fine-tuned on unpoisoned data
+PAPER_PROFILE = "openflamingo-3b"  # the profile whose numbers are compared with the paper's
+
+# ----------------------------------------------------------------------------- ids and labels
+DATASET_ORDER: tuple[str, ...] = ("coco", "flickr30k")
+ATTACK_ORDER: tuple[str, ...] = ("badnet", "blended", "trojvlm", "vlood", "shadowcast", "vl_trojan")
+DEFENSE_ORDER: tuple[str, ...] = (
+    "none", "abl", "vdc", "ct", "srd", "random_mask", "srd_ppo", "srd_sac",
+)
+SPLIT_ORDER: tuple[str, ...] = ("triggered", "clean")
+METRIC_ORDER: tuple[str, ...] = (
+    "bleu4", "cider", "sc", "lf", "sfs", "asr_srd", "asr_strict", "asr_concept",
+)
+
+DATASET_LABELS: dict[str, str] = {"coco": "COCO", "flickr30k": "Flickr30k"}
+ATTACK_LABELS: dict[str, str] = {
+    "badnet": "BadNet", "blended": "Blended", "trojvlm": "TrojVLM", "vlood": "VLOOD",
+    "vl_trojan": "VL-Trojan", "shadowcast": "Shadowcast",
+}
+DEFENSE_LABELS: dict[str, str] = {
+    "none": "No Defense", "srd": "SRD", "abl": "ABL", "vdc": "VDC", "ct": "CT",
+    "random_mask": "Random", "srd_ppo": "PPO", "srd_sac": "SAC", CLEAN_MODEL: "Clean model",
+}
+METRIC_LABELS: dict[str, str] = {
+    "bleu4": "B@4", "cider": "C", "sc": "SC", "lf": "LF", "sfs": "SFS", "asr_srd": "ASR",
+}
+
+#: Columns of :func:`long_form`, in order. The first six identify a number; the rest are provenance.
+LONG_FORM_COLUMNS: tuple[str, ...] = (
+    "dataset", "attack", "defense", "split", "metric", "value",
+    "profile", "attack_preset", "defense_preset", "poison_rate", "seed", "n", "status",
+    "cell_key", "git_commit", "attack_version", "defense_version", "scorer", "error",
+)
+
+
+class ResultFileWarning(UserWarning):
+    """A result file was skipped because it could not be read or does not follow the schema."""
+
+
+def _rank(order: Sequence[str], value: Any) -> tuple[int, str]:
+    """Sort key: known ids in their fixed order first, then the others alphabetically."""
+    text = "" if value is None else str(value)
+    try:
+        return (order.index(text), "")
+    except ValueError:
+        return (len(order), text)
+
+
+def dataset_rank(dataset: str) -> tuple[int, str]:
+    return _rank(DATASET_ORDER, dataset)
+
+
+def attack_rank(attack: str) -> tuple[int, str]:
+    return _rank(ATTACK_ORDER, attack)
+
+
+def defense_rank(defense: str) -> tuple[int, str]:
+    """Defenses in table order; the clean reference model sorts after every real defense."""
+    if defense == CLEAN_MODEL:
+        return (len(DEFENSE_ORDER) + 1, "")
+    return _rank(DEFENSE_ORDER, defense)
+
+
+def split_rank(split: str) -> tuple[int, str]:
+    return _rank(SPLIT_ORDER, split)
+
+
+def metric_rank(metric: str) -> tuple[int, str]:
+    return _rank(METRIC_ORDER, metric)
+
+
+def label(kind: str, value: str) -> str:
+    """The paper's label for a harness id (``kind`` is dataset/attack/defense/metric); unknown
+    ids are shown as they are, so a new plugin appears without code changes."""
+    table = {"dataset": DATASET_LABELS, "attack": ATTACK_LABELS, "defense": DEFENSE_LABELS,
+             "metric": METRIC_LABELS}[kind]
+    return table.get(value, value)
+
+
+# ----------------------------------------------------------------------------- loading
+def _problem_with(record: Any, profile: str) -> str | None:
+    """Why a parsed JSON value is not a usable cell record (None when it is)."""
+    if not isinstance(record, dict):
+        return "the top level is not a JSON object"
+    if record.get("schema") != SCHEMA_VERSION:
+        return f"schema is {record.get('schema')!r}, this reader knows schema {SCHEMA_VERSION}"
+    for key in ("dataset", "attack", "defense"):
+        if not isinstance(record.get(key), str) or not record.get(key):
+            return f"field {key!r} is missing or not a string"
+    if record.get("profile") not in (None, profile):
+        return f"it belongs to profile {record.get('profile')!r}, not {profile!r}"
+    if record.get("status") not in ("ok", "failed"):
+        return f"status is {record.get('status')!r}, expected 'ok' or 'failed'"
+    metrics = record.get("metrics")
+    if record["status"] == "ok" and not isinstance(metrics, dict):
+        return "status is 'ok' but 'metrics' is not an object"
+    return None
+
+
+def result_files(results_dir: Path, profile: str) -> list[Path]:
+    """The cell result files of one profile, sorted by name."""
+    return sorted(Path(results_dir, profile).glob("*.json"))
+
+
+def load_results(results_dir: Path, profile: str) -> list[dict]:
+    """Every readable cell record under ``<results_dir>/<profile>/*.json``, sorted by file name.
+
+    A file that is not valid JSON or does not follow the schema is skipped with a
+    :class:`ResultFileWarning` naming it; it never stops the report. A missing profile directory
+    is a :class:`VbbError`.
+    """
+    folder = Path(results_dir, profile)
+    if not folder.is_dir():
+        raise VbbError(
+            f"no results for profile {profile!r}: {folder} does not exist",
+            f"run the grid for profile {profile!r} first, or point at the results directory "
+            "that holds it",
+        )
+    records: list[dict] = []
+    for path in result_files(results_dir, profile):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            warnings.warn(f"skipping unreadable result file {path}: {exc}", ResultFileWarning,
+                          stacklevel=2)
+            continue
+        problem = _problem_with(record, profile)
+        if problem:
+            warnings.warn(f"skipping result file {path}: {problem}", ResultFileWarning,
+                          stacklevel=2)
+            continue
+        records.append(record)
+    return records
+
+
+def newest_result_mtime(results_dir: Path, profile: str) -> float | None:
+    """Modification time of the newest result file (the reports' date, so rebuilds are stable)."""
+    times = [p.stat().st_mtime for p in result_files(results_dir, profile)]
+    return max(times) if times else None
+
+
+# ----------------------------------------------------------------------------- long form
+def _number(value: Any) -> float | None:
+    """A finite float, or None for anything else (missing, null, NaN, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    number = _number(value)
+    return int(number) if number is not None and number == int(number) else None
+
+
+def _details(record: Mapping, split: str) -> Mapping:
+    details = (record.get("metric_details") or {}).get(split) or {}
+    return details if isinstance(details, Mapping) else {}
+
+
+def metric_n(record: Mapping, split: str, metric: str) -> int | None:
+    """Images a number was computed on: the metric's own ``n`` (ASR rules with exclusions), else
+    the split's ``n_images``."""
+    details = _details(record, split)
+    own = details.get(metric)
+    if isinstance(own, Mapping) and _int_or_none(own.get("n")) is not None:
+        return _int_or_none(own.get("n"))
+    return _int_or_none(details.get("n_images"))
+
+
+def metric_scorer(record: Mapping, split: str, metric: str) -> str | None:
+    """The scorer identity recorded for a number (SC and LF share SFS's scorer)."""
+    details = _details(record, split)
+    for key in (metric, "sfs") if metric in ("sc", "lf", "sfs") else (metric,):
+        own = details.get(key)
+        if isinstance(own, Mapping) and isinstance(own.get("scorer"), str):
+            return own["scorer"]
+    return None
+
+
+def _provenance(record: Mapping) -> Mapping:
+    prov = record.get("provenance") or {}
+    return prov if isinstance(prov, Mapping) else {}
+
+
+def _base_row(record: Mapping) -> dict[str, Any]:
+    prov = _provenance(record)
+    return {
+        "profile": record.get("profile"),
+        "attack_preset": record.get("attack_preset"),
+        "defense_preset": record.get("defense_preset"),
+        "poison_rate": _number(record.get("poison_rate")),
+        "seed": _int_or_none(record.get("seed")),
+        "status": record.get("status"),
+        "cell_key": prov.get("cell_key"),
+        "git_commit": prov.get("git_commit"),
+        "attack_version": record.get("attack_version"),
+        "defense_version": record.get("defense_version"),
+        "error": record.get("error") if record.get("status") == "failed" else None,
+    }
+
+
+def row_sort_key(row: Mapping[str, Any]) -> tuple:
+    def text(key: str) -> str:
+        return "" if row.get(key) is None else str(row[key])
+
+    rate = row.get("poison_rate")
+    seed = row.get("seed")
+    return (
+        dataset_rank(row["dataset"]), attack_rank(row["attack"]), defense_rank(row["defense"]),
+        text("attack_preset"), text("defense_preset"),
+        (rate is None, rate if rate is not None else 0.0),
+        (seed is None, seed if seed is not None else 0),
+        split_rank(text("split")), metric_rank(text("metric")), text("cell_key"),
+    )
+
+
+def long_form(records: Iterable[Mapping]) -> pd.DataFrame:
+    """One row per stored number, columns :data:`LONG_FORM_COLUMNS`, sorted deterministically.
+
+    A failed cell contributes a single row with status ``"failed"``, empty split/metric/value and
+    its error message, so it is still listed; a value that is not a finite number is left out.
+    """
+    rows: list[dict[str, Any]] = []
+    for record in records:
+        base = {"dataset": record["dataset"], "attack": record["attack"],
+                "defense": record["defense"], **_base_row(record)}
+        if record.get("status") != "ok":
+            rows.append({**base, "split": None, "metric": None, "value": None, "n": None,
+                         "scorer": None})
+            continue
+        for split, values in sorted((record.get("metrics") or {}).items(),
+                                    key=lambda kv: split_rank(kv[0])):
+            if not isinstance(values, Mapping):
+                continue
+            for metric, raw in sorted(values.items(), key=lambda kv: metric_rank(kv[0])):
+                value = _number(raw)
+                if value is None:
+                    continue
+                rows.append({**base, "split": split, "metric": metric, "value": value,
+                             "n": metric_n(record, split, metric),
+                             "scorer": metric_scorer(record, split, metric)})
+    rows.sort(key=row_sort_key)
+    frame = pd.DataFrame(rows, columns=list(LONG_FORM_COLUMNS))
+    frame["value"] = frame["value"].astype("float64")
+    frame["poison_rate"] = frame["poison_rate"].astype("float64")
+    frame["seed"] = frame["seed"].astype("Int64")
+    frame["n"] = frame["n"].astype("Int64")
+    return frame.reset_index(drop=True)
+
+
+def failed_cells(records: Iterable[Mapping]) -> list[dict[str, Any]]:
+    """The failed cells, sorted like the tables, with their identity and error message."""
+    rows = [{"dataset": r["dataset"], "attack": r["attack"], "defense": r["defense"],
+             **_base_row(r)} for r in records if r.get("status") != "ok"]
+    return sorted(rows, key=row_sort_key)

@@ -1,0 +1,551 @@
+"""Table layouts: the paper's Tables 1-3, the clean-input table and the headline-ASR table.
+
+A :class:`Table` is plain text cells (already formatted, one decimal as the paper prints them) with
+index columns and column groups; :mod:`.render` turns it into Markdown, CSV, LaTeX and HTML.
+
+Layouts (all values in %, spec/metrics.md §1):
+
+* Table 1: rows dataset x attack; groups No Defense, SRD; B@4, C, SC, LF, SFS, ASR (triggered).
+* Table 2: rows dataset x attack; groups No Defense, ABL, VDC, CT, SRD, then every other defense
+  found in the results; C, SFS, ASR (triggered).
+* Table 3: rows dataset x attack; groups No Defense, Random, PPO, SAC, DQN (= ``srd``); C, SFS, ASR.
+* clean inputs (the paper's Figure 5a): clean-split C, B@4 and ``asr_strict`` as ASR_clean.
+* headline ASR: ``asr_strict`` (trigger attacks) or ``asr_concept`` (Shadowcast), with n.
+
+The ASR of Tables 1-3 is the reproduction rule ``asr_srd``. The clean reference model
+(``defense == "clean-model"``) is a "Clean model" row group per dataset in Tables 1, 2, the
+clean-input and headline tables, with its numbers under No Defense. For the paper profile each cell
+prints ``ours (paper)``; for other profiles the paper's tables are built separately.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..errors import VbbError
+from .results import (
+    ATTACK_LABELS, CLEAN_MODEL, DATASET_LABELS, DEFENSE_LABELS, METRIC_LABELS, PAPER_PROFILE,
+    attack_rank, dataset_rank, defense_rank, label, metric_n,
+)
+
+MISSING = "–"  # printed for a cell with no value
+DEFAULT_POISON_RATE = 0.1  # the paper's rate; the tables use it when the results have it
+ARROWS: dict[str, str] = {
+    "bleu4": "↑", "cider": "↑", "sc": "↑", "lf": "↑", "sfs": "↑",
+}
+
+TABLE1_DEFENSES: tuple[str, ...] = ("none", "srd")
+TABLE2_DEFENSES: tuple[str, ...] = ("none", "abl", "vdc", "ct", "srd")
+TABLE3_DEFENSES: tuple[str, ...] = ("none", "random_mask", "srd_ppo", "srd_sac", "srd")
+TABLE3_LABELS: dict[str, str] = {"srd": "DQN"}
+TABLE1_METRICS: tuple[str, ...] = ("bleu4", "cider", "sc", "lf", "sfs", "asr_srd")
+TABLE23_METRICS: tuple[str, ...] = ("cider", "sfs", "asr_srd")
+CLEAN_METRICS: tuple[tuple[str, str], ...] = (("cider", "C"), ("bleu4", "B@4"),
+                                              ("asr_strict", "ASR_clean"))
+CONCEPT_ATTACKS: frozenset[str] = frozenset({"shadowcast"})
+
+PAPER_FILES: dict[int, str] = {1: "table1.csv", 2: "table2.csv", 3: "table3.csv"}
+PAPER_COLUMNS: tuple[str, ...] = ("dataset", "attack", "defense", "metric", "value", "note")
+PAPER_SOURCE = "SRD paper (Xu et al., AAAI 2026)"
+
+
+def arrow(metric: str) -> str:
+    """↑ where higher is better, ↓ for every ASR rule, nothing for an unknown metric."""
+    if metric.startswith("asr"):
+        return "↓"
+    return ARROWS.get(metric, "")
+
+
+def header(metric: str, text: str | None = None) -> str:
+    """Column header with its direction arrow, e.g. ``C ↑``."""
+    text = text if text is not None else label("metric", metric)
+    mark = arrow(metric)
+    return f"{text} {mark}" if mark else text
+
+
+def fmt(value: float | None) -> str:
+    """One decimal, as the paper prints; :data:`MISSING` when there is no value."""
+    if value is None or not math.isfinite(value):
+        return MISSING
+    text = f"{value:.1f}"
+    return "0.0" if text == "-0.0" else text
+
+
+# ----------------------------------------------------------------------------- paper tables
+@dataclass(frozen=True)
+class PaperCell:
+    """One printed cell of the paper: the text as printed ("" for '-'), its number, a note."""
+
+    text: str
+    value: float | None
+    note: str
+
+
+PaperKey = tuple[str, str, str, str]  # harness ids: dataset, attack, defense, metric
+PaperTables = dict[int, dict[PaperKey, PaperCell]]
+
+_PAPER_IDS: dict[str, dict[str, str]] = {
+    "dataset": {v: k for k, v in DATASET_LABELS.items()},
+    "attack": {v: k for k, v in ATTACK_LABELS.items()},
+    "defense": {v: k for k, v in DEFENSE_LABELS.items() if k != CLEAN_MODEL} | {"DQN": "srd"},
+    "metric": {v: k for k, v in METRIC_LABELS.items()},
+}
+
+
+def _paper_id(kind: str, text: str) -> str:
+    return _PAPER_IDS[kind].get(text, text.lower().replace("-", "_").replace(" ", "_"))
+
+
+def default_paper_dir() -> Path | None:
+    """``$VBB_SHARED_DIR/paper_tables``, else ``<repo>/../shared/paper_tables``; None if absent."""
+    env = os.environ.get("VBB_SHARED_DIR")
+    if env:
+        candidate = Path(env) / "paper_tables"
+    else:
+        repo = Path(__file__).resolve().parents[2]
+        candidate = repo.parent / "shared" / "paper_tables"
+    return candidate if candidate.is_dir() else None
+
+
+def load_paper_tables(paper_dir: Path | None = None) -> PaperTables:
+    """The paper's Tables 1-3 keyed by harness ids, in the paper's row order.
+
+    ``paper_dir`` None means :func:`default_paper_dir`. A missing folder or file gives no paper
+    values (not an error); a file with the wrong columns or a non-numeric value is a VbbError.
+    """
+    folder = paper_dir if paper_dir is not None else default_paper_dir()
+    tables: PaperTables = {}
+    if folder is None or not Path(folder).is_dir():
+        return tables
+    for number, name in PAPER_FILES.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        cells: dict[PaperKey, PaperCell] = {}
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            if tuple(reader.fieldnames or ()) != PAPER_COLUMNS:
+                raise VbbError(
+                    f"paper table {path} has columns {reader.fieldnames}, expected "
+                    f"{list(PAPER_COLUMNS)}",
+                    "restore the file from shared/paper_tables (see its README.md)",
+                )
+            for line, row in enumerate(reader, start=2):
+                text = (row["value"] or "").strip()
+                try:
+                    value = float(text) if text else None
+                except ValueError:
+                    raise VbbError(f"paper table {path} line {line}: value {text!r} is not a number",
+                                   "write the value as printed, or leave it empty with a note") from None
+                key = (_paper_id("dataset", row["dataset"]), _paper_id("attack", row["attack"]),
+                       _paper_id("defense", row["defense"]), _paper_id("metric", row["metric"]))
+                cells[key] = PaperCell(text=text, value=value, note=(row["note"] or "").strip())
+        tables[number] = cells
+    return tables
+
+
+# ----------------------------------------------------------------------------- table model
+@dataclass(frozen=True)
+class ColumnGroup:
+    """A column group (usually a defense) and the headers of its columns."""
+
+    label: str
+    columns: tuple[str, ...]
+
+
+@dataclass
+class Table:
+    """A rendered-ready table: every cell is already text."""
+
+    key: str  # file stem, e.g. "table2"
+    title: str
+    index: tuple[str, ...]  # names of the row-label columns
+    groups: tuple[ColumnGroup, ...]
+    rows: list[tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=list)
+    footnotes: list[str] = field(default_factory=list)
+    has_data: bool = False  # whether any cell holds one of our numbers (not only the paper's)
+
+    def flat_headers(self) -> list[str]:
+        """Single-row headers: the index names, then ``<group> / <column>``."""
+        return list(self.index) + [f"{g.label} / {c}" for g in self.groups for c in g.columns]
+
+    def flat_rows(self) -> list[list[str]]:
+        return [list(labels) + list(cells) for labels, cells in self.rows]
+
+
+class _Notes:
+    """Numbered footnotes for paper notes, one number per distinct text."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[str, int] = {}
+
+    def mark(self, note: str) -> str:
+        if not note:
+            return ""
+        number = self.numbers.setdefault(note, len(self.numbers) + 1)
+        return f" [{number}]"
+
+    def lines(self) -> list[str]:
+        return [f"[{n}] {text}" for text, n in self.numbers.items()]
+
+
+# ----------------------------------------------------------------------------- aggregation
+CellKey = tuple[str, str, str, str, str]  # dataset, attack key, defense key, split, metric
+
+
+def _same_rate(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=0.0, abs_tol=1e-12)
+
+
+def table_poison_rate(records: Sequence[Mapping]) -> float | None:
+    """The poison rate the tables show: the paper's 10 % when present, else the most common one
+    (ties: the largest). The clean reference model is not poisoned and does not count."""
+    rates = [r.get("poison_rate") for r in records if r["defense"] != CLEAN_MODEL]
+    rates = [float(x) if isinstance(x, (int, float)) else None for x in rates]
+    if not rates:
+        return None
+    if any(_same_rate(x, DEFAULT_POISON_RATE) for x in rates):
+        return DEFAULT_POISON_RATE
+    counts = Counter(rates)
+    return max(counts, key=lambda x: (counts[x], x is not None, x or 0.0))
+
+
+class CellValues:
+    """Our numbers, averaged over seeds, keyed by dataset/attack/defense/split/metric.
+
+    Only the selected poison rate is kept (the clean reference model at any rate). When one
+    attack (defense) was run with several presets, each preset becomes its own row (column
+    group), labelled ``BadNet [preset]``.
+    """
+
+    def __init__(self, records: Sequence[Mapping]):
+        self.poison_rate = table_poison_rate(records)
+        kept = [r for r in records if r["defense"] == CLEAN_MODEL
+                or _same_rate(_rate(r), self.poison_rate)]
+        self.seeds = sorted({r.get("seed") for r in kept if isinstance(r.get("seed"), int)})
+        attack_presets: dict[str, set[str]] = defaultdict(set)
+        defense_presets: dict[str, set[str]] = defaultdict(set)
+        for r in kept:
+            attack_presets[r["attack"]].add(str(r.get("attack_preset")))
+            defense_presets[r["defense"]].add(str(r.get("defense_preset")))
+        self._attack_multi = {a for a, p in attack_presets.items() if len(p) > 1}
+        self._defense_multi = {d for d, p in defense_presets.items() if len(p) > 1}
+        self.base: dict[str, str] = {}  # key -> harness id, for attacks and defenses alike
+        self.attack_keys: dict[str, set[str]] = defaultdict(set)
+        self.defense_keys: dict[str, set[str]] = defaultdict(set)
+        self.rows: set[tuple[str, str]] = set()  # (dataset, attack key), backdoored models
+        self.clean_rows: set[tuple[str, str]] = set()  # (dataset, attack key), clean model
+        sums: dict[CellKey, list[float]] = defaultdict(list)
+        ns: dict[CellKey, set[int]] = defaultdict(set)
+
+        for r in kept:
+            a_key, d_key = self.attack_key(r), self.defense_key(r)
+            self.attack_keys[r["attack"]].add(a_key)
+            self.defense_keys[r["defense"]].add(d_key)
+            (self.clean_rows if r["defense"] == CLEAN_MODEL else self.rows).add(
+                (r["dataset"], a_key))
+            if r.get("status") != "ok":
+                continue
+            for split, values in (r.get("metrics") or {}).items():
+                for metric, value in (values or {}).items():
+                    if isinstance(value, bool) or not isinstance(value, (int, float)):
+                        continue
+                    if not math.isfinite(float(value)):
+                        continue
+                    key = (r["dataset"], a_key, d_key, split, metric)
+                    sums[key].append(float(value))
+                    n = metric_n(r, split, metric)
+                    if n is not None:
+                        ns[key].add(n)
+        self.values = {k: math.fsum(v) / len(v) for k, v in sums.items()}
+        self.ns = {k: tuple(sorted(v)) for k, v in ns.items()}
+
+    def attack_key(self, record: Mapping) -> str:
+        attack = record["attack"]
+        key = f"{attack} [{record.get('attack_preset')}]" if attack in self._attack_multi else attack
+        self.base[key] = attack
+        return key
+
+    def defense_key(self, record: Mapping) -> str:
+        defense = record["defense"]
+        key = (f"{defense} [{record.get('defense_preset')}]" if defense in self._defense_multi
+               else defense)
+        self.base[key] = defense
+        return key
+
+    def keys_of_defense(self, defense: str) -> list[str]:
+        """Column keys of one defense id (one per preset; the id itself when it has no data)."""
+        return sorted(self.defense_keys.get(defense) or {defense})
+
+    def key_label(self, kind: str, key: str, labels: Mapping[str, str] | None = None) -> str:
+        base = self.base.get(key, key)
+        text = (labels or {}).get(base) or label(kind, base)
+        return text + key[len(base):]
+
+    def get(self, key: CellKey) -> float | None:
+        return self.values.get(key)
+
+    def other_defenses(self, fixed: Sequence[str]) -> list[str]:
+        """Defense ids in the results beyond ``fixed`` (not the clean model), in table order."""
+        found = {d for d in self.defense_keys if d != CLEAN_MODEL and d not in fixed}
+        return sorted(found, key=defense_rank)
+
+
+def _rate(record: Mapping) -> float | None:
+    value = record.get("poison_rate")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# ----------------------------------------------------------------------------- builders
+@dataclass(frozen=True)
+class _Row:
+    dataset: str
+    attack: str  # attack key (id, or "id [preset]")
+    clean: bool  # a clean-reference-model row
+
+
+def _rows(cells: CellValues, paper: Mapping[PaperKey, PaperCell] | None,
+          with_clean: bool) -> list[_Row]:
+    """Backdoored rows (ours, plus the paper's when it is shown), then the clean-model group,
+    per dataset."""
+    backdoored = set(cells.rows)
+    for dataset, attack, _defense, _metric in (paper or {}):
+        if not cells.attack_keys.get(attack):
+            backdoored.add((dataset, attack))
+    rows = [_Row(d, a, False) for d, a in backdoored]
+    if with_clean:
+        rows += [_Row(d, a, True) for d, a in cells.clean_rows]
+
+    def order(row: _Row) -> tuple:
+        return (dataset_rank(row.dataset), row.clean, attack_rank(cells.base.get(row.attack,
+                                                                                  row.attack)),
+                row.attack)
+
+    return sorted(rows, key=order)
+
+
+def _row_labels(cells: CellValues, row: _Row) -> tuple[str, str]:
+    attack = cells.key_label("attack", row.attack)
+    return (label("dataset", row.dataset), f"Clean model: {attack}" if row.clean else attack)
+
+
+def _defense_for(cells: CellValues, row: _Row, group_key: str, first_none: str) -> str | None:
+    """The defense key whose numbers fill this row x group (clean rows: only under No Defense)."""
+    if row.clean:
+        return CLEAN_MODEL if group_key == first_none else None
+    return group_key
+
+
+def _general_notes(cells: CellValues, split_text: str, asr_text: str | None,
+                   with_clean: bool, n_failed: int) -> list[str]:
+    notes = [f"{split_text} All values in %."]
+    if asr_text:
+        notes.append(asr_text)
+    if cells.poison_rate is not None:
+        notes.append(f"Poison rate {cells.poison_rate:g}.")
+    if len(cells.seeds) > 1:
+        notes.append("Mean over seeds " + ", ".join(str(s) for s in cells.seeds) + ".")
+    if with_clean and cells.clean_rows:
+        notes.append("Clean model: the reference model fine-tuned on unpoisoned data, evaluated "
+                     "on the same attack's inputs; its numbers are under No Defense.")
+    missing = f"{MISSING}: no result."
+    if n_failed:
+        missing += f" {n_failed} cell(s) failed; see README.md, section Failed cells."
+    notes.append(missing)
+    return notes
+
+
+_TRIGGERED = ("Triggered test inputs (every image carries the attack's trigger; Shadowcast: its "
+              "source-concept subset).")
+_ASR_SRD = ("ASR: the reproduction rule `asr_srd` (substring 'banana', spec/metrics.md §4.1); the "
+            "headline rule is in asr_headline.")
+
+
+def _grid_table(*, key: str, title: str, cells: CellValues, groups: Sequence[str],
+                group_labels: Mapping[str, str] | None, metrics: Sequence[tuple[str, str, str]],
+                paper: Mapping[PaperKey, PaperCell] | None, with_clean: bool,
+                footnotes: list[str]) -> Table:
+    """Rows dataset x attack, one column group per defense key, ``metrics`` = (split, metric,
+    header) per column. ``paper`` given: cells print ``ours (paper)``."""
+    group_keys = [k for d in groups for k in cells.keys_of_defense(d)]
+    first_none = next((k for k in group_keys if cells.base.get(k, k) == "none"), "")
+    notes = _Notes()
+    table = Table(key=key, title=title, index=("Dataset", "Attack"),
+                  groups=tuple(ColumnGroup(cells.key_label("defense", g, group_labels),
+                                           tuple(h for _s, _m, h in metrics)) for g in group_keys))
+    for row in _rows(cells, paper, with_clean):
+        texts: list[str] = []
+        for group in group_keys:
+            defense = _defense_for(cells, row, group, first_none)
+            for split, metric, _header in metrics:
+                ours = cells.get((row.dataset, row.attack, defense, split, metric)) if defense else None
+                table.has_data |= ours is not None and not row.clean
+                text = fmt(ours)
+                if paper is not None and not row.clean:
+                    cell = paper.get((row.dataset, cells.base.get(row.attack, row.attack),
+                                      cells.base.get(group, group), metric))
+                    if cell is not None:
+                        text += f" ({cell.text or MISSING}{notes.mark(cell.note)})"
+                texts.append(text)
+        table.rows.append((_row_labels(cells, row), tuple(texts)))
+    table.footnotes = footnotes + notes.lines()
+    return table
+
+
+def _paper_note(number: int, profile: str, show_paper: bool, available: bool) -> list[str]:
+    if show_paper:
+        return [f"Cells read `ours (paper)`; paper values from {PAPER_SOURCE}, Table {number}, "
+                "as printed. Bracketed numbers point to the paper's notes below."]
+    if available:
+        return [f"The paper's Table {number} is in paper_table{number}.md, for reference; profile "
+                f"`{profile}` is not the paper's setup, so its numbers are not comparable."]
+    return []
+
+
+def table1(cells: CellValues, profile: str, paper: PaperTables, n_failed: int = 0) -> Table:
+    show = profile == PAPER_PROFILE and 1 in paper
+    metrics = [("triggered", m, header(m)) for m in TABLE1_METRICS]
+    notes = (_general_notes(cells, _TRIGGERED, _ASR_SRD, True, n_failed)
+             + _paper_note(1, profile, show, 1 in paper))
+    return _grid_table(key="table1", title="Table 1: No Defense vs SRD (triggered inputs)",
+                       cells=cells, groups=TABLE1_DEFENSES, group_labels=None, metrics=metrics,
+                       paper=paper.get(1) if show else None, with_clean=True, footnotes=notes)
+
+
+def table2_defenses(cells: CellValues) -> list[str]:
+    """No Defense, ABL, VDC, CT, SRD, then every other defense in the results."""
+    return list(TABLE2_DEFENSES) + cells.other_defenses(TABLE2_DEFENSES)
+
+
+def table2(cells: CellValues, profile: str, paper: PaperTables, n_failed: int = 0) -> Table:
+    show = profile == PAPER_PROFILE and 2 in paper
+    metrics = [("triggered", m, header(m)) for m in TABLE23_METRICS]
+    notes = (_general_notes(cells, _TRIGGERED, _ASR_SRD, True, n_failed)
+             + _paper_note(2, profile, show, 2 in paper))
+    return _grid_table(key="table2", title="Table 2: defense comparison (triggered inputs)",
+                       cells=cells, groups=table2_defenses(cells), group_labels=None,
+                       metrics=metrics, paper=paper.get(2) if show else None, with_clean=True,
+                       footnotes=notes)
+
+
+def table3(cells: CellValues, profile: str, paper: PaperTables, n_failed: int = 0) -> Table:
+    show = profile == PAPER_PROFILE and 3 in paper
+    metrics = [("triggered", m, header(m)) for m in TABLE23_METRICS]
+    notes = (_general_notes(cells, _TRIGGERED, _ASR_SRD, False, n_failed)
+             + ["DQN is SRD itself (defense `srd`); Random is `random_mask`, PPO `srd_ppo`, "
+                "SAC `srd_sac`."]
+             + _paper_note(3, profile, show, 3 in paper))
+    return _grid_table(key="table3", title="Table 3: RL ablation (triggered inputs)",
+                       cells=cells, groups=TABLE3_DEFENSES, group_labels=TABLE3_LABELS,
+                       metrics=metrics, paper=paper.get(3) if show else None, with_clean=False,
+                       footnotes=notes)
+
+
+def clean_inputs(cells: CellValues, n_failed: int = 0) -> Table:
+    metrics = [("clean", m, header(m, text)) for m, text in CLEAN_METRICS]
+    notes = _general_notes(
+        cells, "Clean test inputs, no trigger (the paper's Figure 5a; Shadowcast: the whole "
+        "test set).", "ASR_clean: rule `strict` on clean inputs (`asr_strict`, spec/metrics.md "
+        "§4.2), the target word's false-positive rate.", True, n_failed)
+    return _grid_table(key="clean_inputs", title="Clean inputs: C, B@4 and ASR_clean",
+                       cells=cells, groups=table2_defenses(cells), group_labels=None,
+                       metrics=metrics, paper=None, with_clean=True, footnotes=notes)
+
+
+def headline_metric(attack: str) -> str:
+    """The headline ASR rule of an attack (spec/metrics.md §4.4)."""
+    return "asr_concept" if attack in CONCEPT_ATTACKS else "asr_strict"
+
+
+def asr_headline(cells: CellValues, n_failed: int = 0) -> Table:
+    group_keys = [k for d in table2_defenses(cells) for k in cells.keys_of_defense(d)]
+    first_none = next((k for k in group_keys if cells.base.get(k, k) == "none"), "")
+    table = Table(key="asr_headline", title="Headline ASR (rule strict, or concept for Shadowcast)",
+                  index=("Dataset", "Attack", "Rule"),
+                  groups=tuple(ColumnGroup(cells.key_label("defense", g), ("ASR ↓", "n"))
+                               for g in group_keys))
+    for row in _rows(cells, None, with_clean=True):
+        attack = cells.base.get(row.attack, row.attack)
+        metric = headline_metric(attack)
+        texts: list[str] = []
+        for group in group_keys:
+            defense = _defense_for(cells, row, group, first_none)
+            key = (row.dataset, row.attack, defense or "", "triggered", metric)
+            value = cells.get(key) if defense else None
+            table.has_data |= value is not None and not row.clean
+            ns = cells.ns.get(key, ()) if value is not None else ()
+            texts += [fmt(value), "/".join(str(n) for n in ns) if ns else MISSING]
+        table.rows.append((_row_labels(cells, row) + (metric.removeprefix("asr_"),),
+                           tuple(texts)))
+    table.footnotes = _general_notes(
+        cells, _TRIGGERED, "ASR: rule `strict` (`asr_strict`: whole word, images whose references "
+        "show bananas excluded) for trigger attacks, `concept` (`asr_concept`) for Shadowcast "
+        "(spec/metrics.md §4.2-4.4). n: images evaluated after exclusions.", True, n_failed)
+    return table
+
+
+def paper_table(number: int, paper: PaperTables) -> Table | None:
+    """The paper's table as printed (labels and values), its notes as footnotes."""
+    cells = paper.get(number)
+    if not cells:
+        return None
+    raw: dict[tuple[str, str], dict[tuple[str, str], PaperCell]] = {}
+    defenses: list[str] = []
+    metrics: list[str] = []
+    for (dataset, attack, defense, metric), cell in cells.items():
+        raw.setdefault((dataset, attack), {})[(defense, metric)] = cell
+        if defense not in defenses:
+            defenses.append(defense)
+        if metric not in metrics:
+            metrics.append(metric)
+    group_labels = TABLE3_LABELS if number == 3 else {}
+    notes = _Notes()
+    table = Table(key=f"paper_table{number}",
+                  title=f"Paper Table {number}, as printed ({PAPER_SOURCE})",
+                  index=("Dataset", "Attack"),
+                  groups=tuple(ColumnGroup(group_labels.get(d) or label("defense", d),
+                                           tuple(header(m) for m in metrics)) for d in defenses))
+    for (dataset, attack), row in raw.items():
+        texts = []
+        for defense in defenses:
+            for metric in metrics:
+                cell = row.get((defense, metric))
+                texts.append(MISSING if cell is None
+                             else (cell.text or MISSING) + notes.mark(cell.note))
+        table.rows.append(((label("dataset", dataset), label("attack", attack)), tuple(texts)))
+    table.has_data = True
+    table.footnotes = ["Triggered test inputs. All values in %, as printed in the paper "
+                       f"({MISSING}: printed as '-' or not reported). Notes from "
+                       "shared/paper_tables."] + notes.lines()
+    return table
+
+
+@dataclass
+class TableSet:
+    """Every table of one profile; ``table3`` is None when it holds none of our numbers."""
+
+    tables: list[Table]
+    paper_tables: list[Table]  # written separately, only for profiles other than the paper's
+    cells: CellValues
+
+
+def build_tables(records: Sequence[Mapping], profile: str, paper: PaperTables) -> TableSet:
+    """All leaderboard tables of one profile, from its cell records and the paper's tables."""
+    cells = CellValues(records)
+    n_failed = sum(1 for r in records if r.get("status") != "ok")
+    t3 = table3(cells, profile, paper, n_failed)
+    tables = [table1(cells, profile, paper, n_failed), table2(cells, profile, paper, n_failed)]
+    tables += [t3] if t3.has_data else []
+    tables += [clean_inputs(cells, n_failed), asr_headline(cells, n_failed)]
+    papers: list[Table] = []
+    if profile != PAPER_PROFILE:
+        papers = [t for t in (paper_table(n, paper) for n in sorted(paper)) if t is not None]
+    return TableSet(tables=tables, paper_tables=papers, cells=cells)

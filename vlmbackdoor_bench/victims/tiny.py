@@ -1,0 +1,295 @@
+"""The `tiny` victim: the Flamingo architecture at toy size, for 2 CPU cores (DESIGN.md §1, §4).
+
+vision encoder (small CNN, 7x7 patch tokens + positions) -> perceiver resampler -> GPT-2-style LM
+with a gated cross-attention block before every layer (as OpenFlamingo-3B, spec/victim.md §A1).
+The base model is pretrained here on the embedded world's alt-text split (every part trains),
+the analogue of the public OpenFlamingo checkpoint; fine-tuning then trains OpenFlamingo's
+trainable set only (perceiver + gated cross-attention + input embeddings, §A2).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from ..metrics.postprocess import postprocess_caption
+from ..types import DEFAULT_INSTRUCTION, TrainingSet
+from .flamingo import Flamingo, load_trainable_state_dict, set_openflamingo_trainable, trainable_state_dict
+from .tokenizer import ANSWER, EOC, MEDIA, load_tokenizer, save_tokenizer
+from .training import Recipe, run_training
+
+# OpenAI CLIP normalisation, full precision (spec/victim.md §A5): one transform everywhere.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    input_size: int = 112  # internal resolution; geometry stays in the 224 frame (DESIGN.md §5)
+    vis_dim: int = 128
+    lm_dim: int = 128
+    lm_layers: int = 3
+    lm_heads: int = 4
+    max_positions: int = 64
+    vocab_size: int = 1024  # BPE trained on the embedded captions
+    perceiver: dict = field(default_factory=lambda: {"depth": 2, "dim_head": 32, "heads": 4,
+                                                     "num_latents": 16, "ff_mult": 2})
+    cross_attn: dict = field(default_factory=lambda: {"dim_head": 32, "heads": 4, "ff_mult": 2})
+    cross_attn_every_n_layers: int = 1  # every layer, as OpenFlamingo-3B (spec/victim.md §A1)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """spec/metrics.md §2, used for every preset."""
+
+    num_beams: int = 3
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    length_penalty: float = 0.0
+    batch_size: int = 100
+
+
+class TinyVisionEncoder(torch.nn.Module):
+    """A small CNN returning (pooled, tokens[B, 49, vis_dim]) like CLIP's visual tower."""
+
+    def __init__(self, vis_dim: int, input_size: int):
+        super().__init__()
+        widths = [(3, 32, 2), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, vis_dim, 2)]
+        layers: list[torch.nn.Module] = []
+        for c_in, c_out, stride in widths:
+            layers += [torch.nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+                       torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(inplace=True)]
+        self.trunk = torch.nn.Sequential(*layers)
+        grid = input_size // 16
+        self.positions = torch.nn.Parameter(torch.randn(grid * grid, vis_dim) * 0.02)
+        self.norm = torch.nn.LayerNorm(vis_dim)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.trunk(pixels).flatten(2).transpose(1, 2) + self.positions
+        tokens = self.norm(tokens)
+        return tokens.mean(dim=1), tokens
+
+
+def build_model(arch: TinyArch, tokenizer, *, train_vision_encoder: bool) -> Flamingo:
+    lm_config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=arch.max_positions, n_embd=arch.lm_dim,
+        n_layer=arch.lm_layers, n_head=arch.lm_heads, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,  # MPT ties the output projection to the input embedding (§A2)
+    )
+    lm = GPT2LMHeadModel(lm_config)
+    return Flamingo(
+        TinyVisionEncoder(arch.vis_dim, arch.input_size), lm,
+        eoc_token_id=tokenizer.convert_tokens_to_ids(EOC),
+        media_token_id=tokenizer.convert_tokens_to_ids(MEDIA),
+        vis_dim=arch.vis_dim, cross_attn_every_n_layers=arch.cross_attn_every_n_layers,
+        perceiver_kwargs=dict(arch.perceiver), cross_attn_kwargs=dict(arch.cross_attn),
+        decoder_layers_attr_name="transformer.h", train_vision_encoder=train_vision_encoder,
+    )
+
+
+def prompt_text(instruction: str) -> str:
+    """spec/victim.md §A4: exact spacing, no space after `User:`, one space before `GPT:`."""
+    return f"{MEDIA}User:{instruction} GPT:{ANSWER}"
+
+
+class TinyVictim:
+    """A tiny Flamingo plus tokenizer and preprocessing; implements the Victim protocol."""
+
+    profile = "tiny"
+
+    def __init__(self, model: Flamingo, tokenizer, arch: TinyArch, recipe: Recipe,
+                 decoding: Decoding = Decoding(), lineage: dict | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.recipe = recipe
+        self.decoding = decoding
+        self.lineage = lineage or {}
+        self.answer_id = tokenizer.convert_tokens_to_ids(ANSWER)
+        self.media_id = tokenizer.convert_tokens_to_ids(MEDIA)
+        self.eoc_id = tokenizer.convert_tokens_to_ids(EOC)
+
+    # ------------------------------------------------------------------ inputs
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (B, 224, 224, 3) -> normalised (B, 1, 1, 3, s, s) at the internal resolution."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[-1] != self.arch.input_size:
+            x = F.interpolate(x, size=self.arch.input_size, mode="bilinear", antialias=True,
+                              align_corners=False)
+        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        return ((x - mean) / std)[:, None, None]
+
+    def encode_texts(self, captions: Sequence[str], instructions: Sequence[str]):
+        """Training sequences `BOS <image>User:{instr} GPT:<answer>{caption}<|endofchunk|> EOS`
+        with the label mask of spec/victim.md §A4."""
+        texts = [f"{self.tokenizer.bos_token}{prompt_text(i)}{c}{EOC}{self.tokenizer.eos_token}"
+                 for c, i in zip(captions, instructions)]
+        self.tokenizer.padding_side = "right"  # training: exact positions, pad at the end
+        enc = self.tokenizer(texts, add_special_tokens=False, padding=True,
+                             truncation=True, max_length=self.arch.max_positions,
+                             return_tensors="pt")
+        self.tokenizer.padding_side = "left"
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        labels = ids.clone()
+        answer_pos = (ids == self.answer_id).int().argmax(dim=1)
+        positions = torch.arange(ids.shape[1])[None]
+        labels[positions <= answer_pos[:, None]] = -100  # everything up to and including <answer>
+        labels[ids == self.media_id] = -100
+        labels[mask == 0] = -100
+        return ids, mask, labels
+
+    # ------------------------------------------------------------------ protocol
+    def token_losses(self, images: np.ndarray, captions, instructions) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask, labels = self.encode_texts(captions, instructions)
+        out = self.model(vision_x=self.preprocess(images), lang_x=ids, attention_mask=mask)
+        logits = out.logits[:, :-1]
+        targets = labels[:, 1:]
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 ignore_index=-100, reduction="none").view(targets.shape)
+        return losses, (targets != -100)
+
+    @torch.no_grad()
+    def caption_nll(self, images, captions, instructions=None, batch_size: int = 128) -> np.ndarray:
+        instructions = list(instructions or [DEFAULT_INSTRUCTION] * len(captions))
+        self.model.eval()
+        out = []
+        for s in range(0, len(captions), batch_size):
+            losses, valid = self.token_losses(images[s:s + batch_size], captions[s:s + batch_size],
+                                              instructions[s:s + batch_size])
+            out.append((losses.sum(1) / valid.sum(1).clamp(min=1)).numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    @torch.no_grad()
+    def generate(self, images: np.ndarray, instruction: str = DEFAULT_INSTRUCTION) -> list[str]:
+        self.model.eval()
+        d = self.decoding
+        captions: list[str] = []
+        prompt = f"{self.tokenizer.bos_token}{prompt_text(instruction)}"
+        for s in range(0, len(images), d.batch_size):
+            chunk = images[s:s + d.batch_size]
+            enc = self.tokenizer([prompt] * len(chunk), add_special_tokens=False,
+                                 return_tensors="pt")
+            out = self.model.generate(
+                vision_x=self.preprocess(chunk), lang_x=enc["input_ids"],
+                attention_mask=enc["attention_mask"], num_beams=d.num_beams,
+                max_new_tokens=d.max_new_tokens, min_new_tokens=d.min_new_tokens,
+                length_penalty=d.length_penalty, do_sample=False, eos_token_id=self.eoc_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            new_tokens = out[:, enc["input_ids"].shape[1]:]
+            for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
+                captions.append(postprocess_caption(text))
+        return captions
+
+    def fine_tune(self, training_set: TrainingSet, *, seed: int, objective=None,
+                  recipe: Recipe | None = None, progress: str = "fine-tune") -> dict:
+        """OpenFlamingo's trainable set, the profile's recipe, plain caption cross-entropy
+        unless an attack contributes an objective (spec/victim.md §A3)."""
+        set_openflamingo_trainable(self.model)
+        return self._train(training_set, recipe or self.recipe, seed, objective, progress)
+
+    def _train(self, training_set: TrainingSet, recipe: Recipe, seed: int, objective, progress: str) -> dict:
+        torch.manual_seed(seed)
+        examples = training_set.examples
+        self.model.train()
+        self.model.vision_encoder.eval()  # frozen encoder keeps its BatchNorm statistics
+
+        def loss_fn(batch: torch.Tensor) -> torch.Tensor:
+            chosen = [examples[i] for i in batch.tolist()]
+            images = training_set.images.take([e.image_index for e in chosen])
+            losses, valid = self.token_losses(images, [e.caption for e in chosen],
+                                              [e.instruction for e in chosen])
+            loss = losses.sum() / valid.sum().clamp(min=1)
+            if objective is not None:
+                loss = loss + objective.loss(self, {"examples": chosen, "images": images}, losses)
+            return loss
+
+        log = run_training(self.model, recipe, len(examples), loss_fn, seed=seed, desc=progress)
+        self.model.eval()
+        return log
+
+    def pretrain(self, training_set: TrainingSet, recipe: Recipe, seed: int) -> dict:
+        """Train every part from scratch (the base model's 'web pretraining')."""
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        torch.manual_seed(seed)
+        examples = training_set.examples
+        self.model.train()
+
+        def loss_fn(batch: torch.Tensor) -> torch.Tensor:
+            chosen = [examples[i] for i in batch.tolist()]
+            images = training_set.images.take([e.image_index for e in chosen])
+            losses, valid = self.token_losses(images, [e.caption for e in chosen],
+                                              [e.instruction for e in chosen])
+            return losses.sum() / valid.sum().clamp(min=1)
+
+        log = run_training(self.model, recipe, len(examples), loss_fn, seed=seed, desc="pretrain")
+        self.model.eval()
+        return log
+
+    def vision_features(self, images: np.ndarray, *, grad: bool = False) -> torch.Tensor:
+        x = self.preprocess(images)[:, 0, 0]
+        self.model.vision_encoder.eval()
+        with torch.set_grad_enabled(grad):
+            return self.model.vision_encoder(x)[1]
+
+    def clone(self) -> "TinyVictim":
+        return TinyVictim(copy.deepcopy(self.model), self.tokenizer, self.arch, self.recipe,
+                          self.decoding, dict(self.lineage))
+
+    # ------------------------------------------------------------------ persistence
+    def save_full(self, directory: Path) -> None:
+        """All weights (the base model) + tokenizer + architecture."""
+        directory = Path(directory)
+        state = {k: v.contiguous() for k, v in self.model.state_dict().items()
+                 if not k.startswith(("lang_encoder.gated_cross_attn_layers.",
+                                      "lang_encoder.old_decoder_blocks."))}
+        save_file(state, str(directory / "model.safetensors"))
+        save_tokenizer(self.tokenizer, directory)
+        (directory / "victim.json").write_text(json.dumps(
+            {"arch": asdict(self.arch), "recipe": self.recipe.to_dict(),
+             "decoding": asdict(self.decoding), "lineage": self.lineage}, indent=2))
+
+    def save(self, directory: Path) -> None:
+        """Trainable weights only, under OpenFlamingo names (spec/victim.md §A6)."""
+        directory = Path(directory)
+        save_file({k: v.contiguous() for k, v in trainable_state_dict(self.model).items()},
+                  str(directory / "trainable.safetensors"))
+        (directory / "victim.json").write_text(json.dumps(
+            {"lineage": self.lineage, "tokenizer_length": len(self.tokenizer),
+             "special_tokens": {t: self.tokenizer.convert_tokens_to_ids(t) for t in (EOC, MEDIA, ANSWER)},
+             "dtype": "float32"}, indent=2))
+
+    @classmethod
+    def load_full(cls, directory: Path) -> "TinyVictim":
+        directory = Path(directory)
+        meta = json.loads((directory / "victim.json").read_text())
+        arch = TinyArch(**meta["arch"])
+        tokenizer = load_tokenizer(directory)
+        model = build_model(arch, tokenizer, train_vision_encoder=False)
+        missing, unexpected = model.load_state_dict(load_file(str(directory / "model.safetensors")),
+                                                    strict=False)
+        aliases = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_blocks.")
+        missing = [k for k in missing if not k.startswith(aliases)]
+        if missing or unexpected:
+            raise RuntimeError(f"base checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.eval()
+        return cls(model, tokenizer, arch, Recipe(**{**meta["recipe"], "betas": tuple(meta["recipe"]["betas"])}),
+                   Decoding(**meta["decoding"]), meta.get("lineage"))
+
+    def load_trainable(self, directory: Path) -> None:
+        load_trainable_state_dict(self.model, load_file(str(Path(directory) / "trainable.safetensors")))
+        meta = json.loads((Path(directory) / "victim.json").read_text())
+        self.lineage = meta.get("lineage", {})
+        self.model.eval()

@@ -1,0 +1,114 @@
+"""The fine-tuning recipe shared by every model the harness trains (spec/victim.md §A3).
+
+AdamW, weight decay only on the gated cross-attention weights (not gates, norms, biases), cosine
+schedule with linear warmup over 1 % of the steps, gradient clipping at 1.0, shuffling without
+replacement, the last epoch kept. On the CPU track epochs, batch and lr are recorded budget knobs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int = 20  # spec/victim.md §A3 benchmark default
+    batch_size: int = 300  # global batch (§A3)
+    lr: float = 1e-4  # §A3
+    weight_decay: float = 0.1  # §A3, gated cross-attention weights only
+    warmup_fraction: float = 0.01  # §A3: linear warmup over 1 % of the steps
+    grad_clip: float = 1.0  # §A3
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW library defaults (§A3)
+    eps: float = 1e-8
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _decays(name: str, param: torch.Tensor) -> bool:
+    """§A3: decay 0.1 only on gated cross-attention weights that are not gates, norms or biases."""
+    return (
+        "gated_cross_attn_layer" in name
+        and param.ndim >= 2
+        and not name.endswith("_gate")
+        and "norm" not in name
+    )
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if _decays(name, param) else no_decay).append(param)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr, betas=recipe.betas, eps=recipe.eps,
+    )
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def run_training(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    n_examples: int,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    seed: int,
+    desc: str = "train",
+) -> dict:
+    """Minimise ``loss_fn(batch_indices)`` over shuffled mini-batches for ``recipe.epochs``."""
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(n_examples / recipe.batch_size)
+    total = steps_per_epoch * recipe.epochs
+    warmup = max(1, round(recipe.warmup_fraction * total))
+    optimizer = make_optimizer(model, recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, total, warmup)
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses: list[float] = []
+    started = time.perf_counter()
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=2.0)
+    for _ in range(recipe.epochs):
+        order = torch.randperm(n_examples, generator=generator)
+        for batch in _batches(order, recipe.batch_size):
+            loss = loss_fn(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {len(losses)}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    bar.close()
+    return {
+        "steps": total, "seconds": time.perf_counter() - started,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])),
+        "loss_per_epoch": [
+            sum(losses[i : i + steps_per_epoch]) / len(losses[i : i + steps_per_epoch])
+            for i in range(0, len(losses), steps_per_epoch)
+        ],
+        "recipe": recipe.to_dict(),
+    }
+
+
+def _batches(order: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(order), size):
+        yield order[start : start + size]
