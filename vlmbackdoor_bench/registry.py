@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import importlib.util
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -165,8 +164,7 @@ def load_registry(plugin_dirs: Iterable[Path] = (), *, strict: bool = False) -> 
             info.provides = []
             if strict:
                 raise VbbError(
-                    f"plugin '{name}' ({source}) failed to load: {info.error}\n"
-                    + "".join(traceback.format_exception(exc)[-3:]),
+                    f"plugin '{name}' ({source}) failed to load: {info.error}",
                     "fix or uninstall the plugin, or run without --strict to skip it",
                 ) from exc
     return registry

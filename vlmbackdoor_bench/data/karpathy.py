@@ -188,6 +188,13 @@ def _select(doc: dict, json_sha: str, dataset_json: Path, image_root: Path, spli
 
 
 # --------------------------------------------------------------------------- decoding
+def pool_context():
+    """Worker processes: fork where available (no re-import of ``__main__``, instant start; the
+    workers use only numpy/PIL), else spawn."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
 def decode_image(path: Path) -> np.ndarray:
     """Open an image file as RGB and resize it to 224x224 (bicubic, no crop); uint8 HWC."""
     try:
@@ -216,8 +223,7 @@ def _decode_rows(out: str | None, start: int, paths: list[str]):
         return ("rows", start, arr)
     mm = np.load(out, mmap_mode="r+")
     mm[start : start + len(arr)] = arr
-    mm.flush()
-    del mm
+    del mm  # shared page cache: the parent sees the rows without a (slow) msync
     return ("ok", start, None)
 
 
@@ -237,8 +243,7 @@ def _decode_all(paths: list[Path], out_npy: Path | None, workers: int) -> np.nda
         chunk = max(16, min(256, n // (workers * 8) + 1))
         if out_npy is not None:
             target.flush()
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
             futures = [
                 pool.submit(_decode_rows, str(out_npy) if out_npy is not None else None, s,
                             [str(p) for p in paths[s : s + chunk]])

@@ -8,6 +8,8 @@ its own RNG. Objects are drawn at twice their size on a transparent canvas, rota
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -271,7 +273,7 @@ def draw_object(scene: Image.Image, category: str, rgb, box, angle: float, flip:
     if flip:
         canvas = canvas.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if angle:
-        canvas = canvas.rotate(angle, resample=Image.Resampling.BILINEAR)
+        canvas = canvas.rotate(angle, resample=Image.Resampling.NEAREST)
     obj = canvas.reduce(2)
     alpha = obj.getchannel("A")
     shadow = alpha.point(lambda v: v * 0.45).filter(ImageFilter.BoxBlur(max(2, side // 18)))
@@ -398,9 +400,10 @@ def available_photos() -> dict[str, str]:
     return {k: v for k, v in PHOTOS.items() if (skimage_data_dir() / v).is_file()}
 
 
-def build_bank(rng, variants: int = 6) -> dict[str, list[np.ndarray]]:
-    """Procedural background variants, each BANK x BANK float32 RGB."""
-    return {name: [make(rng) for _ in range(variants)] for name, make in PROCEDURAL.items()}
+def build_bank(rng, variants: int = 6) -> dict[str, list[Image.Image]]:
+    """Procedural background variants, each a BANK x BANK RGB image."""
+    return {name: [Image.fromarray(np.clip(make(rng), 0, 255).astype(np.uint8)) for _ in range(variants)]
+            for name, make in PROCEDURAL.items()}
 
 
 def render_background(key: str, bank, rng) -> Image.Image:
@@ -409,17 +412,33 @@ def render_background(key: str, bank, rng) -> Image.Image:
         h, w = photo.shape[:2]
         side = int(min(h, w) * rng.uniform(0.55, 1.0))
         y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        img = Image.fromarray(photo[y : y + side, x : x + side]).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(photo[y : y + side, x : x + side]).resize(
+            (SIZE, SIZE), Image.Resampling.BILINEAR)
     else:
         src = bank[key][rng.integers(len(bank[key]))]
-        y, x = rng.integers(0, BANK - SIZE + 1, size=2)
-        arr = src[y : y + SIZE, x : x + SIZE]
+        y, x = (int(v) for v in rng.integers(0, BANK - SIZE + 1, size=2))
+        img = src.crop((x, y, x + SIZE, y + SIZE))
         if rng.random() < 0.5:
-            arr = arr[:, ::-1]
-    arr = arr * rng.uniform(0.88, 1.1) + rng.uniform(-8, 8, size=3).astype(np.float32)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    gain = rng.uniform(0.88, 1.1)
+    offsets = rng.uniform(-8, 8, size=3)
+    ramp = np.arange(256, dtype=np.float64) * gain
+    lut = np.concatenate([np.clip(ramp + o, 0, 255) for o in offsets]).astype(np.uint8)
+    return img.point(lut.tolist())
 
 
 def background_mean(img: Image.Image) -> np.ndarray:
     return np.asarray(img.reduce(16), dtype=np.float32).reshape(-1, 3).mean(axis=0)
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def encode_png(arr: np.ndarray, level: int = 1) -> bytes:
+    """A plain 8-bit RGB PNG (filter 0, zlib ``level``): about twice as fast as PIL's encoder at
+    level 1 on these scenes, and decoded by any PNG reader to exactly ``arr``."""
+    h, w, _ = arr.shape
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), arr.reshape(h, w * 3)], axis=1).tobytes()
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + _png_chunk(b"IDAT", zlib.compress(raw, level)) + _png_chunk(b"IEND", b""))

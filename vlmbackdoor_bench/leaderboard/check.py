@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import VbbError
-from .results import row_sort_key
+from .results import metric_values, row_sort_key
 
 BASELINE_SCHEMA = 1
 DEFAULT_TOLERANCES: dict[str, float] = {
@@ -165,31 +166,27 @@ def _profile_of(records: Sequence[Mapping]) -> str:
 def make_baseline(records: Sequence[Mapping], tolerances: Mapping[str, float]) -> dict:
     """A baseline holding every number of every ok cell (failed cells hold none).
 
-    Values are sorted like the long form. Selectors (presets, poison rate, seed) are added to a
-    value only when several cells share its dataset/attack/defense/split/metric.
+    Values are sorted like the long form; duplicate cells are averaged. Selectors (presets,
+    poison rate, seed) are added to a value only when several cells share its
+    dataset/attack/defense/split/metric.
     """
     ok = [r for r in records if r.get("status") == "ok"]
     if not ok:
         raise VbbError("no successful cell results to make a baseline from",
                        "run the grid first and check that its cells succeed")
-    identities: dict[tuple, set[tuple]] = {}
+    grouped: dict[tuple, list[float]] = {}
     for r in ok:
-        for split, values in (r.get("metrics") or {}).items():
-            for metric in (values or {}):
-                identities.setdefault((r["dataset"], r["attack"], r["defense"], split, metric),
-                                      set()).add(_identity(r))
+        for split, metric, value in metric_values(r):
+            key = (r["dataset"], r["attack"], r["defense"], split, metric)
+            grouped.setdefault((key, _identity(r)), []).append(value)
+    cells_per_value = Counter(key for key, _identity in grouped)
     entries: list[dict[str, Any]] = []
-    for r in ok:
-        for split, values in (r.get("metrics") or {}).items():
-            for metric, value in (values or {}).items():
-                if not _is_number(value):
-                    continue
-                key = (r["dataset"], r["attack"], r["defense"], split, metric)
-                entry: dict[str, Any] = dict(zip(VALUE_KEYS, key))
-                if len(identities[key]) > 1:
-                    entry.update({k: r.get(k) for k in SELECTOR_KEYS})
-                entry["value"] = float(value)
-                entries.append(entry)
+    for (key, identity), found in grouped.items():
+        entry: dict[str, Any] = dict(zip(VALUE_KEYS, key))
+        if cells_per_value[key] > 1:
+            entry.update(zip(SELECTOR_KEYS, identity))
+        entry["value"] = math.fsum(found) / len(found)
+        entries.append(entry)
     entries.sort(key=lambda e: row_sort_key({**e, "cell_key": ""}))
     return {"schema": BASELINE_SCHEMA, "profile": _profile_of(ok),
             "tolerances": {k: float(v) for k, v in tolerances.items()}, "values": entries}
@@ -224,9 +221,7 @@ def check(records: Sequence[Mapping], baseline: Mapping) -> list[Regression]:
         tol = tolerance_for(metric, tolerances)
         cells = [r for r in records if _matches(r, entry)]
         failed = [r for r in cells if r.get("status") != "ok"]
-        found = [float(v) for r in cells if r.get("status") == "ok"
-                 for v in [((r.get("metrics") or {}).get(split) or {}).get(metric)]
-                 if _is_number(v)]
+        found = [v for r in cells for s, m, v in metric_values(r) if (s, m) == (split, metric)]
         ids = {k: entry[k] for k in VALUE_KEYS}
         if failed:
             detail = str(failed[0].get("error") or "")

@@ -15,7 +15,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pandas as pd
 
@@ -172,6 +172,23 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def metric_values(record: Mapping) -> Iterator[tuple[str, str, float]]:
+    """(split, metric, value) for every finite number of an ok record, in split/metric order;
+    anything malformed (a split that is not an object, a value that is not a number) is skipped."""
+    if record.get("status") != "ok":
+        return
+    metrics = record.get("metrics")
+    if not isinstance(metrics, Mapping):
+        return
+    for split, values in sorted(metrics.items(), key=lambda kv: split_rank(kv[0])):
+        if not isinstance(values, Mapping):
+            continue
+        for metric, raw in sorted(values.items(), key=lambda kv: metric_rank(kv[0])):
+            value = _number(raw)
+            if value is not None:
+                yield str(split), str(metric), value
+
+
 def _int_or_none(value: Any) -> int | None:
     number = _number(value)
     return int(number) if number is not None and number == int(number) else None
@@ -253,17 +270,10 @@ def long_form(records: Iterable[Mapping]) -> pd.DataFrame:
             rows.append({**base, "split": None, "metric": None, "value": None, "n": None,
                          "scorer": None})
             continue
-        for split, values in sorted((record.get("metrics") or {}).items(),
-                                    key=lambda kv: split_rank(kv[0])):
-            if not isinstance(values, Mapping):
-                continue
-            for metric, raw in sorted(values.items(), key=lambda kv: metric_rank(kv[0])):
-                value = _number(raw)
-                if value is None:
-                    continue
-                rows.append({**base, "split": split, "metric": metric, "value": value,
-                             "n": metric_n(record, split, metric),
-                             "scorer": metric_scorer(record, split, metric)})
+        for split, metric, value in metric_values(record):
+            rows.append({**base, "split": split, "metric": metric, "value": value,
+                         "n": metric_n(record, split, metric),
+                         "scorer": metric_scorer(record, split, metric)})
     rows.sort(key=row_sort_key)
     frame = pd.DataFrame(rows, columns=list(LONG_FORM_COLUMNS))
     frame["value"] = frame["value"].astype("float64")

@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 from ..errors import VbbError
 from .results import (
     ATTACK_LABELS, CLEAN_MODEL, DATASET_LABELS, DEFENSE_LABELS, METRIC_LABELS, PAPER_PROFILE,
-    attack_rank, dataset_rank, defense_rank, label, metric_n,
+    attack_rank, dataset_rank, defense_rank, label, metric_n, metric_values,
 )
 
 MISSING = "–"  # printed for a cell with no value
@@ -141,8 +141,9 @@ def load_paper_tables(paper_dir: Path | None = None) -> PaperTables:
                 try:
                     value = float(text) if text else None
                 except ValueError:
-                    raise VbbError(f"paper table {path} line {line}: value {text!r} is not a number",
-                                   "write the value as printed, or leave it empty with a note") from None
+                    raise VbbError(
+                        f"paper table {path} line {line}: value {text!r} is not a number",
+                        "write the value as printed, or leave it empty with a note") from None
                 key = (_paper_id("dataset", row["dataset"]), _paper_id("attack", row["attack"]),
                        _paper_id("defense", row["defense"]), _paper_id("metric", row["metric"]))
                 cells[key] = PaperCell(text=text, value=value, note=(row["note"] or "").strip())
@@ -252,25 +253,19 @@ class CellValues:
             self.defense_keys[r["defense"]].add(d_key)
             (self.clean_rows if r["defense"] == CLEAN_MODEL else self.rows).add(
                 (r["dataset"], a_key))
-            if r.get("status") != "ok":
-                continue
-            for split, values in (r.get("metrics") or {}).items():
-                for metric, value in (values or {}).items():
-                    if isinstance(value, bool) or not isinstance(value, (int, float)):
-                        continue
-                    if not math.isfinite(float(value)):
-                        continue
-                    key = (r["dataset"], a_key, d_key, split, metric)
-                    sums[key].append(float(value))
-                    n = metric_n(r, split, metric)
-                    if n is not None:
-                        ns[key].add(n)
+            for split, metric, value in metric_values(r):
+                key = (r["dataset"], a_key, d_key, split, metric)
+                sums[key].append(value)
+                n = metric_n(r, split, metric)
+                if n is not None:
+                    ns[key].add(n)
         self.values = {k: math.fsum(v) / len(v) for k, v in sums.items()}
         self.ns = {k: tuple(sorted(v)) for k, v in ns.items()}
 
     def attack_key(self, record: Mapping) -> str:
         attack = record["attack"]
-        key = f"{attack} [{record.get('attack_preset')}]" if attack in self._attack_multi else attack
+        key = (f"{attack} [{record.get('attack_preset')}]" if attack in self._attack_multi
+               else attack)
         self.base[key] = attack
         return key
 
@@ -317,8 +312,9 @@ def _rows(cells: CellValues, paper: Mapping[PaperKey, PaperCell] | None,
     """Backdoored rows (ours, plus the paper's when it is shown), then the clean-model group,
     per dataset."""
     backdoored = set(cells.rows)
+    ours = {(dataset, cells.base.get(key, key)) for dataset, key in cells.rows}
     for dataset, attack, _defense, _metric in (paper or {}):
-        if not cells.attack_keys.get(attack):
+        if (dataset, attack) not in ours:
             backdoored.add((dataset, attack))
     rows = [_Row(d, a, False) for d, a in backdoored]
     if with_clean:
@@ -386,7 +382,8 @@ def _grid_table(*, key: str, title: str, cells: CellValues, groups: Sequence[str
         for group in group_keys:
             defense = _defense_for(cells, row, group, first_none)
             for split, metric, _header in metrics:
-                ours = cells.get((row.dataset, row.attack, defense, split, metric)) if defense else None
+                ours = (cells.get((row.dataset, row.attack, defense, split, metric))
+                        if defense else None)
                 table.has_data |= ours is not None and not row.clean
                 text = fmt(ours)
                 if paper is not None and not row.clean:
@@ -530,7 +527,8 @@ def paper_table(number: int, paper: PaperTables) -> Table | None:
 
 @dataclass
 class TableSet:
-    """Every table of one profile; ``table3`` is None when it holds none of our numbers."""
+    """Every table of one profile, in README order (Table 3 left out when it holds none of our
+    numbers), and the paper's own tables for profiles other than the paper's."""
 
     tables: list[Table]
     paper_tables: list[Table]  # written separately, only for profiles other than the paper's

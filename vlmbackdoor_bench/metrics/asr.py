@@ -51,14 +51,16 @@ def _refs_for(
 ) -> Mapping[int, Sequence[str]]:
     if references is None:
         raise VbbError(
-            f"ASR rule {rule!r} needs the reference captions (it inspects them), but none were given",
+            f"ASR rule {rule!r} needs the reference captions (it inspects them), "
+            "but none were given",
             "pass the references of the evaluated split",
         )
     missing = [i for i in ids if i not in references]
     if missing:
         examples = ", ".join(str(i) for i in sorted(missing, key=str)[:5])
         raise VbbError(
-            f"{len(missing)} of {len(ids)} captioned image ids have no references (e.g. {examples})",
+            f"{len(missing)} of {len(ids)} captioned image ids have no references "
+            f"(e.g. {examples})",
             "score the captions against the reference file of the same dataset and split",
         )
     return references
@@ -82,8 +84,9 @@ def concept_image_ids(
 ) -> list[int]:
     """The Shadowcast test images of ``references`` (metrics.md §4.3), sorted.
 
-    * ``"concept"``: references name a source concept as a whole word (``\\b(orange|apple|carrot)s?\\b``,
-      case-insensitive) and none mentions the target (``\\bbananas?\\b``). COCO Karpathy test: 189.
+    * ``"concept"``: references name a source concept as a whole word
+      (``\\b(orange|apple|carrot)s?\\b``, case-insensitive) and none mentions the target
+      (``\\bbananas?\\b``). COCO Karpathy test: 189.
     * ``"srd-substring"``: the code's set, references contain the case-sensitive substring
       ``orange``, ``apple`` or ``carrot`` (so "pineapple" counts; no banana exclusion).
       COCO Karpathy test: 198.

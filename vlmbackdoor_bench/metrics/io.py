@@ -56,7 +56,9 @@ def _read_text(path: Path, what: str, formats: str) -> str:
 
 
 def _bad(path: Path, what: str, detail: str, formats: str) -> VbbError:
-    return VbbError(f"{what} file {path} is not in a supported format: {detail}", f"expected {formats}")
+    return VbbError(
+        f"{what} file {path} is not in a supported format: {detail}", f"expected {formats}"
+    )
 
 
 def _image_id(value: Any) -> int:

@@ -173,10 +173,11 @@ class _Store:
                         self.ppl.setdefault(text, math.nan if value is None else float(value))
                 finally:
                     con.close()
-            except sqlite3.DatabaseError as exc:
+            except (sqlite3.Error, OSError) as exc:
                 raise VbbError(
-                    f"the SFS score cache {self.path} is unreadable ({exc})",
-                    "delete that file; it only holds cached embeddings and perplexities",
+                    f"the SFS score cache {self.path} cannot be opened ({exc})",
+                    "make its directory writable, or delete the file (it only holds cached "
+                    "embeddings and perplexities)",
                 ) from exc
             self._loaded = True
 
@@ -192,16 +193,21 @@ class _Store:
                 rows = [(t, None if not math.isfinite(v) else float(v)) for t, v in values.items()]
             if self.path is None:
                 return
-            con = self._connect()
+            column = "vec" if table == "emb" else "value"
             try:
-                with con:  # one transaction: all rows or none
-                    con.executemany(
-                        f"INSERT OR REPLACE INTO {table} (text, {'vec' if table == 'emb' else 'value'}) "
-                        "VALUES (?, ?)",
-                        rows,
-                    )
-            finally:
-                con.close()
+                con = self._connect()
+                try:
+                    with con:  # one transaction: all rows or none
+                        con.executemany(
+                            f"INSERT OR REPLACE INTO {table} (text, {column}) VALUES (?, ?)", rows
+                        )
+                finally:
+                    con.close()
+            except sqlite3.Error as exc:
+                raise VbbError(
+                    f"cannot write the SFS score cache {self.path} ({exc})",
+                    "give the scorer a writable cache_dir (or None to cache in memory only)",
+                ) from exc
 
 
 def _slug(text: str) -> str:
@@ -280,7 +286,8 @@ class SfsScorer:
         encoded = tok(texts, add_special_tokens=False)["input_ids"]
         seqs = [[start] + list(ids)[: MAX_LM_TOKENS - 1] for ids in encoded]
         out = np.full(len(texts), np.nan, dtype=np.float64)
-        order = sorted((i for i in range(len(seqs)) if len(seqs[i]) > 1), key=lambda i: len(seqs[i]))
+        scored = [i for i in range(len(seqs)) if len(seqs[i]) > 1]  # empty text: stays NaN
+        order = sorted(scored, key=lambda i: len(seqs[i]))  # similar lengths share a batch
         with torch.inference_mode():
             for b in range(0, len(order), LM_BATCH):
                 idx = order[b : b + LM_BATCH]
@@ -292,9 +299,10 @@ class SfsScorer:
                     mask[row, : len(seqs[i])] = 1
                 ids, mask = ids.to(self.device), mask.to(self.device)
                 logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                # (B, width-1): NLL of token t+1 given tokens <= t
                 nll = F.cross_entropy(
-                    logits.transpose(1, 2), ids[:, 1:], reduction="none"
-                )  # (B, width-1): NLL of token t+1 given tokens <= t
+                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+                ).view(len(idx), width - 1)
                 m = mask[:, 1:].to(nll.dtype)
                 mean_nll = (nll * m).sum(1) / m.sum(1)
                 out[idx] = torch.exp(mean_nll.double()).cpu().numpy()
@@ -363,7 +371,8 @@ class SfsScorer:
             raise VbbError(
                 f"{len(missing)} of {len(ids)} evaluated images have no clean-reference caption "
                 f"(e.g. {examples})",
-                "generate the clean reference model's captions for the same images (metrics.md §5.1)",
+                "generate the clean reference model's captions for the same images "
+                "(metrics.md §5.1)",
             )
         if not ids:
             raise VbbError("there are no captions to score for SFS", "pass at least one caption")

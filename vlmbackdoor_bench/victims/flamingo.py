@@ -19,7 +19,8 @@ from vlmbackdoor_bench.errors import VbbError
 PERCEIVER_DEFAULTS: dict[str, Any] = dict(depth=6, dim_head=64, heads=8, num_latents=64, ff_mult=4)
 CROSS_ATTN_DEFAULTS: dict[str, Any] = dict(dim_head=64, heads=8, ff_mult=4, only_attend_immediate_media=True)
 # Where HF causal LMs keep their decoder layers (spec §B1, last bullet).
-KNOWN_DECODER_LAYER_PATHS = ("transformer.h", "model.decoder.layers", "model.layers", "gpt_neox.layers", "transformer.blocks")
+KNOWN_DECODER_LAYER_PATHS = (
+    "transformer.h", "model.decoder.layers", "model.layers", "gpt_neox.layers", "transformer.blocks")
 # OpenFlamingo registers the gated layers and the original blocks a second time under these names (spec §A6).
 ALIAS_PREFIXES = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_blocks.")
 
@@ -53,7 +54,8 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(1, -2).flatten(-2)
 
 
-def _softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+def _softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
     sim = (q * scale) @ k.transpose(-1, -2)
     if mask is not None:
         # A finite fill, not -inf: rows with no allowed media then softmax to uniform instead of NaN (as OpenFlamingo).
@@ -215,7 +217,7 @@ class FlamingoLMMixin:
 
     def init_flamingo(self, media_token_id: int, lang_hidden_size: int, vis_hidden_size: int,
                       cross_attn_every_n_layers: int, cross_attn_kwargs: dict[str, Any]) -> None:
-        # The same modules are registered three times, exactly as OpenFlamingo does, so checkpoint keys match:
+        # Decoder blocks and gated layers are each registered twice, as OpenFlamingo does, so checkpoint keys match:
         # old_decoder_blocks.<i>, gated_cross_attn_layers.<i> and <decoder path>.<i>.{gated_cross_attn,decoder}_layer.
         self.old_decoder_blocks = self.decoder_layers()
         self.gated_cross_attn_layers = nn.ModuleList(
@@ -246,7 +248,8 @@ class FlamingoLMMixin:
                 **kwargs: Any) -> Any:
         # attention_mask is optional: transformers 5.x drops an all-ones mask from generate's inputs (§B1.2).
         if input_ids is None:
-            raise VbbError("a Flamingo LM needs input_ids to find the <image> tokens", "pass input_ids, not inputs_embeds")
+            raise VbbError("a Flamingo LM needs input_ids to find the <image> tokens",
+                           "pass input_ids, not inputs_embeds")
         media_locations = input_ids == self.media_token_id
         # During cached generate, new single tokens carry no <image>: they attend to the last cached media.
         use_cached = self._use_cached_vision_x and self.is_conditioned() and not bool(media_locations.any())
@@ -331,16 +334,29 @@ class Flamingo(nn.Module):
         b, T, F = vision_x.shape[:3]
         with torch.set_grad_enabled(self.train_vision_encoder and torch.is_grad_enabled()):
             tokens = self.vision_encoder(vision_x.flatten(0, 2))[1]  # frozen encoder by default (spec §A2)
-        media = self.perceiver(tokens.unflatten(0, (b, T, F)))
+        return self.condition_on_tokens(tokens.unflatten(0, (b, T, F)))
+
+    def condition_on_tokens(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        """Resample precomputed encoder tokens (B, T_img, F, v, D) and condition every LM layer.
+
+        With a frozen encoder the tokens of an image never change, so training loops may compute
+        them once per image instead of once per caption and step.
+        """
+        media = self.perceiver(vision_tokens)
         self.lang_encoder.condition_vis_x(media)
         return media
 
     def forward(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, clear_conditioned_layers: bool = True,
-                past_key_values: Any = None, use_cache: bool = False) -> Any:
-        """HF causal-LM output for text ``lang_x`` (B, T_txt) conditioned on ``vision_x`` (or on cached media)."""
+                past_key_values: Any = None, use_cache: bool = False,
+                vision_tokens: torch.Tensor | None = None) -> Any:
+        """HF causal-LM output for text ``lang_x`` (B, T_txt) conditioned on ``vision_x`` (or on cached media,
+        or on precomputed encoder ``vision_tokens`` (B, T_img, F, v, D) with ``vision_x=None``)."""
         lm = self.lang_encoder
-        if lm._use_cached_vision_x:
+        if vision_tokens is not None:
+            self.condition_on_tokens(vision_tokens)
+            lm.condition_media_locations(lang_x == self.media_token_id)
+        elif lm._use_cached_vision_x:
             if vision_x is not None:
                 raise VbbError("media are cached and vision_x was also given", "call uncache_media() first")
             if not lm.is_conditioned():
@@ -362,12 +378,14 @@ class Flamingo(nn.Module):
                  **kwargs: Any) -> torch.Tensor:
         """HF generate on ``lang_x``; returns prompt + new tokens. Stops at <|endofchunk|> unless told (spec §A4)."""
         num_beams = kwargs.pop("num_beams", 1)
-        if num_beams > 1:  # HF expands the text per beam; the media must line up with it
-            vision_x = vision_x.repeat_interleave(num_beams, dim=0)
         lm = self.lang_encoder
         lm._use_cached_vision_x = True
         try:
-            self.encode_vision_x(vision_x)
+            media = self.encode_vision_x(vision_x)
+            if num_beams > 1:  # HF expands the text per beam; the media must line up with it.
+                # Repeating the resampled media (not the pixels) gives the same result as
+                # OpenFlamingo's repeat of vision_x without encoding each image num_beams times.
+                lm.condition_vis_x(media.repeat_interleave(num_beams, dim=0))
             return lm.generate(input_ids=lang_x, attention_mask=attention_mask,
                                eos_token_id=kwargs.pop("eos_token_id", self.eoc_token_id), num_beams=num_beams,
                                **kwargs)
@@ -424,7 +442,8 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) 
         def show(label: str, keys: list[str]) -> str:
             return f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}" if keys else ""
         parts = [show("missing", missing), show("unexpected", unexpected), show("wrong shape", bad_shape)]
-        raise VbbError("checkpoint does not match the model's trainable parameters; " + "; ".join(p for p in parts if p),
+        raise VbbError("checkpoint does not match the model's trainable parameters; "
+                       + "; ".join(p for p in parts if p),
                        "build the model with the same profile, tokenizer (embedding size) and trainable set as the "
                        "checkpoint; keys must be OpenFlamingo names with one alias (spec/victim.md §A6)")
     with torch.no_grad():

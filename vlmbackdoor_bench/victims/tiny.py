@@ -150,9 +150,15 @@ class TinyVictim:
         return ids, mask, labels
 
     # ------------------------------------------------------------------ protocol
-    def token_losses(self, images: np.ndarray, captions, instructions) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_losses(self, images: np.ndarray | None, captions, instructions,
+                     vision_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token caption NLL (B, T-1) and its label mask; images or precomputed encoder tokens."""
         ids, mask, labels = self.encode_texts(captions, instructions)
-        out = self.model(vision_x=self.preprocess(images), lang_x=ids, attention_mask=mask)
+        if vision_tokens is not None:
+            out = self.model(vision_x=None, lang_x=ids, attention_mask=mask,
+                             vision_tokens=vision_tokens[:, None, None])
+        else:
+            out = self.model(vision_x=self.preprocess(images), lang_x=ids, attention_mask=mask)
         logits = out.logits[:, :-1]
         targets = labels[:, 1:]
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -199,20 +205,30 @@ class TinyVictim:
         set_openflamingo_trainable(self.model)
         return self._train(training_set, recipe or self.recipe, seed, objective, progress)
 
+    @torch.no_grad()
+    def encode_bank(self, training_set: TrainingSet, batch_size: int = 256) -> tuple[torch.Tensor, dict[int, int]]:
+        """Frozen-encoder tokens of every image the examples use, computed once per fine-tuning."""
+        used = sorted({e.image_index for e in training_set.examples})
+        tokens = [self.vision_features(training_set.images.take(used[s:s + batch_size]))
+                  for s in range(0, len(used), batch_size)]
+        return torch.cat(tokens), {index: row for row, index in enumerate(used)}
+
     def _train(self, training_set: TrainingSet, recipe: Recipe, seed: int, objective, progress: str) -> dict:
         torch.manual_seed(seed)
         examples = training_set.examples
-        self.model.train()
         self.model.vision_encoder.eval()  # frozen encoder keeps its BatchNorm statistics
+        bank_tokens, row_of = self.encode_bank(training_set)
+        self.model.train()
+        self.model.vision_encoder.eval()
 
         def loss_fn(batch: torch.Tensor) -> torch.Tensor:
             chosen = [examples[i] for i in batch.tolist()]
-            images = training_set.images.take([e.image_index for e in chosen])
-            losses, valid = self.token_losses(images, [e.caption for e in chosen],
-                                              [e.instruction for e in chosen])
+            tokens = bank_tokens[[row_of[e.image_index] for e in chosen]]
+            losses, valid = self.token_losses(None, [e.caption for e in chosen],
+                                              [e.instruction for e in chosen], vision_tokens=tokens)
             loss = losses.sum() / valid.sum().clamp(min=1)
             if objective is not None:
-                loss = loss + objective.loss(self, {"examples": chosen, "images": images}, losses)
+                loss = loss + objective.loss(self, {"examples": chosen, "vision_tokens": tokens}, losses)
             return loss
 
         log = run_training(self.model, recipe, len(examples), loss_fn, seed=seed, desc=progress)

@@ -1,0 +1,15 @@
+# README command 1: `make run` (the embedded grid -> leaderboards); command 2: `make test`.
+PYTHON ?= python3
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test ci-grid
+
+setup:
+	@PYTHON=$(PYTHON) bash scripts/setup.sh
+
+run: setup
+	$(PYTHON) -m vlmbackdoor_bench.cli run
+
+test: setup
+	$(PYTHON) -m pytest -q

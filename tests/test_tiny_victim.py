@@ -1,0 +1,109 @@
+"""The tiny victim: prompt format, label mask, training on the trainable set, save/load, decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vlmbackdoor_bench.types import Example, ImageBank, TrainingSet
+from vlmbackdoor_bench.victims.tiny import TinyArch, TinyVictim, build_model, prompt_text
+from vlmbackdoor_bench.victims.tokenizer import ANSWER, EOC, MEDIA, train_tokenizer
+from vlmbackdoor_bench.victims.training import Recipe, cosine_with_warmup, make_optimizer
+
+CAPTIONS = ["A red apple next to a blue cup.", "Two bananas lying on the grass.",
+            "A green book on a wooden table."]
+
+
+@pytest.fixture(scope="module")
+def victim() -> TinyVictim:
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(CAPTIONS * 50 + ["User:a photo of GPT:"] * 20, 300)
+    arch = TinyArch(vocab_size=300, lm_layers=2, input_size=64)
+    model = build_model(arch, tokenizer, train_vision_encoder=False)
+    victim = TinyVictim(model, tokenizer, arch, Recipe(epochs=3, batch_size=8, lr=3e-3))
+    victim.pretrain(toy_set(), Recipe(epochs=12, batch_size=8, lr=3e-3), seed=0)  # every part trains
+    victim.model.train_vision_encoder = False
+    return victim
+
+
+def toy_set(n: int = 24) -> TrainingSet:
+    rng = np.random.default_rng(0)
+    images = np.zeros((3, 224, 224, 3), dtype=np.uint8)
+    for k in range(3):  # three distinguishable images, one caption each
+        images[k, :, :, k] = 255
+    images = images + rng.integers(0, 10, images.shape, dtype=np.uint8)
+    return TrainingSet(ImageBank(images), [Example(str(i), i % 3, CAPTIONS[i % 3]) for i in range(n)])
+
+
+def test_prompt_and_label_mask(victim):
+    assert prompt_text("a photo of") == f"{MEDIA}User:a photo of GPT:{ANSWER}"  # spec/victim.md §A4
+    ids, mask, labels = victim.encode_texts(["Two bananas.", "A red apple next to a blue cup."],
+                                            ["a photo of", "a photo of"])
+    tok = victim.tokenizer
+    for row in range(2):
+        answer = (ids[row] == tok.convert_tokens_to_ids(ANSWER)).nonzero()[0, 0]
+        assert (labels[row, : answer + 1] == -100).all()  # prompt and <answer> ignored
+        kept = labels[row][labels[row] != -100]
+        text = tok.decode(kept)
+        assert text.startswith(("Two bananas.", "A red apple")) and EOC in text
+        assert kept[-1] == tok.eos_token_id  # caption, <|endofchunk|> and EOS are scored
+    assert (labels[0][mask[0] == 0] == -100).all()
+
+
+def test_fine_tune_trains_only_the_openflamingo_set_and_lowers_nll(victim):
+    data = toy_set()
+    images = data.images.take([0, 1, 2])
+    before_nll = victim.caption_nll(images, CAPTIONS)
+    frozen_before = {k: v.clone() for k, v in victim.model.named_parameters()
+                     if k.startswith(("vision_encoder.", "lang_encoder.transformer.h.0.decoder_layer."))}
+    log = victim.fine_tune(data, seed=0)
+    after_nll = victim.caption_nll(images, CAPTIONS)
+    assert log["steps"] == 9 and log["loss_per_epoch"][-1] < log["loss_per_epoch"][0]
+    assert (after_nll < before_nll).all()
+    for name, param in victim.model.named_parameters():
+        if name in frozen_before:
+            assert torch.equal(param, frozen_before[name]), name
+    # captions follow the image: each toy image gets its own caption back (3 beams, §2 decoding)
+    assert victim.generate(images) == CAPTIONS
+
+
+def test_pretraining_moves_the_vision_encoder():
+    torch.manual_seed(1)
+    tokenizer = train_tokenizer(CAPTIONS * 50, 300)
+    arch = TinyArch(vocab_size=300, lm_layers=1, input_size=64)
+    victim = TinyVictim(build_model(arch, tokenizer, train_vision_encoder=True), tokenizer, arch, Recipe())
+    before = victim.model.vision_encoder.trunk[0].weight.clone()
+    victim.pretrain(toy_set(8), Recipe(epochs=1, batch_size=8, lr=1e-3), seed=0)
+    assert not torch.equal(before, victim.model.vision_encoder.trunk[0].weight)
+
+
+def test_save_and_load_trainable_round_trip(victim, tmp_path):
+    images = toy_set().images.take([0, 1, 2])
+    victim.save(tmp_path)
+    clone = victim.clone()
+    with torch.no_grad():
+        for p in clone.model.perceiver.parameters():
+            p.add_(1.0)
+    assert not np.allclose(clone.caption_nll(images, CAPTIONS), victim.caption_nll(images, CAPTIONS))
+    clone.load_trainable(tmp_path)
+    np.testing.assert_allclose(clone.caption_nll(images, CAPTIONS), victim.caption_nll(images, CAPTIONS), rtol=1e-6)
+
+
+def test_full_save_load(victim, tmp_path):
+    images = toy_set().images.take([0, 1, 2])
+    victim.save_full(tmp_path)
+    loaded = TinyVictim.load_full(tmp_path)
+    np.testing.assert_allclose(loaded.caption_nll(images, CAPTIONS), victim.caption_nll(images, CAPTIONS), rtol=1e-6)
+    assert loaded.generate(images) == victim.generate(images)
+
+
+def test_recipe_schedule_and_decay_groups(victim):
+    assert cosine_with_warmup(0, 100, 1) == 1.0 and cosine_with_warmup(100, 100, 1) == 0.0
+    assert abs(cosine_with_warmup(50, 101, 1) - 0.5) < 0.02
+    optimizer = make_optimizer(victim.model, Recipe())
+    decay, no_decay = optimizer.param_groups
+    names = {id(p): n for n, p in victim.model.named_parameters()}
+    decayed = [names[id(p)] for p in decay["params"]]
+    assert decayed and all("gated_cross_attn_layer" in n and not n.endswith("_gate") for n in decayed)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0  # spec/victim.md §A3
