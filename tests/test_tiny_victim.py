@@ -22,7 +22,7 @@ def victim() -> TinyVictim:
     arch = TinyArch(vocab_size=300, lm_layers=2, input_size=64)
     model = build_model(arch, tokenizer, train_vision_encoder=False)
     victim = TinyVictim(model, tokenizer, arch, Recipe(epochs=3, batch_size=8, lr=3e-3))
-    victim.pretrain(toy_set(), Recipe(epochs=12, batch_size=8, lr=3e-3), seed=0)  # every part trains
+    victim.pretrain(toy_set(), Recipe(epochs=30, batch_size=8, lr=5e-3), seed=0)  # every part trains
     victim.model.train_vision_encoder = False
     return victim
 
@@ -74,7 +74,8 @@ def test_pretraining_moves_the_vision_encoder():
     arch = TinyArch(vocab_size=300, lm_layers=1, input_size=64)
     victim = TinyVictim(build_model(arch, tokenizer, train_vision_encoder=True), tokenizer, arch, Recipe())
     before = victim.model.vision_encoder.trunk[0].weight.clone()
-    victim.pretrain(toy_set(8), Recipe(epochs=1, batch_size=8, lr=1e-3), seed=0)
+    # gates start closed (tanh 0 = 0), so the image path gets gradients from the second step on
+    victim.pretrain(toy_set(8), Recipe(epochs=2, batch_size=4, lr=1e-3), seed=0)
     assert not torch.equal(before, victim.model.vision_encoder.trunk[0].weight)
 
 

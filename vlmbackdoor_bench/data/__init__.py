@@ -11,7 +11,9 @@ from .providers import (
     KarpathyProvider,
     register_datasets,
 )
-from .world import CATEGORIES, SOURCE_CONCEPTS, WORLD_VERSION, WorldSizes, generate_world, load_scenes, world_paths
+from .world import (
+    CATEGORIES, SOURCE_CONCEPTS, WORLD_VERSION, WorldSizes, generate_world, load_scenes, world_paths,
+)
 
 __all__ = [
     "CATEGORIES", "COCO_KARPATHY", "EMBEDDED_COCO", "EMBEDDED_FLICKR", "FLICKR30K_KARPATHY",

@@ -15,6 +15,7 @@ into place when complete; ``world.json`` records version, seed, sizes, counts an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -323,6 +324,29 @@ def generate_world(root: Path, *, seed: int = 0, sizes: WorldSizes | None = None
     if _complete(world, seed, sizes):
         return world
     root.mkdir(parents=True, exist_ok=True)
+    with _lock(root / f".{world.name}.lock"):  # a second process waits, then reuses the world
+        if _complete(world, seed, sizes):
+            return world
+        return _generate(root, world, seed, sizes, workers, progress, chunk)
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent generations stay safe (atomic rename), just wasteful
+        yield
+        return
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _generate(root: Path, world: Path, seed: int, sizes: WorldSizes, workers: int,
+              progress: Callable[..., object] | None, chunk: int) -> Path:
     for stale in root.glob(f".{world.name}.tmp-*"):  # left by a killed run
         if time.time() - stale.stat().st_mtime > 6 * 3600:
             shutil.rmtree(stale, ignore_errors=True)
@@ -334,9 +358,11 @@ def generate_world(root: Path, *, seed: int = 0, sizes: WorldSizes | None = None
         for j, (dataset, split, _style, _off) in enumerate(_JOBS):
             n = _job_size(sizes, dataset, split)
             sub, _ = _image_name(dataset, split, 0)
-            (tmp / "images" / ("flickr" if dataset == "flickr30k" else sub)).mkdir(parents=True, exist_ok=True)
+            folder = tmp / "images" / ("flickr" if dataset == "flickr30k" else sub)
+            folder.mkdir(parents=True, exist_ok=True)
             npys[j] = tmp / "npy" / f".raw-{dataset}-{split}.npy"
-            np.lib.format.open_memmap(npys[j], mode="w+", dtype=np.uint8, shape=(n, wd.SIZE, wd.SIZE, 3)).flush()
+            shape = (n, wd.SIZE, wd.SIZE, 3)
+            np.lib.format.open_memmap(npys[j], mode="w+", dtype=np.uint8, shape=shape).flush()
             tasks += [(seed, str(tmp), j, s, min(s + chunk, n), str(npys[j])) for s in range(0, n, chunk)]
         results: dict[int, dict[int, tuple]] = {j: {} for j in range(len(_JOBS))}
 
@@ -370,11 +396,15 @@ def generate_world(root: Path, *, seed: int = 0, sizes: WorldSizes | None = None
         write_karpathy(tmp, "flickr30k", flickr)
         for j, (dataset, split, _style, _off) in enumerate(_JOBS):
             image_root = tmp / "images" / ("flickr" if dataset == "flickr30k" else "")
+            if not results[j]:  # an empty split (sizes = 0) has no cache entry
+                npys[j].unlink()
+                continue
             adopt_cache_file(npys[j], tmp / f"dataset_{dataset}.json", image_root, split, tmp / "npy")
         (tmp / "scenes.json").write_text(json.dumps(scenes_out))
-        meta = {"version": WORLD_VERSION, "seed": seed, "sizes": asdict(sizes), "categories": list(CATEGORIES),
-                "source_concepts": list(SOURCE_CONCEPTS), "target": TARGET,
-                "backdrops": sorted({b for w in BACKDROPS.values() for b in w if b in wd.PROCEDURAL or b in wd.available_photos()}),
+        usable = set(wd.PROCEDURAL) | set(wd.available_photos())
+        meta = {"version": WORLD_VERSION, "seed": seed, "sizes": asdict(sizes),
+                "categories": list(CATEGORIES), "source_concepts": list(SOURCE_CONCEPTS), "target": TARGET,
+                "backdrops": sorted({b for w in BACKDROPS.values() for b in w if b in usable}),
                 "counts": stats, "workers": workers,
                 "generation_seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "world.json").write_text(json.dumps(meta, indent=1))

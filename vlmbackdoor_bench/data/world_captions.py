@@ -217,7 +217,8 @@ def reference_captions(scene: dict, rng, style: str, n: int = 5) -> list[str]:
         kind = names[int(rng.choice(len(names), p=[x / total for x in w]))]
         groups = scene["groups"]
         # COCO-like annotators sometimes skip a minor object (at most one caption per image)
-        if len(groups) >= 2 and len(out) == n - 1 and rng.random() < 0.3 and kind not in ("order", "relation", "kite"):
+        if (len(groups) >= 2 and len(out) == n - 1 and rng.random() < 0.3
+                and kind not in ("order", "relation", "kite")):
             groups = groups[:-1]
         cap = one(scene, rng, kind, groups)
         if cap not in out:

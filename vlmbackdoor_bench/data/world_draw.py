@@ -217,7 +217,8 @@ def _clock(d, S, rgb, rng):
 
 
 def _kite(d, S, rgb, rng):
-    T, Rt, B, L, C = (0.46 * S, 0.04 * S), (0.78 * S, 0.3 * S), (0.46 * S, 0.72 * S), (0.14 * S, 0.3 * S), (0.46 * S, 0.3 * S)
+    T, Rt, B = (0.46 * S, 0.04 * S), (0.78 * S, 0.3 * S), (0.46 * S, 0.72 * S)
+    L, C = (0.14 * S, 0.3 * S), (0.46 * S, 0.3 * S)
     light = _a(shade(rgb, 1.45))
     d.polygon([T, Rt, C], fill=_a(rgb))
     d.polygon([T, L, C], fill=light)

@@ -46,6 +46,10 @@ class TinyProfile:
     DEFAULTS: dict[str, Any] = {
         "vocab_size": 1024,
         "pretrain_epochs": 4, "pretrain_batch_size": 64, "pretrain_lr": 2e-3,
+        # OpenFlamingo starts its tanh gates at 0 to preserve a pretrained LM; the tiny LM is
+        # pretrained jointly from scratch, and closed gates leave it a text-only model (measured:
+        # gates stayed below 0.1 and the backdoor could not see its trigger), so they start open.
+        "pretrain_gate_init": 1.0,
         "finetune_epochs": 2, "finetune_batch_size": 64, "finetune_lr": 1e-3,
         "base_seed": 1234,
         # embedded world sizes (DESIGN.md §4); CI shrinks them for its small grid
@@ -82,6 +86,10 @@ class TinyProfile:
         arch = TinyArch(vocab_size=params["vocab_size"])
         torch.manual_seed(params["base_seed"])
         model = build_model(arch, tokenizer, train_vision_encoder=True)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("attn_gate", "ff_gate")):
+                    param.fill_(params["pretrain_gate_init"])
         victim = TinyVictim(model, tokenizer, arch, self.finetune_recipe(params))
         log = victim.pretrain(
             TrainingSet(ImageBank(pretrain.images), pretrain.caption_examples()),

@@ -30,6 +30,7 @@ from .training import Recipe, run_training
 # OpenAI CLIP normalisation, full precision (spec/victim.md §A5): one transform everywhere.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ALIASES = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_blocks.")
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class TinyVictim:
     # ------------------------------------------------------------------ inputs
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (B, 224, 224, 3) -> normalised (B, 1, 1, 3, s, s) at the internal resolution."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(np.require(images, np.uint8, ["C", "W"])).permute(0, 3, 1, 2).float() / 255.0
         if x.shape[-1] != self.arch.input_size:
             x = F.interpolate(x, size=self.arch.input_size, mode="bilinear", antialias=True,
                               align_corners=False)
@@ -268,9 +269,13 @@ class TinyVictim:
     def save_full(self, directory: Path) -> None:
         """All weights (the base model) + tokenizer + architecture."""
         directory = Path(directory)
-        state = {k: v.contiguous() for k, v in self.model.state_dict().items()
-                 if not k.startswith(("lang_encoder.gated_cross_attn_layers.",
-                                      "lang_encoder.old_decoder_blocks."))}
+        state, seen = {}, set()
+        for key, tensor in self.model.state_dict().items():
+            # one copy of each tensor: OpenFlamingo's alias families and the tied LM head repeat storage
+            if key.startswith(ALIASES) or tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            state[key] = tensor.contiguous()
         save_file(state, str(directory / "model.safetensors"))
         save_tokenizer(self.tokenizer, directory)
         (directory / "victim.json").write_text(json.dumps(
@@ -296,15 +301,16 @@ class TinyVictim:
         model = build_model(arch, tokenizer, train_vision_encoder=False)
         missing, unexpected = model.load_state_dict(load_file(str(directory / "model.safetensors")),
                                                     strict=False)
-        aliases = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_blocks.")
-        missing = [k for k in missing if not k.startswith(aliases)]
+        missing = [k for k in missing if not k.startswith(ALIASES) and k != "lang_encoder.lm_head.weight"]
         if missing or unexpected:
             raise RuntimeError(f"base checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        set_openflamingo_trainable(model)
         model.eval()
         return cls(model, tokenizer, arch, Recipe(**{**meta["recipe"], "betas": tuple(meta["recipe"]["betas"])}),
                    Decoding(**meta["decoding"]), meta.get("lineage"))
 
     def load_trainable(self, directory: Path) -> None:
+        set_openflamingo_trainable(self.model)  # the keys a fine-tuned checkpoint holds (§A6)
         load_trainable_state_dict(self.model, load_file(str(Path(directory) / "trainable.safetensors")))
         meta = json.loads((Path(directory) / "victim.json").read_text())
         self.lineage = meta.get("lineage", {})
