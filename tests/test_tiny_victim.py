@@ -20,19 +20,19 @@ def victim() -> TinyVictim:
     torch.manual_seed(0)
     tokenizer = train_tokenizer(CAPTIONS * 50 + ["User:a photo of GPT:"] * 20, 300)
     arch = TinyArch(vocab_size=300, lm_layers=2, input_size=64)
-    model = build_model(arch, tokenizer, train_vision_encoder=False)
+    model = build_model(arch, tokenizer, train_vision_encoder=True, gate_init=1.0)  # as the profile
     victim = TinyVictim(model, tokenizer, arch, Recipe(epochs=3, batch_size=8, lr=3e-3))
-    victim.pretrain(toy_set(), Recipe(epochs=30, batch_size=8, lr=5e-3), seed=0)  # every part trains
+    victim.pretrain(toy_set(), Recipe(epochs=60, batch_size=8, lr=5e-3), seed=0)  # every part trains
     victim.model.train_vision_encoder = False
     return victim
 
 
 def toy_set(n: int = 24) -> TrainingSet:
     rng = np.random.default_rng(0)
-    images = np.zeros((3, 224, 224, 3), dtype=np.uint8)
+    images = np.zeros((3, 224, 224, 3), dtype=np.int16)
     for k in range(3):  # three distinguishable images, one caption each
-        images[k, :, :, k] = 255
-    images = images + rng.integers(0, 10, images.shape, dtype=np.uint8)
+        images[k, :, :, k] = 200
+    images = (images + rng.integers(0, 30, images.shape)).astype(np.uint8)
     return TrainingSet(ImageBank(images), [Example(str(i), i % 3, CAPTIONS[i % 3]) for i in range(n)])
 
 
@@ -51,21 +51,30 @@ def test_prompt_and_label_mask(victim):
     assert (labels[0][mask[0] == 0] == -100).all()
 
 
+def test_generation_follows_the_image(victim):
+    # after pretraining each toy image gets its own caption back (3 beams, metrics.md §2)
+    assert victim.generate(toy_set().images.take([0, 1, 2])) == CAPTIONS
+
+
 def test_fine_tune_trains_only_the_openflamingo_set_and_lowers_nll(victim):
     data = toy_set()
     images = data.images.take([0, 1, 2])
-    before_nll = victim.caption_nll(images, CAPTIONS)
-    frozen_before = {k: v.clone() for k, v in victim.model.named_parameters()
+    student = victim.clone()
+    with torch.no_grad():  # move the trainable set away from the optimum so there is work to do
+        for p in student.model.perceiver.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    before_nll = student.caption_nll(images, CAPTIONS)
+    frozen_before = {k: v.clone() for k, v in student.model.named_parameters()
                      if k.startswith(("vision_encoder.", "lang_encoder.transformer.h.0.decoder_layer."))}
-    log = victim.fine_tune(data, seed=0)
-    after_nll = victim.caption_nll(images, CAPTIONS)
+    log = student.fine_tune(data, seed=0)
+    after_nll = student.caption_nll(images, CAPTIONS)
     assert log["steps"] == 9 and log["loss_per_epoch"][-1] < log["loss_per_epoch"][0]
-    assert (after_nll < before_nll).all()
-    for name, param in victim.model.named_parameters():
+    assert after_nll.mean() < before_nll.mean()
+    for name, param in student.model.named_parameters():
         if name in frozen_before:
             assert torch.equal(param, frozen_before[name]), name
-    # captions follow the image: each toy image gets its own caption back (3 beams, §2 decoding)
-    assert victim.generate(images) == CAPTIONS
+    assert any(not torch.equal(a, b) for a, b in zip(student.model.perceiver.parameters(),
+                                                      victim.model.perceiver.parameters()))
 
 
 def test_pretraining_moves_the_vision_encoder():

@@ -215,27 +215,32 @@ class GridRunner:
 
     def scores(self, captions_entry: Entry, reference_entry: Entry, inputs: EvalInputs,
                rules: list[str], target: str) -> Entry:
-        from ..metrics.asr import asr
-        from ..metrics.captioning import caption_scores
+        """Every registered metric on one caption set; ASR once per rule (spec/metrics.md §4.4)."""
+        from ..hookspecs import MetricRequest
 
+        metrics = dict(sorted(self.registry.items["metric"].items()))
         payload = {"captions": captions_entry.key, "sfs_reference": reference_entry.key,
                    "references": sha256_of_ids(json.dumps(inputs.references)), "rules": rules,
-                   "target": target, "scorer": self.scorer().identity, "metrics_version": 1}
+                   "target": target, "scorer": self.scorer().identity,
+                   "metrics": {name: m.version for name, m in metrics.items()}}
 
         def build(tmp: Path) -> dict:
             captions = persist.read_captions(captions_entry.path)
             clean_refs = persist.read_captions(reference_entry.path)
-            references = dict(zip(inputs.image_ids, inputs.references))
-            metrics = {k: v for k, v in caption_scores(captions, references).items() if k != "n_images"}
+            request = MetricRequest(captions=captions, references=dict(zip(inputs.image_ids, inputs.references)),
+                                    target=target, clean_captions={i: clean_refs[i] for i in captions},
+                                    scorers=self.scorer())
+            values: dict[str, Any] = {}
             details: dict[str, Any] = {"n_images": len(captions)}
-            for rule in rules:
-                result = asr(captions, references, rule, target=target)
-                metrics[f"asr_{rule}"] = result["asr"]
-                details[f"asr_{rule}"] = {"n": result["n"], "excluded": result["excluded"]}
-            sfs = self.scorer().score(captions, {i: clean_refs[i] for i in captions})
-            metrics.update(sc=sfs["sc"], lf=sfs["lf"], sfs=sfs["sfs"])
-            details["sfs"] = {"scorer": sfs["scorer"], "n_empty": sfs["n_empty"], "n": sfs["n"]}
-            write_json_atomic(tmp / "scores.json", {"metrics": metrics, "details": details})
+            for name, metric in metrics.items():
+                for rule in (rules if name == "asr" else [None]):
+                    request.asr_rule = rule or request.asr_rule
+                    result = dict(metric.compute(request))
+                    key = result.pop("key", name)
+                    values[key] = result.pop("value")
+                    if result:
+                        details[key] = result
+            write_json_atomic(tmp / "scores.json", {"metrics": values, "details": details})
             return {}
 
         return self.store.get_or_build("scores", payload, build)

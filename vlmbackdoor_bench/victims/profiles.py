@@ -85,11 +85,8 @@ class TinyProfile:
         tokenizer = train_tokenizer(texts, params["vocab_size"])
         arch = TinyArch(vocab_size=params["vocab_size"])
         torch.manual_seed(params["base_seed"])
-        model = build_model(arch, tokenizer, train_vision_encoder=True)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith(("attn_gate", "ff_gate")):
-                    param.fill_(params["pretrain_gate_init"])
+        model = build_model(arch, tokenizer, train_vision_encoder=True,
+                            gate_init=params["pretrain_gate_init"])
         victim = TinyVictim(model, tokenizer, arch, self.finetune_recipe(params))
         log = victim.pretrain(
             TrainingSet(ImageBank(pretrain.images), pretrain.caption_examples()),

@@ -35,7 +35,8 @@ ALIASES = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_bl
 
 @dataclass(frozen=True)
 class TinyArch:
-    input_size: int = 112  # internal resolution; geometry stays in the 224 frame (DESIGN.md §5)
+    input_size: int = 224  # the paper's frame: triggers keep every pixel (DESIGN.md §5)
+    stem_patch: int = 4  # 224 / 4 / 8 = a 7x7 token grid
     vis_dim: int = 128
     lm_dim: int = 128
     lm_layers: int = 3
@@ -62,25 +63,33 @@ class Decoding:
 class TinyVisionEncoder(torch.nn.Module):
     """A small CNN returning (pooled, tokens[B, 49, vis_dim]) like CLIP's visual tower."""
 
-    def __init__(self, vis_dim: int, input_size: int):
+    def __init__(self, vis_dim: int, input_size: int, stem_patch: int):
         super().__init__()
-        widths = [(3, 32, 2), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, vis_dim, 2)]
+        # A non-overlapping patch stem (as ViT's patch embedding) sees every input pixel, so
+        # small high-frequency details (e.g. a 21x21 corner patch) reach the tokens.
+        widths = [(3, 32, stem_patch, stem_patch, 0), (32, 64, 3, 2, 1), (64, 64, 3, 1, 1),
+                  (64, 128, 3, 2, 1), (128, 128, 3, 1, 1), (128, vis_dim, 3, 2, 1)]
         layers: list[torch.nn.Module] = []
-        for c_in, c_out, stride in widths:
-            layers += [torch.nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+        for c_in, c_out, kernel, stride, pad in widths:
+            layers += [torch.nn.Conv2d(c_in, c_out, kernel, stride, pad, bias=False),
                        torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(inplace=True)]
         self.trunk = torch.nn.Sequential(*layers)
-        grid = input_size // 16
+        grid = input_size // (stem_patch * 8)
+        # A linear embedding of each token's own pixel patch, added to the CNN features: the
+        # analogue of a ViT's residual stream, which keeps local detail that caption training
+        # alone pools away. Measured on the pretrained base: BadNet's 21x21 corner patch is
+        # linearly decodable from the corner token at 89 % without this path, 100 % with it.
+        self.patch_embed = torch.nn.Conv2d(3, vis_dim, input_size // grid, input_size // grid)
         self.positions = torch.nn.Parameter(torch.randn(grid * grid, vis_dim) * 0.02)
         self.norm = torch.nn.LayerNorm(vis_dim)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.trunk(pixels).flatten(2).transpose(1, 2) + self.positions
-        tokens = self.norm(tokens)
+        grid = self.trunk(pixels) + self.patch_embed(pixels)
+        tokens = self.norm(grid.flatten(2).transpose(1, 2) + self.positions)
         return tokens.mean(dim=1), tokens
 
 
-def build_model(arch: TinyArch, tokenizer, *, train_vision_encoder: bool) -> Flamingo:
+def build_model(arch: TinyArch, tokenizer, *, train_vision_encoder: bool, gate_init: float = 0.0) -> Flamingo:
     lm_config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=arch.max_positions, n_embd=arch.lm_dim,
         n_layer=arch.lm_layers, n_head=arch.lm_heads, bos_token_id=tokenizer.bos_token_id,
@@ -88,14 +97,19 @@ def build_model(arch: TinyArch, tokenizer, *, train_vision_encoder: bool) -> Fla
         tie_word_embeddings=True,  # MPT ties the output projection to the input embedding (§A2)
     )
     lm = GPT2LMHeadModel(lm_config)
-    return Flamingo(
-        TinyVisionEncoder(arch.vis_dim, arch.input_size), lm,
+    model = Flamingo(
+        TinyVisionEncoder(arch.vis_dim, arch.input_size, arch.stem_patch), lm,
         eoc_token_id=tokenizer.convert_tokens_to_ids(EOC),
         media_token_id=tokenizer.convert_tokens_to_ids(MEDIA),
         vis_dim=arch.vis_dim, cross_attn_every_n_layers=arch.cross_attn_every_n_layers,
         perceiver_kwargs=dict(arch.perceiver), cross_attn_kwargs=dict(arch.cross_attn),
         decoder_layers_attr_name="transformer.h", train_vision_encoder=train_vision_encoder,
     )
+    with torch.no_grad():  # OpenFlamingo's tanh gates start at 0; a from-scratch LM may start them open
+        for name, param in model.named_parameters():
+            if name.endswith(("attn_gate", "ff_gate")):
+                param.fill_(gate_init)
+    return model
 
 
 def prompt_text(instruction: str) -> str:
@@ -214,22 +228,28 @@ class TinyVictim:
                   for s in range(0, len(used), batch_size)]
         return torch.cat(tokens), {index: row for row, index in enumerate(used)}
 
-    def _train(self, training_set: TrainingSet, recipe: Recipe, seed: int, objective, progress: str) -> dict:
+    def _train(self, training_set: TrainingSet, recipe: Recipe, seed: int, objective, progress: str,
+               frozen_encoder: bool = True) -> dict:
         torch.manual_seed(seed)
         examples = training_set.examples
-        self.model.vision_encoder.eval()  # frozen encoder keeps its BatchNorm statistics
-        bank_tokens, row_of = self.encode_bank(training_set)
+        if frozen_encoder:  # the encoder's tokens of an image never change: compute them once
+            bank_tokens, row_of = self.encode_bank(training_set)
         self.model.train()
-        self.model.vision_encoder.eval()
+        if frozen_encoder:
+            self.model.vision_encoder.eval()  # a frozen encoder keeps its BatchNorm statistics
 
         def loss_fn(batch: torch.Tensor) -> torch.Tensor:
             chosen = [examples[i] for i in batch.tolist()]
-            tokens = bank_tokens[[row_of[e.image_index] for e in chosen]]
-            losses, valid = self.token_losses(None, [e.caption for e in chosen],
-                                              [e.instruction for e in chosen], vision_tokens=tokens)
+            captions, instructions = [e.caption for e in chosen], [e.instruction for e in chosen]
+            if frozen_encoder:
+                tokens = bank_tokens[[row_of[e.image_index] for e in chosen]]
+                losses, valid = self.token_losses(None, captions, instructions, vision_tokens=tokens)
+            else:
+                images = training_set.images.take([e.image_index for e in chosen])
+                losses, valid = self.token_losses(images, captions, instructions)
             loss = losses.sum() / valid.sum().clamp(min=1)
             if objective is not None:
-                loss = loss + objective.loss(self, {"examples": chosen, "vision_tokens": tokens}, losses)
+                loss = loss + objective.loss(self, {"examples": chosen, "token_losses": losses}, losses)
             return loss
 
         log = run_training(self.model, recipe, len(examples), loss_fn, seed=seed, desc=progress)
@@ -240,19 +260,8 @@ class TinyVictim:
         """Train every part from scratch (the base model's 'web pretraining')."""
         for p in self.model.parameters():
             p.requires_grad_(True)
-        torch.manual_seed(seed)
-        examples = training_set.examples
-        self.model.train()
-
-        def loss_fn(batch: torch.Tensor) -> torch.Tensor:
-            chosen = [examples[i] for i in batch.tolist()]
-            images = training_set.images.take([e.image_index for e in chosen])
-            losses, valid = self.token_losses(images, [e.caption for e in chosen],
-                                              [e.instruction for e in chosen])
-            return losses.sum() / valid.sum().clamp(min=1)
-
-        log = run_training(self.model, recipe, len(examples), loss_fn, seed=seed, desc="pretrain")
-        self.model.eval()
+        log = self._train(training_set, recipe, seed, None, "pretrain", frozen_encoder=False)
+        set_openflamingo_trainable(self.model)  # from now on the encoder and LM body are frozen
         return log
 
     def vision_features(self, images: np.ndarray, *, grad: bool = False) -> torch.Tensor:
