@@ -384,7 +384,7 @@ class SfsScorer:
         if live:
             a = [ev[k] for k in live]
             b = [cl[k] for k in live]
-            sc[live] = np.maximum(0.0, self.similarity(a, b))
+            sc[live] = np.clip(self.similarity(a, b), 0.0, 1.0)  # max(0, cos); float error can exceed 1
             ppl = self.perplexity(a + [t for t in b if t])
             ppl_eval = ppl[: len(a)]
             ppl_clean_map = dict(zip([t for t in b if t], ppl[len(a) :]))
