@@ -124,7 +124,11 @@ class DatasetProvider(Protocol):
 
 @runtime_checkable
 class Attack(Protocol):
-    """A backdoor attack (spec/attacks.md). ``presets`` maps preset name -> constants."""
+    """A backdoor attack (spec/attacks.md). ``presets`` maps preset name -> constants.
+
+    Optional: ``training_objective(params) -> TrainingObjective | None`` contributes an extra loss
+    to the backdoor fine-tuning (TrojVLM's SP loss, VLOOD's losses); the grid calls it if present.
+    """
 
     name: str
     version: str
