@@ -7,6 +7,7 @@ stage. A failing cell is recorded as failed and the grid goes on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -220,7 +221,7 @@ class GridRunner:
 
         metrics = dict(sorted(self.registry.items["metric"].items()))
         payload = {"captions": captions_entry.key, "sfs_reference": reference_entry.key,
-                   "references": sha256_of_ids(json.dumps(inputs.references)), "rules": rules,
+                   "references": hashlib.sha256(json.dumps(inputs.references).encode()).hexdigest(), "rules": rules,
                    "target": target, "scorer": self.scorer().identity,
                    "metrics": {name: m.version for name, m in metrics.items()}}
 
