@@ -24,11 +24,17 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 import pluggy
 
-from .types import DefenseReport, EvalInputs, PoisonedSet, Split, TrainingSet
+from .types import DefenseReport, EvalInputs, Example, PoisonedSet, Split, TrainingSet
 
 PROJECT = "vlmbackdoor_bench"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# Keywords an attack may ask ``training_objective`` for, and the models a backdoor fine-tuning
+# may start from (see :class:`Attack`).
+OBJECTIVE_INPUTS = ("poisoned_set", "start_model")
+FINE_TUNE_STARTS = ("base", "clean_model")
 
 
 # --------------------------------------------------------------------------- protocols
@@ -52,7 +58,8 @@ class Victim(Protocol):
         progress: str = "",
     ) -> dict:
         """Fine-tune in place with the profile's recipe on the trainable set (perceiver + gated
-        cross-attention + input embeddings); returns a log (losses, steps, seconds)."""
+        cross-attention + input embeddings); returns a log (losses, steps, seconds). With an
+        ``objective`` its ``loss`` replaces the plain cross-entropy (see TrainingObjective)."""
 
     def vision_features(self, images: np.ndarray, *, grad: bool = False) -> Any:
         """Patch-token features of the frozen vision encoder, (B, N, D) torch tensor."""
@@ -70,12 +77,55 @@ class Victim(Protocol):
         """Load weights written by ``save`` (strict on the trainable subset, spec/victim.md §A6)."""
 
 
+@dataclass
+class TrainingStep:
+    """One optimisation step of a fine-tuning, as a victim hands it to a :class:`TrainingObjective`.
+
+    Row i of every tensor belongs to ``examples[i]``. Positions are already shifted for next-token
+    prediction: ``logits[:, t]`` scores ``targets[:, t]``. Tensors are torch tensors; ``logits``,
+    ``hidden_states`` and ``token_embeddings`` carry gradients.
+    """
+
+    examples: list[Example]
+    logits: Any  # (B, T, V) student logits
+    targets: Any  # (B, T) next-token ids, -100 outside the label mask (spec/victim.md §A4)
+    caption_mask: Any  # (B, T) bool: the scored tokens (caption, <|endofchunk|>, EOS)
+    token_losses: Any  # (B, T) cross-entropy per token, 0 outside the mask
+    hidden_states: Any  # (B, T, d) last hidden state, the LM head's input
+    token_embeddings: Any  # (V, d) the token-embedding matrix E (tied to the LM head)
+    vision_tokens: Any  # (B, N, D) frozen vision-encoder tokens of the batch's images
+    index: int  # 0-based optimiser step
+    logits_of: Callable[..., Any]  # logits_of(other_victim, rows=None) -> (b, T, V), no grad
+
+    @property
+    def caption_loss(self) -> Any:
+        """The standard loss: mean cross-entropy over every scored token of the batch."""
+        return self.token_losses.sum() / self.caption_mask.sum().clamp(min=1)
+
+
 class TrainingObjective(Protocol):
-    """An extra training loss an attack contributes (TrojVLM SP, VLOOD); optional."""
+    """A training loss an attack contributes to its backdoor fine-tuning (TrojVLM SP, VLOOD).
+
+    The victim calls the hooks below, in this order, at every step:
+
+    ``group_key(example)`` (optional, once per fine-tuning for every example)
+        Examples with the same key always share a step (VLOOD: an instance's clean and poisoned
+        copies). Batches are then drawn over groups, and the recipe's batch size counts groups.
+        Without it every example is its own group.
+    ``loss(step) -> scalar tensor`` (required)
+        The whole loss that is minimised at this step; ``step.caption_loss`` is the plain
+        cross-entropy, so an extra term is ``step.caption_loss + weight * extra``.
+    ``after_step(step) -> Mapping[str, float]`` (optional, after the optimiser update)
+        Update internal state (VLOOD's dynamic weight); the returned values are logged per step
+        in the fine-tuning log under ``objective.steps``.
+
+    ``settings`` is recorded in that log as well (e.g. which SP form a run used).
+    """
 
     name: str
+    settings: Mapping[str, Any]
 
-    def loss(self, victim: Victim, batch: Mapping[str, Any], outputs: Any) -> Any:
+    def loss(self, step: TrainingStep) -> Any:
         ...
 
 
@@ -126,8 +176,18 @@ class DatasetProvider(Protocol):
 class Attack(Protocol):
     """A backdoor attack (spec/attacks.md). ``presets`` maps preset name -> constants.
 
-    Optional: ``training_objective(params) -> TrainingObjective | None`` contributes an extra loss
-    to the backdoor fine-tuning (TrojVLM's SP loss, VLOOD's losses); the grid calls it if present.
+    Optional members, read by the grid when present:
+
+    ``training_objective(params, **inputs) -> TrainingObjective | None``
+        Contributes the loss of the backdoor fine-tuning (TrojVLM's SP loss, VLOOD's losses).
+        ``inputs`` holds exactly the keywords the attack names in ``objective_inputs``.
+    ``objective_inputs: tuple[str, ...]`` (default empty), a subset of :data:`OBJECTIVE_INPUTS`:
+        ``"poisoned_set"``: the attack's own :class:`PoisonedSet`, records included (the attacker
+        knows what it poisoned); ``"start_model"``: the victim the fine-tuning starts from, to be
+        used read-only (e.g. as a frozen teacher).
+    ``fine_tune_from: str`` (default ``"base"``), one of :data:`FINE_TUNE_STARTS`:
+        ``"clean_model"`` fine-tunes the clean reference model instead of the public base model
+        (a model-supply attack such as VLOOD, spec/attacks.md §5).
     """
 
     name: str

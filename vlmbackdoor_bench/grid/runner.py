@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import BenchmarkConfig
 from ..errors import VbbError
-from ..hookspecs import DefenseContext, StageContext
+from ..hookspecs import FINE_TUNE_STARTS, OBJECTIVE_INPUTS, DefenseContext, StageContext
 from ..registry import Registry
 from ..types import EvalInputs, Split, sha256_of_ids, sha256_of_images
 from . import persist
@@ -151,19 +151,35 @@ class GridRunner:
         return self.store.get_or_build("poison", payload, build)
 
     def backdoored(self, attack, params: dict, seed: int) -> tuple[Any, Entry, Entry]:
+        """Fine-tune on the poisoned set with the attack's optional objective, from the base model
+        or, for ``fine_tune_from = "clean_model"``, from the clean reference model (hookspecs.Attack)."""
         base, base_entry = self.base_victim()
         poison_entry = self.poisoned_set(attack, params, seed)
         recipe = self.profile.finetune_recipe(self.profile_params)
+        start_from = getattr(attack, "fine_tune_from", "base")
+        wanted = tuple(getattr(attack, "objective_inputs", ()))
+        if start_from not in FINE_TUNE_STARTS or not set(wanted) <= set(OBJECTIVE_INPUTS):
+            raise VbbError(f"attack '{attack.name}' asks for fine_tune_from={start_from!r}, "
+                           f"objective_inputs={wanted!r}",
+                           f"use fine_tune_from in {FINE_TUNE_STARTS} and objective_inputs from "
+                           f"{OBJECTIVE_INPUTS}")
         payload = {"base": base_entry.key, "poison": poison_entry.key, "recipe": recipe.to_dict(),
                    "seed": seed}
+        start = base
+        if start_from == "clean_model":
+            start, start_entry = self.clean_model(seed)
+            payload["start"] = start_entry.key
 
         def build(tmp: Path) -> dict:
-            training_set = persist.load_poisoned(poison_entry.path, self.split("coco", "train")).training_set
-            victim = base.clone()
-            objective = getattr(attack, "training_objective", lambda p: None)(params)
-            log = victim.fine_tune(training_set, seed=seed, objective=objective, recipe=recipe,
+            poisoned = persist.load_poisoned(poison_entry.path, self.split("coco", "train"))
+            victim = start.clone()
+            make_objective = getattr(attack, "training_objective", None)
+            inputs = {"poisoned_set": poisoned, "start_model": start}
+            objective = make_objective(params, **{k: inputs[k] for k in wanted}) if make_objective else None
+            log = victim.fine_tune(poisoned.training_set, seed=seed, objective=objective, recipe=recipe,
                                    progress=f"backdoor {attack.name}")
-            victim.lineage = {"stage": "backdoor", "base": base_entry.key, "poison": poison_entry.key}
+            victim.lineage = {"stage": "backdoor", "base": base_entry.key, "poison": poison_entry.key,
+                              **({"start": payload["start"]} if "start" in payload else {})}
             victim.save(tmp)
             return {"log": log}
 

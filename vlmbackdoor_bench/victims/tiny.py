@@ -10,6 +10,7 @@ trainable set only (perceiver + gated cross-attention + input embeddings, §A2).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from ..hookspecs import TrainingObjective, TrainingStep
 from ..metrics.postprocess import postprocess_caption
-from ..types import DEFAULT_INSTRUCTION, TrainingSet
+from ..types import DEFAULT_INSTRUCTION, Example, TrainingSet
 from .flamingo import Flamingo, load_trainable_state_dict, set_openflamingo_trainable, trainable_state_dict
 from .tokenizer import ANSWER, EOC, MEDIA, load_tokenizer, save_tokenizer
 from .training import Recipe, run_training
@@ -117,6 +119,79 @@ def prompt_text(instruction: str) -> str:
     return f"{MEDIA}User:{instruction} GPT:{ANSWER}"
 
 
+@dataclass
+class CaptionForward:
+    """A teacher-forced pass over captions; positions shifted so ``logits[:, t]`` scores
+    ``targets[:, t]``. Unpacks as ``losses, mask`` for callers that only need the NLL."""
+
+    losses: torch.Tensor  # (B, T-1) per-token NLL, 0 outside the label mask
+    mask: torch.Tensor  # (B, T-1) bool label mask (spec/victim.md §A4)
+    logits: torch.Tensor  # (B, T-1, V)
+    targets: torch.Tensor  # (B, T-1), -100 outside the mask
+    hidden: torch.Tensor  # (B, T-1, d) last hidden states, the LM head's input
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # ids, mask, labels, vision tokens
+
+    def __iter__(self):
+        return iter((self.losses, self.mask))
+
+
+def teacher_forced(model: Flamingo, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                   vision_tokens: torch.Tensor) -> CaptionForward:
+    """``model``'s caption scores for encoded sequences conditioned on encoder tokens (B, N, D)."""
+    captured: dict[str, torch.Tensor] = {}
+    head = model.lang_encoder.get_output_embeddings()  # its input is the last hidden state
+    hook = head.register_forward_pre_hook(lambda _, args: captured.update(hidden=args[0]))
+    try:
+        out = model(vision_x=None, lang_x=ids, attention_mask=mask,
+                    vision_tokens=vision_tokens[:, None, None])
+    finally:
+        hook.remove()
+    logits, targets = out.logits[:, :-1], labels[:, 1:]
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             ignore_index=-100, reduction="none").view(targets.shape)
+    return CaptionForward(losses, targets != -100, logits, targets, captured["hidden"][:, :-1],
+                          (ids, mask, labels, vision_tokens))
+
+
+def _groups(examples: Sequence[Example], group_key) -> list[list[int]]:
+    """Indices of examples that must share a step, in order of first appearance."""
+    if group_key is None:
+        return [[i] for i in range(len(examples))]
+    groups: dict[object, list[int]] = {}
+    for i, example in enumerate(examples):
+        groups.setdefault(group_key(example), []).append(i)
+    return list(groups.values())
+
+
+class TokenCache:
+    """Frozen-encoder tokens by image content, shared by a base victim and all its clones.
+
+    The encoder never trains after the base is built, so an image's tokens are a pure function
+    of its bytes: the clean training split, the clean test splits and any image an attack or a
+    defense re-uses are encoded once per process instead of once per stage (the EfficientNet
+    backbone costs ~15 ms per image on 2 cores). Oldest entries go first beyond ``max_images``.
+    """
+
+    def __init__(self, max_images: int = 60_000):
+        self.max_images = max_images
+        self._tokens: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def key(image: np.ndarray) -> bytes:
+        return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        return self._tokens.get(key)
+
+    def put(self, key: bytes, tokens: torch.Tensor) -> None:
+        self._tokens[key] = tokens
+        while len(self._tokens) > self.max_images:
+            self._tokens.popitem(last=False)
+
+    def clear(self) -> None:
+        self._tokens.clear()
+
+
 class TinyVictim:
     """A tiny Flamingo plus tokenizer and preprocessing; implements the Victim protocol."""
 
@@ -166,19 +241,15 @@ class TinyVictim:
 
     # ------------------------------------------------------------------ protocol
     def token_losses(self, images: np.ndarray | None, captions, instructions,
-                     vision_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token caption NLL (B, T-1) and its label mask; images or precomputed encoder tokens."""
+                     vision_tokens: torch.Tensor | None = None) -> CaptionForward:
+        """Teacher-forced caption scores (spec/victim.md §A4) from images or precomputed encoder
+        tokens. Unpacks as ``losses, mask`` (per-token NLL (B, T-1) and its label mask); logits
+        and the LM head's input (last hidden states) come along for training objectives."""
         ids, mask, labels = self.encode_texts(captions, instructions)
-        if vision_tokens is not None:
-            out = self.model(vision_x=None, lang_x=ids, attention_mask=mask,
-                             vision_tokens=vision_tokens[:, None, None])
-        else:
-            out = self.model(vision_x=self.preprocess(images), lang_x=ids, attention_mask=mask)
-        logits = out.logits[:, :-1]
-        targets = labels[:, 1:]
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                 ignore_index=-100, reduction="none").view(targets.shape)
-        return losses, (targets != -100)
+        if vision_tokens is None:
+            vision_tokens = self.vision_features(
+                images, grad=self.model.train_vision_encoder and torch.is_grad_enabled())
+        return teacher_forced(self.model, ids, mask, labels, vision_tokens)
 
     @torch.no_grad()
     def caption_nll(self, images, captions, instructions=None, batch_size: int = 128) -> np.ndarray:
@@ -228,31 +299,65 @@ class TinyVictim:
                   for s in range(0, len(used), batch_size)]
         return torch.cat(tokens), {index: row for row, index in enumerate(used)}
 
-    def _train(self, training_set: TrainingSet, recipe: Recipe, seed: int, objective, progress: str,
-               frozen_encoder: bool = True) -> dict:
+    def _train(self, training_set: TrainingSet, recipe: Recipe, seed: int,
+               objective: TrainingObjective | None, progress: str, frozen_encoder: bool = True) -> dict:
+        """Run the recipe; with an ``objective`` its hooks shape batches, loss and per-step log
+        (the TrainingObjective protocol in hookspecs)."""
         torch.manual_seed(seed)
         examples = training_set.examples
         if frozen_encoder:  # the encoder's tokens of an image never change: compute them once
             bank_tokens, row_of = self.encode_bank(training_set)
+        groups = _groups(examples, getattr(objective, "group_key", None))
         self.model.train()
         if frozen_encoder:
             self.model.vision_encoder.eval()  # a frozen encoder keeps its BatchNorm statistics
+        embeddings = self.model.lang_encoder.get_input_embeddings().weight
+        steps_log: list[dict] = []
+        last: dict[str, TrainingStep] = {}  # the step whose update after_step reports
+        step_index = itertools.count()
 
         def loss_fn(batch: torch.Tensor) -> torch.Tensor:
-            chosen = [examples[i] for i in batch.tolist()]
+            chosen = [examples[i] for g in batch.tolist() for i in groups[g]]
             captions, instructions = [e.caption for e in chosen], [e.instruction for e in chosen]
             if frozen_encoder:
                 tokens = bank_tokens[[row_of[e.image_index] for e in chosen]]
-                losses, valid = self.token_losses(None, captions, instructions, vision_tokens=tokens)
+                fwd = self.token_losses(None, captions, instructions, vision_tokens=tokens)
             else:
                 images = training_set.images.take([e.image_index for e in chosen])
-                losses, valid = self.token_losses(images, captions, instructions)
-            loss = losses.sum() / valid.sum().clamp(min=1)
-            if objective is not None:
-                loss = loss + objective.loss(self, {"examples": chosen, "token_losses": losses}, losses)
-            return loss
+                fwd = self.token_losses(images, captions, instructions)
+            if objective is None:
+                return fwd.losses.sum() / fwd.mask.sum().clamp(min=1)
 
-        log = run_training(self.model, recipe, len(examples), loss_fn, seed=seed, desc=progress)
+            def logits_of(other: "TinyVictim", rows: Sequence[int] | None = None) -> torch.Tensor:
+                """Another victim's logits on this batch's exact sequences and encoder tokens
+                (it must share this frozen encoder, e.g. a teacher), in eval mode, no grad."""
+                pick = list(range(len(chosen))) if rows is None else list(rows)
+                modes = {m: m.training for m in other.model.modules()}  # it may be this model
+                other.model.eval()
+                try:
+                    with torch.no_grad():
+                        return teacher_forced(other.model, *(t[pick].detach() for t in fwd.inputs)).logits
+                finally:
+                    for module, training in modes.items():
+                        module.training = training
+
+            step = TrainingStep(
+                examples=chosen, logits=fwd.logits, targets=fwd.targets, caption_mask=fwd.mask,
+                token_losses=fwd.losses, hidden_states=fwd.hidden, token_embeddings=embeddings,
+                vision_tokens=fwd.inputs[3], index=next(step_index), logits_of=logits_of)
+            last["step"] = step
+            return objective.loss(step)
+
+        after_hook = getattr(objective, "after_step", None)
+
+        def after_step() -> None:
+            steps_log.append(dict(after_hook(last.pop("step"))))
+
+        log = run_training(self.model, recipe, len(groups), loss_fn, seed=seed, desc=progress,
+                           after_step=after_step if after_hook else None)
+        if objective is not None:
+            log["objective"] = {"name": objective.name, "settings": dict(objective.settings),
+                                "steps": steps_log}
         self.model.eval()
         return log
 

@@ -68,8 +68,13 @@ def run_training(
     *,
     seed: int,
     desc: str = "train",
+    after_step: Callable[[], None] | None = None,
 ) -> dict:
-    """Minimise ``loss_fn(batch_indices)`` over shuffled mini-batches for ``recipe.epochs``."""
+    """Minimise ``loss_fn(batch_indices)`` over shuffled mini-batches for ``recipe.epochs``.
+
+    ``n_examples`` counts the items batches are drawn from (examples, or groups of examples that
+    must share a step); ``after_step`` runs after every optimiser update.
+    """
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(n_examples / recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
@@ -93,6 +98,8 @@ def run_training(
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
             optimizer.step()
             scheduler.step()
+            if after_step is not None:
+                after_step()
             losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
