@@ -64,6 +64,15 @@ class Victim(Protocol):
     def vision_features(self, images: np.ndarray, *, grad: bool = False) -> Any:
         """Patch-token features of the frozen vision encoder, (B, N, D) torch tensor."""
 
+    pixel_mean: tuple[float, float, float]  # the model transform's normalisation (spec/victim.md
+    pixel_std: tuple[float, float, float]  # §A5): normalised = (pixel / 255 - mean) / std
+
+    def encode_normalised(self, pixels: Any, *, grad: bool = False) -> tuple[Any, Any]:
+        """The frozen vision encoder on normalised float pixels (B, 3, 224, 224) in the paper's
+        frame: ``(pooled (B, D), tokens (B, N, D))`` torch tensors, differentiable with respect
+        to ``pixels`` when ``grad``. For attacks that optimise images against the encoder
+        (VL-Trojan's trigger, Shadowcast's feature collision, spec/attacks.md §6-§7)."""
+
     def clone(self) -> "Victim":
         ...
 

@@ -196,6 +196,7 @@ class TinyVictim:
     """A tiny Flamingo plus tokenizer and preprocessing; implements the Victim protocol."""
 
     profile = "tiny"
+    pixel_mean, pixel_std = CLIP_MEAN, CLIP_STD  # the Victim protocol's normalisation (§A5)
 
     def __init__(self, model: Flamingo, tokenizer, arch: TinyArch, recipe: Recipe,
                  decoding: Decoding = Decoding(), lineage: dict | None = None):
@@ -378,6 +379,19 @@ class TinyVictim:
     def clone(self) -> "TinyVictim":
         return TinyVictim(copy.deepcopy(self.model), self.tokenizer, self.arch, self.recipe,
                           self.decoding, dict(self.lineage))
+
+    def encode_normalised(self, pixels: torch.Tensor, *, grad: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen encoder on normalised (B, 3, 224, 224) pixels -> (pooled, tokens).
+
+        The resize to the internal resolution is a convex combination of pixels, so resizing
+        normalised pixels equals normalising resized ones (what ``preprocess`` does)."""
+        if pixels.shape[-1] != self.arch.input_size:
+            pixels = F.interpolate(pixels, size=self.arch.input_size, mode="bilinear",
+                                   antialias=True, align_corners=False)
+        self.model.vision_encoder.eval()
+        with torch.set_grad_enabled(grad):
+            return self.model.vision_encoder(pixels)
 
     # ------------------------------------------------------------------ persistence
     def save_full(self, directory: Path) -> None:
