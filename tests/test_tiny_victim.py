@@ -77,15 +77,37 @@ def test_fine_tune_trains_only_the_openflamingo_set_and_lowers_nll(victim):
                                                       victim.model.perceiver.parameters()))
 
 
-def test_pretraining_moves_the_vision_encoder():
+def test_pretraining_whitens_then_freezes_the_vision_encoder():
     torch.manual_seed(1)
     tokenizer = train_tokenizer(CAPTIONS * 50, 300)
     arch = TinyArch(vocab_size=300, lm_layers=1, input_size=64)
-    victim = TinyVictim(build_model(arch, tokenizer, train_vision_encoder=True), tokenizer, arch, Recipe())
-    before = victim.model.vision_encoder.trunk[0].weight.clone()
-    # gates start closed (tanh 0 = 0), so the image path gets gradients from the second step on
-    victim.pretrain(toy_set(8), Recipe(epochs=2, batch_size=4, lr=1e-3), seed=0)
-    assert not torch.equal(before, victim.model.vision_encoder.trunk[0].weight)
+    victim = TinyVictim(build_model(arch, tokenizer, train_vision_encoder=False), tokenizer, arch, Recipe())
+    backbone = {k: v.clone() for k, v in victim.model.vision_encoder.backbone.state_dict().items()}
+    data = toy_set(8)
+    victim.pretrain(data, Recipe(epochs=2, batch_size=4, lr=1e-3), seed=0)
+    encoder = victim.model.vision_encoder
+    for key, value in encoder.backbone.state_dict().items():  # the ImageNet backbone never moves
+        assert torch.equal(value, backbone[key]), key
+    with torch.no_grad():  # the fitted projection whitens the backbone tokens of the fit images
+        maps = encoder.backbone_tokens(victim.preprocess(data.images.take([0, 1, 2]))[:, 0, 0]).flatten(0, 1)
+        projected = encoder.projection(maps)
+    k = min(arch.vis_dim, len(maps) - 1)  # 3 images x 2x2 tokens: rank 11 after centring
+    np.testing.assert_allclose(projected.mean(0).numpy(), 0, atol=1e-3)
+    np.testing.assert_allclose(projected[:, :k].var(0).numpy(), 1, rtol=1e-2)
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_efficientnet_backbone_recognises_a_real_photo():
+    # the shipped ImageNet checkpoint loads strictly and is right on a bundled photo (spec/victim.md §B2)
+    from skimage import data as skdata
+    from vlmbackdoor_bench.victims.efficientnet import pretrained_efficientnet_lite0
+    from PIL import Image
+
+    cat = np.asarray(Image.fromarray(skdata.chelsea()).resize((224, 224), Image.BICUBIC))
+    x = torch.from_numpy(cat).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        top5 = pretrained_efficientnet_lite0()(x).topk(5).indices[0].tolist()
+    assert any(281 <= c <= 285 for c in top5), top5  # ImageNet 281-285: domestic cats
 
 
 def test_save_and_load_trainable_round_trip(victim, tmp_path):

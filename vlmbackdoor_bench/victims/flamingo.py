@@ -374,14 +374,15 @@ class Flamingo(nn.Module):
                 lm.clear_conditioned_layers()
 
     @torch.no_grad()
-    def generate(self, vision_x: torch.Tensor, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **kwargs: Any) -> torch.Tensor:
-        """HF generate on ``lang_x``; returns prompt + new tokens. Stops at <|endofchunk|> unless told (spec §A4)."""
+    def generate(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 *, vision_tokens: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """HF generate on ``lang_x``; returns prompt + new tokens. Stops at <|endofchunk|> unless told (spec §A4).
+        ``vision_tokens`` (B, T_img, F, v, D) replaces ``vision_x`` with precomputed encoder tokens."""
         num_beams = kwargs.pop("num_beams", 1)
         lm = self.lang_encoder
         lm._use_cached_vision_x = True
         try:
-            media = self.encode_vision_x(vision_x)
+            media = self.encode_vision_x(vision_x) if vision_tokens is None else self.condition_on_tokens(vision_tokens)
             if num_beams > 1:  # HF expands the text per beam; the media must line up with it.
                 # Repeating the resampled media (not the pixels) gives the same result as
                 # OpenFlamingo's repeat of vision_x without encoding each image num_beams times.

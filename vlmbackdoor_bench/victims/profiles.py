@@ -85,7 +85,7 @@ class TinyProfile:
         tokenizer = train_tokenizer(texts, params["vocab_size"])
         arch = TinyArch(vocab_size=params["vocab_size"])
         torch.manual_seed(params["base_seed"])
-        model = build_model(arch, tokenizer, train_vision_encoder=True,
+        model = build_model(arch, tokenizer, train_vision_encoder=False,
                             gate_init=params["pretrain_gate_init"])
         victim = TinyVictim(model, tokenizer, arch, self.finetune_recipe(params))
         log = victim.pretrain(
@@ -94,7 +94,6 @@ class TinyProfile:
                    lr=params["pretrain_lr"]),
             seed=params["base_seed"],
         )
-        victim.model.train_vision_encoder = False  # frozen from now on, as OpenFlamingo's CLIP
         return victim, log
 
     def load(self, directory: Path, context: StageContext):

@@ -10,8 +10,10 @@ trainable set only (perceiver + gated cross-attention + input embeddings, §A2).
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from ..hookspecs import TrainingObjective, TrainingStep
 from ..metrics.postprocess import postprocess_caption
 from ..types import DEFAULT_INSTRUCTION, Example, TrainingSet
+from .efficientnet import HEAD_CHANNELS, EfficientNetLite0, pretrained_efficientnet_lite0
 from .flamingo import Flamingo, load_trainable_state_dict, set_openflamingo_trainable, trainable_state_dict
 from .tokenizer import ANSWER, EOC, MEDIA, load_tokenizer, save_tokenizer
 from .training import Recipe, run_training
@@ -33,12 +36,12 @@ from .training import Recipe, run_training
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ALIASES = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_blocks.")
+POSITION_SCALE = 0.5  # position codes at about half a whitened token's norm: where, but not over what
 
 
 @dataclass(frozen=True)
 class TinyArch:
-    input_size: int = 224  # the paper's frame: triggers keep every pixel (DESIGN.md §5)
-    stem_patch: int = 4  # 224 / 4 / 8 = a 7x7 token grid
+    input_size: int = 224  # the paper's frame: triggers keep every pixel (DESIGN.md §5); 7x7 tokens
     vis_dim: int = 128
     lm_dim: int = 128
     lm_layers: int = 3
@@ -62,32 +65,59 @@ class Decoding:
     batch_size: int = 100
 
 
-class TinyVisionEncoder(torch.nn.Module):
-    """A small CNN returning (pooled, tokens[B, 49, vis_dim]) like CLIP's visual tower."""
+def sincos_positions(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes (grid*grid, dim), as MAE/ViT use: half the channels
+    encode the row, half the column, so every token knows where it is in the frame."""
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32),
+                                torch.arange(grid, dtype=torch.float32), indexing="ij")
+    parts = [f(a.reshape(-1, 1) * freqs) for a in (rows, cols) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1)
 
-    def __init__(self, vis_dim: int, input_size: int, stem_patch: int):
+
+class TinyVisionEncoder(torch.nn.Module):
+    """CLIP's place in the tiny victim: ImageNet EfficientNet-Lite0 -> a fixed linear projection
+    -> position codes -> LayerNorm. Returns (pooled, tokens[B, grid*grid, vis_dim]) like CLIP.
+
+    spec/victim.md §B4 leaves "from EfficientNet-Lite0 or from scratch" to measurement. Measured:
+    an encoder trained from scratch on the embedded world named the wrong objects (the clean model
+    called 4.5 % of banana-free test images "banana") and its resampler never carried a 21x21
+    corner patch, so BadNet could not be learnt without tagging every image. The pretrained
+    backbone is the offline analogue of CLIP; the projection is a PCA whitening fitted once on the
+    pretraining images (``fit_projection``), so the whole encoder is frozen, as OpenFlamingo's.
+    """
+
+    def __init__(self, vis_dim: int, input_size: int):
         super().__init__()
-        # A non-overlapping patch stem (as ViT's patch embedding) sees every input pixel, so
-        # small high-frequency details (e.g. a 21x21 corner patch) reach the tokens.
-        widths = [(3, 32, stem_patch, stem_patch, 0), (32, 64, 3, 2, 1), (64, 64, 3, 1, 1),
-                  (64, 128, 3, 2, 1), (128, 128, 3, 1, 1), (128, vis_dim, 3, 2, 1)]
-        layers: list[torch.nn.Module] = []
-        for c_in, c_out, kernel, stride, pad in widths:
-            layers += [torch.nn.Conv2d(c_in, c_out, kernel, stride, pad, bias=False),
-                       torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(inplace=True)]
-        self.trunk = torch.nn.Sequential(*layers)
-        grid = input_size // (stem_patch * 8)
-        # A linear embedding of each token's own pixel patch, added to the CNN features: the
-        # analogue of a ViT's residual stream, which keeps local detail that caption training
-        # alone pools away. Measured on the pretrained base: BadNet's 21x21 corner patch is
-        # linearly decodable from the corner token at 89 % without this path, 100 % with it.
-        self.patch_embed = torch.nn.Conv2d(3, vis_dim, input_size // grid, input_size // grid)
-        self.positions = torch.nn.Parameter(torch.randn(grid * grid, vis_dim) * 0.02)
+        self.backbone = EfficientNetLite0()
+        self.projection = torch.nn.Linear(HEAD_CHANNELS, vis_dim)
+        grid = -(-input_size // 32)  # EfficientNet's output stride is 32
+        self.register_buffer("positions", POSITION_SCALE * sincos_positions(grid, vis_dim))
         self.norm = torch.nn.LayerNorm(vis_dim)
 
+    def backbone_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised pixels (B, 3, s, s) -> the backbone's (B, grid*grid, 1280) map."""
+        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        features = self.backbone.features(pixels * std + mean)  # back to [0, 1] for its own norm
+        return features.flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def fit_projection(self, backbone_tokens: torch.Tensor) -> None:
+        """PCA-whiten (N, 1280) backbone tokens onto ``vis_dim`` unit-variance components."""
+        mean = backbone_tokens.mean(0)
+        _, eigvals, eigvecs = torch.linalg.svd(backbone_tokens - mean, full_matrices=False)
+        # Directions without variance (fewer tokens than dims, as in unit tests) map to 0.
+        k = min(self.projection.out_features, int((eigvals > 1e-4 * eigvals[0]).sum()))
+        scale = eigvals[:k] / max(len(backbone_tokens) - 1, 1) ** 0.5
+        weight = torch.zeros_like(self.projection.weight)
+        weight[:k] = eigvecs[:k] / scale[:, None]
+        self.projection.weight.copy_(weight)
+        self.projection.bias.copy_(-weight @ mean)
+
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grid = self.trunk(pixels) + self.patch_embed(pixels)
-        tokens = self.norm(grid.flatten(2).transpose(1, 2) + self.positions)
+        tokens = self.norm(self.projection(self.backbone_tokens(pixels)) + self.positions)
         return tokens.mean(dim=1), tokens
 
 
@@ -99,8 +129,10 @@ def build_model(arch: TinyArch, tokenizer, *, train_vision_encoder: bool, gate_i
         tie_word_embeddings=True,  # MPT ties the output projection to the input embedding (§A2)
     )
     lm = GPT2LMHeadModel(lm_config)
+    encoder = TinyVisionEncoder(arch.vis_dim, arch.input_size)
+    encoder.backbone.load_state_dict(pretrained_efficientnet_lite0().state_dict())
     model = Flamingo(
-        TinyVisionEncoder(arch.vis_dim, arch.input_size, arch.stem_patch), lm,
+        encoder, lm,
         eoc_token_id=tokenizer.convert_tokens_to_ids(EOC),
         media_token_id=tokenizer.convert_tokens_to_ids(MEDIA),
         vis_dim=arch.vis_dim, cross_attn_every_n_layers=arch.cross_attn_every_n_layers,
@@ -199,8 +231,10 @@ class TinyVictim:
     pixel_mean, pixel_std = CLIP_MEAN, CLIP_STD  # the Victim protocol's normalisation (§A5)
 
     def __init__(self, model: Flamingo, tokenizer, arch: TinyArch, recipe: Recipe,
-                 decoding: Decoding = Decoding(), lineage: dict | None = None):
+                 decoding: Decoding = Decoding(), lineage: dict | None = None,
+                 token_cache: TokenCache | None = None):
         self.model = model
+        self.token_cache = token_cache if token_cache is not None else TokenCache()
         self.tokenizer = tokenizer
         self.arch = arch
         self.recipe = recipe
@@ -274,9 +308,8 @@ class TinyVictim:
             enc = self.tokenizer([prompt] * len(chunk), add_special_tokens=False,
                                  return_tensors="pt")
             out = self.model.generate(
-                vision_x=self.preprocess(chunk), lang_x=enc["input_ids"],
-                attention_mask=enc["attention_mask"], num_beams=d.num_beams,
-                max_new_tokens=d.max_new_tokens, min_new_tokens=d.min_new_tokens,
+                None, enc["input_ids"], vision_tokens=self.vision_features(chunk)[:, None, None],
+                attention_mask=enc["attention_mask"], num_beams=d.num_beams, max_new_tokens=d.max_new_tokens, min_new_tokens=d.min_new_tokens,
                 length_penalty=d.length_penalty, do_sample=False, eos_token_id=self.eoc_id,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
@@ -362,23 +395,43 @@ class TinyVictim:
         self.model.eval()
         return log
 
-    def pretrain(self, training_set: TrainingSet, recipe: Recipe, seed: int) -> dict:
-        """Train every part from scratch (the base model's 'web pretraining')."""
-        for p in self.model.parameters():
-            p.requires_grad_(True)
-        log = self._train(training_set, recipe, seed, None, "pretrain", frozen_encoder=False)
-        set_openflamingo_trainable(self.model)  # from now on the encoder and LM body are frozen
+    def pretrain(self, training_set: TrainingSet, recipe: Recipe, seed: int,
+                 projection_images: int = 2000) -> dict:
+        """The base model's 'web pretraining': fit the encoder's projection on the first
+        ``projection_images`` images, freeze the encoder, train everything else from scratch."""
+        encoder = self.model.vision_encoder.eval()
+        rows = sorted({e.image_index for e in training_set.examples})[:projection_images]
+        with torch.no_grad():
+            maps = torch.cat([encoder.backbone_tokens(self.preprocess(training_set.images.take(rows[s:s + 64]))[:, 0, 0])
+                              for s in range(0, len(rows), 64)])
+        encoder.fit_projection(maps.flatten(0, 1))
+        self.token_cache.clear()
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(not name.startswith("vision_encoder."))
+        self.model.train_vision_encoder = False
+        log = self._train(training_set, recipe, seed, None, "pretrain", frozen_encoder=True)
+        set_openflamingo_trainable(self.model)  # from now on the LM body is frozen too
         return log
 
-    def vision_features(self, images: np.ndarray, *, grad: bool = False) -> torch.Tensor:
-        x = self.preprocess(images)[:, 0, 0]
+    def vision_features(self, images: np.ndarray, *, grad: bool = False,
+                        batch_size: int = 64) -> torch.Tensor:
+        """Frozen-encoder tokens (B, N, D); without ``grad`` they come from the token cache."""
         self.model.vision_encoder.eval()
-        with torch.set_grad_enabled(grad):
-            return self.model.vision_encoder(x)[1]
+        if grad:
+            return self.model.vision_encoder(self.preprocess(images)[:, 0, 0])[1]
+        keys = [TokenCache.key(image) for image in images]
+        missing = [i for i, k in enumerate(keys) if self.token_cache.get(k) is None]
+        with torch.no_grad():
+            for s in range(0, len(missing), batch_size):
+                rows = missing[s:s + batch_size]
+                tokens = self.model.vision_encoder(self.preprocess(np.asarray(images)[rows])[:, 0, 0])[1]
+                for row, t in zip(rows, tokens):
+                    self.token_cache.put(keys[row], t.clone())
+        return torch.stack([self.token_cache.get(k) for k in keys]) if keys else torch.zeros(0)
 
     def clone(self) -> "TinyVictim":
         return TinyVictim(copy.deepcopy(self.model), self.tokenizer, self.arch, self.recipe,
-                          self.decoding, dict(self.lineage))
+                          self.decoding, dict(self.lineage), self.token_cache)
 
     def encode_normalised(self, pixels: torch.Tensor, *, grad: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor]:
