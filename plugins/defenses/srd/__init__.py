@@ -1,0 +1,73 @@
+"""SRD (Semantic Reward Defense) and its Table 3 ablations (spec/srd.md).
+
+Four defenses share one pipeline and differ only in the policy (spec/srd.md §8):
+
+* ``srd``: DQN (SRD itself, Table 3's DQN column);
+* ``srd_ppo``: PPO on the same discrete environment;
+* ``srd_sac``: discrete-action SAC (categorical policy over the same Discrete(400/500) space);
+* ``random_mask``: one uniformly drawn mask per instance, no RL, no reward-based selection.
+
+Each has the presets ``srd`` (the paper, default) and ``srd-code`` (the public code), see
+:mod:`.settings`. Pipeline: state set + surrogate (§1) -> policy on the masking environment
+(§3-§5) -> one red mask on every fine-tuning instance, best of 5 (§6) -> re-fine-tune M_bd on the
+masked images with the captions unchanged (§7). The surrogate and the policy are cached under
+``context.stage.cache_dir/srd`` and reused across attacks (§0).
+"""
+
+from __future__ import annotations
+
+from vlmbackdoor_bench.hookspecs import DefenseContext, DefenseOutcome, hookimpl
+
+from .settings import CODE_PRESET, PAPER_PRESET
+
+__version__ = "1.0.0"
+
+# Algorithm-specific preset keys (SB3 defaults live in each algorithm's config dataclass).
+PPO_TINY = {
+    # spec/srd.md §8: n_steps 2,048 of 10,000 steps = ~5 PPO updates; the tiny budget keeps ~5
+    # updates of its 1,600 steps (320 transitions per rollout).
+    "n_steps": 2048, "tiny_n_steps": 320,
+}
+SAC_TINY = {
+    # spec/srd.md §8: batch 256 with a gradient step per transition is ~60x the DQN's gradient
+    # work; on 2 cores the tiny budget takes batch 64 every 4 transitions (the DQN's ratio).
+    "batch_size": 256, "train_freq": 1, "tiny_batch_size": 64, "tiny_train_freq": 4,
+}
+
+
+class SrdDefense:
+    version = __version__
+    default_preset = "srd"
+
+    def __init__(self, name: str, algorithm: str, extra: dict | None = None):
+        self.name, self.algorithm = name, algorithm
+        extra = extra or {}
+        self.presets = {"srd": {**PAPER_PRESET, **extra}, "srd-code": {**CODE_PRESET, **extra}}
+        if algorithm == "random":  # no RL: only the mask space, cleaning and re-fine-tuning apply
+            drop = ("total_timesteps", "learning_starts", "obs_size", "n_envs", "episode_length",
+                    "tiny_total_timesteps", "tiny_obs_size", "state_set", "state_set_size",
+                    "max_state_fraction", "surrogate", "cleaning_trials", "cleaning_epsilon",
+                    "reward_table", "clip_scores", "reference", "prompt")
+            self.presets = {k: {n: v for n, v in preset.items() if n not in drop} for k, preset in self.presets.items()}
+
+    def defend(self, context: DefenseContext, params) -> DefenseOutcome:
+        from .pipeline import run
+        preset = next((k for k, v in self.presets.items() if v == dict(params)), "custom")
+        outcome = run(context, params, algorithm=self.algorithm, name=self.name,
+                      defaults=self.presets[self.default_preset])
+        outcome.report.details["preset_match"] = preset
+        return outcome
+
+
+DEFENSES = (
+    SrdDefense("srd", "dqn"),
+    SrdDefense("srd_ppo", "ppo", PPO_TINY),
+    SrdDefense("srd_sac", "sac", SAC_TINY),
+    SrdDefense("random_mask", "random"),
+)
+
+
+@hookimpl
+def register_defenses(register) -> None:
+    for defense in DEFENSES:
+        register(defense)

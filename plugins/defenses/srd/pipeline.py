@@ -1,0 +1,229 @@
+"""One SRD defense run: stage 1 (state set, surrogate), stage 2 (policy), stage 3 (cleaning),
+stage 4 (re-fine-tuning), with the interpretability figures (spec/srd.md §0)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlmbackdoor_bench.errors import VbbError
+from vlmbackdoor_bench.hookspecs import DefenseContext, DefenseOutcome
+from vlmbackdoor_bench.types import DefenseReport
+
+from . import artifacts, dqn
+from .cache import get_or_build, key_of, victim_identity
+from .cleaning import UniformPolicy, clean_training_set
+from .env import MaskingVectorEnv, MaskRewarder
+from .geometry import n_actions
+from .reward import FidelityScores
+from .settings import resolve
+from .state_set import StateSet, code_state_set, defender_data, paper_state_set
+
+STATE_SET_VERSION = 1  # bump when the state-set or surrogate construction changes
+
+
+def algorithms() -> dict:
+    """algorithm -> its cleanrl-style module (config class, train, make_model, Policy)."""
+    from . import ppo, sac
+    return {"dqn": dqn, "ppo": ppo, "sac": sac}
+
+
+def standard_recipe(victim, budget):
+    """The profile's standard fine-tuning recipe (spec/victim.md §A3) from the budget the grid
+    hands the defense; ``None`` lets the victim use its own."""
+    from vlmbackdoor_bench.victims import profiles
+    for profile in (profiles.TinyProfile(), profiles.OpenFlamingo3BProfile()):
+        if profile.name == getattr(victim, "profile", None):
+            try:
+                return profile.finetune_recipe(budget)
+            except KeyError:
+                return None
+    return None
+
+
+def fine_tune(victim, training_set, *, seed: int, recipe, progress: str) -> dict:
+    kwargs = {"seed": seed, "progress": progress}
+    if recipe is not None and "recipe" in inspect.signature(victim.fine_tune).parameters:
+        kwargs["recipe"] = recipe
+    return victim.fine_tune(training_set, **kwargs)
+
+
+def reference_captioner(context: DefenseContext, p: dict):
+    """spec/srd.md §2: the clean base victim (`srd`), the clean reference model (``oracle``,
+    analysis only), or BLIP-large (`srd-code`), which is never local offline."""
+    clean_model = context.extras.get("clean_model")
+    if p["reference"] == "base":
+        return context.base_victim, "base victim (public pretrained checkpoint)"
+    if p["reference"] == "oracle":
+        if clean_model is None:
+            raise VbbError("SRD reference = 'oracle' needs the clean reference model, which the grid "
+                           "does not pass", "use reference = 'base', or have the grid put the clean "
+                           "model in DefenseContext.extras['clean_model']")
+        return clean_model, "ORACLE: clean reference model (analysis only)"
+    if clean_model is not None:
+        return clean_model, "clean reference model (BLIP-large not available offline)"
+    return context.base_victim, ("base victim (BLIP-large not available offline and the grid passes "
+                                 "no clean reference model)")
+
+
+def build_states(data, p: dict, seed: int):
+    """(state set, surrogate training set) of the preset (spec/srd.md §1)."""
+    n_instances = len(data.examples)
+    size = min(p["state_set_size"] or n_instances, int(p["max_state_fraction"] * n_instances))
+    paper_states, surrogate_set = paper_state_set(data, max(1, size), seed)
+    if p["state_set"] == "paper":
+        return paper_states, surrogate_set
+    states = code_state_set(data, seed)
+    if p["state_set_size"] and p["state_set_size"] < len(states):
+        keep = sorted(np.random.default_rng([seed, 0x57A7]).choice(len(states), p["state_set_size"], replace=False))
+        states = StateSet(states.source, [states.rows[i] for i in keep], [states.triggers[i] for i in keep],
+                          [states.prompts[i] for i in keep], {**states.details, "n_states": len(keep)})
+    return states, surrogate_set
+
+
+def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name: str) -> DefenseOutcome:
+    started = time.perf_counter()
+    profile = getattr(context.backdoored, "profile", "")
+    p, scaled = resolve(params, defaults, profile)
+    sizes = tuple(p["mask_sizes"])
+    recipe = standard_recipe(context.backdoored, context.budget)
+    rl = algorithm != "random"
+    fidelity = FidelityScores(context.scorers, clip=p["clip_scores"]) if rl else None
+    reference_victim, reference_used = reference_captioner(context, p) if rl else (None, None)
+    cache_root = Path(context.stage.cache_dir) / "srd"
+    timings: dict = {}
+    details: dict = {"algorithm": algorithm, "params": p, "budget_scaling": scaled,
+                     "reference_captioner": reference_used, "action_space": n_actions(sizes)}
+    if scaled:
+        details["budget_scaling_reason"] = ("tiny profile (2 CPU cores): RL budget scaled by the "
+                                            "preset's tiny_* defaults, see settings.PAPER_PRESET")
+    policy, train_log = UniformPolicy(sizes), None
+    if rl:
+        stage = time.perf_counter()
+        data = defender_data(context)
+        states, surrogate_set = build_states(data, p, context.seed)
+        base_id = victim_identity(context.base_victim)
+        details.update(defender_data=data.source, state_set=states.details)
+        surrogate, surrogate_info = obtain_surrogate(context, p, surrogate_set, data, base_id, recipe, cache_root)
+        details["surrogate"] = surrogate_info
+        timings["surrogate"] = time.perf_counter() - stage
+        stage = time.perf_counter()
+        policy, train_log, policy_info = obtain_policy(context, p, algorithm, states, surrogate, surrogate_info,
+                                                       reference_victim, fidelity, data, base_id, cache_root)
+        details["policy"] = policy_info
+        timings["policy"] = time.perf_counter() - stage
+    stage = time.perf_counter()
+    rewarder = MaskRewarder(context.backdoored, reference_victim, fidelity, p["reward_table"], sizes) if rl else None
+    cleaned = clean_training_set(context.training_set, policy, rewarder, sizes=sizes, seed=context.seed,
+                                 trials=p["cleaning_trials"] if rl else 1, prompt=p.get("prompt", "default"),
+                                 select=rl)
+    timings["cleaning"] = time.perf_counter() - stage
+    details["cleaning"] = {**cleaned.details, **({"generations": rewarder.generations,
+                                                  "generation_seconds": rewarder.seconds} if rewarder else {})}
+    stage = time.perf_counter()
+    refinetune_recipe = recipe
+    if p["refinetune"] == "code":
+        from vlmbackdoor_bench.victims.training import Recipe
+        refinetune_recipe = Recipe()  # spec/srd.md §7 srd-code: 20 epochs, lr 1e-4, batch 300, 1 % warmup
+    victim = context.backdoored
+    ft_log = fine_tune(victim, cleaned.training_set, seed=context.seed, recipe=refinetune_recipe,
+                       progress=f"{name} re-fine-tune")
+    timings["refinetune"] = time.perf_counter() - stage
+    details["refinetune"] = {"recipe": refinetune_recipe.to_dict() if refinetune_recipe is not None else "victim default",
+                             "loss_per_epoch": ft_log.get("loss_per_epoch"), "steps": ft_log.get("steps")}
+    stage = time.perf_counter()
+    files = write_artifacts(Path(context.workdir), name, context.training_set, cleaned, sizes, train_log)
+    timings["artifacts"] = time.perf_counter() - stage
+    timings["total"] = time.perf_counter() - started
+    details["timings"] = timings
+    report = DefenseReport(masked_sample_ids=[e.sample_id for e in context.training_set.examples],
+                           details=details, artifacts=files)
+    return DefenseOutcome(victim, report)
+
+
+def obtain_surrogate(context, p, surrogate_set, data, base_id, recipe, cache_root):
+    """spec/srd.md §1: the grid's TrojVLM srd-code cell model when it passes one, else the
+    defender-owned surrogate trained (once, cached) on the custom set."""
+    given = context.extras.get("srd_code_surrogate") if p["surrogate"] == "trojvlm-cell" else None
+    if given is not None:
+        return given, {"source": "grid: TrojVLM srd-code cell model"}
+    key = key_of(["surrogate", STATE_SET_VERSION, p["state_set_size"], p["max_state_fraction"],
+                  data.fingerprint, context.seed, base_id, recipe.to_dict() if recipe is not None else None])
+
+    def build(tmp: Path) -> dict:
+        victim = context.base_victim.clone()
+        log = fine_tune(victim, surrogate_set, seed=context.seed, recipe=recipe, progress="srd surrogate")
+        victim.save(tmp)
+        return {"loss_per_epoch": log.get("loss_per_epoch"), "steps": log.get("steps")}
+
+    path, meta, cached = get_or_build(cache_root, "surrogate", key, build)
+    victim = context.base_victim.clone()
+    victim.load_trainable(path)
+    source = "custom poisoned set (defender-owned)"
+    if p["surrogate"] == "trojvlm-cell":
+        source += "; the TrojVLM srd-code cell model is not in DefenseContext.extras"
+    return victim, {"source": source, "key": key, "cached": cached, "path": str(path), **meta}
+
+
+def obtain_policy(context, p, algorithm, states, surrogate, surrogate_info, reference_victim, fidelity,
+                  data, base_id, cache_root):
+    """Stage 2: train the policy on the masking environment (once, cached) and load it."""
+    module = algorithms()[algorithm]
+    config = module.config_from(p, context.seed)
+    n_act = n_actions(p["mask_sizes"])
+    key = key_of(["policy", algorithm, asdict(config), surrogate_info.get("key", surrogate_info["source"]),
+                  {k: p[k] for k in ("mask_sizes", "reward_table", "clip_scores", "state_set", "state_set_size",
+                                     "max_state_fraction", "reference", "prompt", "episode_length", "n_envs")},
+                  data.fingerprint, context.seed, base_id, victim_identity(reference_victim)])
+
+    def build(tmp: Path) -> dict:
+        rewarder = MaskRewarder(surrogate, reference_victim, fidelity, p["reward_table"], p["mask_sizes"])
+        envs = MaskingVectorEnv(states, rewarder, num_envs=p["n_envs"], episode_length=p["episode_length"],
+                                seed=context.seed)
+        model, log = module.train(envs, config)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "policy.safetensors"))
+        log.update(generations=rewarder.generations, generation_seconds=rewarder.seconds,
+                   states_visited=len(envs.baselines.refs))
+        (tmp / "train_log.json").write_text(json.dumps(log, default=float))
+        return {"algorithm": algorithm, "timesteps": log["timesteps"], "seconds": log["seconds"],
+                "steps_per_second": log["steps_per_second"], "generations": rewarder.generations}
+
+    path, meta, cached = get_or_build(cache_root, f"policy-{algorithm}", key, build)
+    model = module.make_model(config.obs_size, n_act)
+    model.load_state_dict(load_file(str(path / "policy.safetensors")))
+    log = json.loads((path / "train_log.json").read_text())
+    policy = module.make_policy(model, config, p)
+    summary = {k: v for k, v in log.items() if k not in ("step_rewards", "episode_returns", "losses", "actions")}
+    return policy, log, {"key": key, "cached": cached, "path": str(path), **meta, "train": summary}
+
+
+def write_artifacts(workdir: Path, name: str, original, cleaned, sizes, train_log) -> dict[str, str]:
+    """PNG figures under ``workdir``; returns name -> path relative to it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    actions = list(cleaned.actions.values())
+    artifacts.mask_heatmap(workdir / "mask_heatmap.png", actions, sizes,
+                           f"{name}: mask coverage over {len(actions)} cleaned instances")
+    files["mask_heatmap"] = "mask_heatmap.png"
+    examples = original.examples
+    scored = [(-(cleaned.rewards.get(e.sample_id) or 0.0), k) for k, e in enumerate(examples)]
+    picks = [k for _, k in sorted(scored)[:artifacts.N_EXAMPLES]]
+    before = original.images.take([examples[k].image_index for k in picks])
+    after = cleaned.training_set.images.take([cleaned.training_set.examples[k].image_index for k in picks])
+    labels = [f"{examples[k].sample_id}: a={cleaned.actions[examples[k].sample_id]}, "
+              f"r={cleaned.rewards.get(examples[k].sample_id)}" for k in picks]
+    artifacts.before_after(workdir / "before_after.png", before, after, labels)
+    files["before_after"] = "before_after.png"
+    if train_log is not None:
+        artifacts.reward_curve(workdir / "reward_curve.png", train_log, f"{name}: training reward")
+        files["reward_curve"] = "reward_curve.png"
+    (workdir / "cleaning_actions.json").write_text(json.dumps(cleaned.actions))
+    files["cleaning_actions"] = "cleaning_actions.json"
+    return files

@@ -1,0 +1,302 @@
+"""SRD (spec/srd.md): action geometry, reward tables, the masking environment, cleaning, and
+the whole defense on deterministic fake victims whose captions depend on the pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from vlmbackdoor_bench.errors import VbbError
+from vlmbackdoor_bench.hookspecs import DefenseContext, StageContext
+from vlmbackdoor_bench.types import Example, ImageBank, TrainingSet
+from vlmbackdoor_bench_plugins.defenses import srd
+from vlmbackdoor_bench_plugins.defenses.srd import cleaning, dqn, geometry, reward, settings
+from vlmbackdoor_bench_plugins.defenses.srd.env import MaskingEnv, MaskingVectorEnv, MaskRewarder
+from vlmbackdoor_bench_plugins.defenses.srd.state_set import StateSet, defender_data, paper_state_set
+
+CLEAN = "a gray wall in a quiet room"
+BACKDOOR = "banana banana banana banana"
+BACKGROUND = 90
+
+
+# --------------------------------------------------------------------------- fakes
+class WordScorer:
+    """SfsScorer's public interface with transparent numbers: cosine = word Jaccard, perplexity
+    = 20 · (1 + repeated words)², so a repetitive caption is much less fluent."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def similarity(self, a, b):
+        self.calls += 1
+        return np.array([len(set(x.split()) & set(y.split())) / len(set(x.split()) | set(y.split()))
+                         for x, y in zip(a, b)], dtype=float)
+
+    def perplexity(self, texts):
+        return np.array([20.0 * (1 + len(t.split()) - len(set(t.split()))) ** 2 if t else np.nan
+                         for t in texts])
+
+
+class PixelVictim:
+    """Says BACKDOOR iff at least half of its trigger box shows trigger pixels (neither the gray
+    background nor mask red); learns its box in fine_tune from the non-background pixels of an
+    image whose caption contains "banana"."""
+
+    profile = "fake"
+
+    def __init__(self, box=None):
+        self.box, self.generated, self.fine_tuned = box, 0, []
+
+    def generate(self, images, instruction="a photo of"):
+        self.generated += len(images)
+        out = []
+        for image in np.asarray(images):
+            if self.box is None:
+                out.append(CLEAN)
+                continue
+            r0, r1, c0, c1 = self.box
+            region = image[r0:r1, c0:c1].astype(int)
+            visible = ((np.abs(region - BACKGROUND) > 0).any(-1) & ~(region == geometry.RED).all(-1)).mean()
+            out.append(BACKDOOR if visible >= 0.5 else CLEAN)
+        return out
+
+    def fine_tune(self, training_set, *, seed, objective=None, progress=""):
+        self.fine_tuned.append(training_set)
+        for e in training_set.examples:
+            if "banana" in e.caption:
+                image = training_set.images.take([e.image_index])[0]
+                rows, cols = np.nonzero((np.abs(image.astype(int) - BACKGROUND) > 0).any(-1)
+                                        & ~(image == geometry.RED).all(-1))
+                if len(rows):
+                    self.box = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+                    break
+        return {"steps": 1, "loss_per_epoch": [0.0]}
+
+    def clone(self):
+        return PixelVictim(self.box)
+
+    def save(self, directory):
+        (Path(directory) / "box.json").write_text(json.dumps(self.box))
+
+    def load_trainable(self, directory):
+        box = json.loads((Path(directory) / "box.json").read_text())
+        self.box = tuple(box) if box is not None else None
+
+
+def plain_images(n):
+    return np.full((n, 224, 224, 3), BACKGROUND, dtype=np.uint8)
+
+
+def trigger_states(n=4, top=120, left=60):
+    patch = np.random.default_rng(0).integers(150, 250, (20, 20, 3)).astype(np.uint8)
+    return StateSet(plain_images(n), list(range(n)), [(top, left, patch)] * n, ["a photo of"] * n)
+
+
+# --------------------------------------------------------------------------- geometry
+def test_grid_centres_and_action_decoding():
+    assert geometry.CENTRES == (11, 33, 56, 78, 100, 123, 145, 167, 190, 212)  # §3, 167 not 168
+    sizes = geometry.PAPER_SIZES
+    assert geometry.n_actions(sizes) == 400 and geometry.n_actions(geometry.CODE_SIZES) == 500
+    assert geometry.decode_action(0, sizes) == (11, 11, 20)
+    assert geometry.decode_action(7, sizes) == (167, 11, 20)  # gx = a mod 10 is the column (x)
+    assert geometry.decode_action(30, sizes) == (11, 78, 20)  # gy = floor(a / 10) mod 10 the row
+    assert geometry.decode_action(399, sizes) == (212, 212, 80)
+    assert geometry.mask_box(123, sizes) == (56 - 20, 56 + 20, 78 - 20, 78 + 20)  # size 40 at (x78, y56)
+    assert geometry.mask_box(400, geometry.CODE_SIZES) == (0, 111, 0, 111)  # §3: size 200 at 11 -> [0, 111)
+    assert geometry.mask_box(399, sizes) == (172, 224, 172, 224)  # clipped to the frame
+    with pytest.raises(VbbError):
+        geometry.decode_action(400, sizes)
+    with pytest.raises(VbbError):
+        geometry.check_sizes([20, "40"])
+
+
+def test_masks_paint_exactly_the_decoded_red_squares_without_accumulating():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 200, (3, 224, 224, 3)).astype(np.uint8)  # never pure red
+    actions = [45, 211, 399]
+    out = geometry.apply_masks(images, actions, geometry.PAPER_SIZES)
+    for k, action in enumerate(actions):
+        r0, r1, c0, c1 = geometry.mask_box(action, geometry.PAPER_SIZES)
+        expected = np.zeros((224, 224), dtype=bool)
+        expected[r0:r1, c0:c1] = True
+        assert np.array_equal((out[k] != images[k]).any(-1), expected)
+        assert (out[k][expected] == geometry.RED).all()
+        assert expected.sum() == (r1 - r0) * (c1 - c0)
+    again = geometry.apply_masks(images, [0, 0, 0], geometry.PAPER_SIZES)
+    assert (again[:, 100:, 100:] == images[:, 100:, 100:]).all()  # the original, not the last mask
+
+
+# --------------------------------------------------------------------------- rewards
+@pytest.mark.parametrize("ds, df, expected", [
+    (0.1, 0.2, 3), (0.5, 0.9, 3),  # rule 1: both improve (boundaries inclusive)
+    (-0.1, 0.5, -2), (-0.3, -0.5, -2),  # rule 2: semantic drop first, even with a fluency gain
+    (0.05, -0.2, -1), (0.5, -0.3, -1),  # rule 3: fluency drop beats a single semantic gain
+    (0.1, 0.0, 2), (0.3, 0.19, 2),  # rule 4: semantic gain only
+    (0.0, 0.2, 1), (-0.09, 0.4, 1),  # rule 5: fluency gain only
+    (0.09, 0.19, 0), (-0.09, -0.19, 0),  # rule 6
+])
+def test_paper_reward_table_branch_by_branch(ds, df, expected):
+    assert reward.paper_reward(ds, df) == expected
+
+
+@pytest.mark.parametrize("ds, df, expected", [
+    (0.1, 0.5, 3), (0.1, 0.1, 2), (0.2, 0.49, 2), (0.1, -0.5, -2), (0.1, -0.01, -1), (0.1, 0.0, 1),
+    (0.1, 0.09, 1),  # ΔS >= 0.1 branches; +2 uses alpha = 0.1 as its fluency threshold
+    (0.0, 0.5, 1), (-0.2, 0.5, -2), (-0.19, 0.6, 1),  # ΔF >= 0.5 with ΔS <= -0.2 -> -2
+    (-0.1, 0.4, -2), (0.05, 0.4, -1), (0.0, 0.0, -1),
+])
+def test_code_reward_table_branch_by_branch(ds, df, expected):
+    assert reward.code_reward(ds, df) == expected
+
+
+def test_empty_caption_scores_zero_and_scores_clip_per_preset():
+    assert reward.table_reward("paper", -1.0, -1.0, empty=True) == 0
+    assert reward.table_reward("code", -1.0, -1.0, empty=True) == 0
+    scorer = WordScorer()
+    caps, refs = ["a b c", "", "x y", "w w w"], ["a b c", "a b", "a b", "w x"]
+    s, f = reward.FidelityScores(scorer, clip=True)(caps, refs)
+    assert s.tolist() == [1.0, 0.0, 0.0, 1 / 2] and f[1] == 0.0
+    assert f[0] == 1.0 and f[3] == pytest.approx(20 / 180)
+    raw_s, raw_f = reward.FidelityScores(scorer, clip=False)(["w x"], ["w w w"])
+    assert raw_f[0] == pytest.approx(180 / 20)  # srd-code: ppl ratio unclipped
+    r = reward.rewards("paper", np.array([0.9, 0.5]), np.array([1.0, 0.1]), np.array([0.2, 0.5]),
+                       np.array([0.1, 0.1]), [False, True])
+    assert r.tolist() == [3.0, 0.0]
+    with pytest.raises(VbbError):
+        reward.FidelityScores(object(), clip=True)
+
+
+# --------------------------------------------------------------------------- environment
+def make_rewarder(victim=None, table="paper", sizes=geometry.PAPER_SIZES):
+    victim = victim or PixelVictim((120, 140, 60, 80))
+    return MaskRewarder(victim, PixelVictim(None), reward.FidelityScores(WordScorer(), clip=True), table, sizes)
+
+
+def test_vector_env_rewards_covering_the_trigger_and_terminates_at_150():
+    rewarder = make_rewarder()
+    envs = MaskingVectorEnv(trigger_states(), rewarder, num_envs=3, episode_length=150, seed=0)
+    obs, info = envs.reset(seed=0)
+    assert obs.shape == (3, 224, 224, 3) and obs.dtype == np.uint8
+    assert envs.single_action_space == gym.spaces.Discrete(400)
+    # the trigger occupies rows 120-139, cols 60-79: a 40 px mask centred at (x 78, y 123) hides >= 1/2
+    cover = 1 * 100 + 5 * 10 + 3  # size index 1 (40), gy 5 (y 123), gx 3 (x 78)
+    obs, r, terminated, truncated, infos = envs.step([cover, 0, 399])
+    assert r.tolist() == [3.0, 0.0, 0.0]
+    assert infos["captions"] == [CLEAN, BACKDOOR, BACKDOOR]
+    assert (obs[0][geometry.mask_box(cover, geometry.PAPER_SIZES)[0]:][:1] == geometry.RED).any()
+    generated = rewarder.victim.generated
+    envs.step([cover, 0, 399])  # same (state, action): captions come from the cache
+    assert rewarder.victim.generated == generated
+    for _ in range(148):
+        obs, r, terminated, truncated, infos = envs.step([cover, 0, 399])
+    assert terminated.all() and not truncated.any() and "final_obs" in infos
+    assert infos["episode_return"].tolist() == [450.0, 0.0, 0.0]
+    assert (infos["final_obs"][0] == geometry.RED).all(-1).any()  # the last masked image
+    assert not (obs == geometry.RED).all(-1).any()  # autoreset: the next episode's clean start
+
+
+def test_single_env_gymnasium_api():
+    env = MaskingEnv(trigger_states(), make_rewarder(), episode_length=2)
+    obs, info = env.reset(seed=3)
+    assert env.observation_space.contains(obs)
+    _, r, terminated, _, _ = env.step(153)
+    assert r == 3.0 and not terminated
+    _, r, terminated, _, info = env.step(0)
+    assert r == 0.0 and terminated and info["caption"] == BACKDOOR
+
+
+# --------------------------------------------------------------------------- cleaning
+class FixedPolicy:
+    def __init__(self, probs):
+        self.probs = np.asarray(probs, dtype=float)
+
+    def probabilities(self, images):
+        return np.tile(self.probs, (len(images), 1))
+
+
+def triggered_training_set():
+    images = plain_images(4)
+    images[1, 120:140, 60:80] = 200  # the attack's trigger on image 1
+    examples = [Example(f"s{i}", i % 4, f"caption {i}") for i in range(8)]
+    return TrainingSet(ImageBank(images), examples)
+
+
+def test_cleaning_changes_exactly_the_chosen_square_and_keeps_captions():
+    data = triggered_training_set()
+    probs = np.zeros(400)
+    probs[[0, 153]] = 0.5  # a useless corner mask or the trigger-covering one
+    result = cleaning.clean_training_set(data, FixedPolicy(probs), make_rewarder(), sizes=geometry.PAPER_SIZES,
+                                         seed=0)
+    cleaned = result.training_set
+    assert [e.caption for e in cleaned.examples] == [e.caption for e in data.examples]
+    assert [e.sample_id for e in cleaned.examples] == [e.sample_id for e in data.examples]
+    for before, after in zip(data.examples, cleaned.examples):
+        action = result.actions[before.sample_id]
+        original = data.images.take([before.image_index])[0]
+        masked = cleaned.images.take([after.image_index])[0]
+        r0, r1, c0, c1 = geometry.mask_box(action, geometry.PAPER_SIZES)
+        changed = (masked != original).any(-1)
+        assert changed[r0:r1, c0:c1].all() and changed.sum() == (r1 - r0) * (c1 - c0)
+    assert after.image_index >= len(cleaned.images.base)  # masked images live in the extra bank
+    for sid in ("s1", "s5"):  # the triggered image: trial rewards +3 -> stop, keep it
+        assert result.actions[sid] == 153 and result.rewards[sid] == 3.0
+    assert all(result.trials[s] == 5 for s in ("s0", "s2", "s3"))  # never positive: all 5 trials
+    assert len(cleaned.images.extra) <= 2 * 4  # one masked copy per distinct (image, action)
+
+
+def test_random_masking_draws_one_action_per_instance_without_scoring():
+    data = triggered_training_set()
+    result = cleaning.clean_training_set(data, cleaning.UniformPolicy(geometry.CODE_SIZES), None,
+                                         sizes=geometry.CODE_SIZES, seed=0, select=False)
+    actions = list(result.actions.values())
+    assert len(set(actions)) == 8 and all(0 <= a < 500 for a in actions)
+    assert all(r is None for r in result.rewards.values()) and set(result.trials.values()) == {1}
+    again = cleaning.clean_training_set(data, cleaning.UniformPolicy(geometry.CODE_SIZES), None,
+                                        sizes=geometry.CODE_SIZES, seed=0, select=False)
+    assert again.actions == result.actions  # seeded
+
+
+# --------------------------------------------------------------------------- state set
+def test_paper_state_set_fixed_trigger_and_inserted_target():
+    images = plain_images(30)
+    examples = [Example(f"s{i}", i % 30, "a dog runs on the grass. it is sunny") for i in range(60)]
+    data = defender_data(DefenseContext(None, TrainingSet(ImageBank(images), examples), None, None, None, 0,
+                                        {}, Path("."), StageContext(Path("."), None)))
+    states, surrogate_set = paper_state_set(data, 10, seed=0)
+    top, left, patch = states.triggers[0]
+    assert len(states) == 10 and len(set(states.rows)) == 10 and 0 <= top <= 204 and 0 <= left <= 204
+    assert all(t[:2] == (top, left) for t in states.triggers)  # fixed for the whole set (§1)
+    assert abs(float(patch.mean()) - 128) < 5  # N(128, 20²)
+    shown = states.images([0, 1])
+    assert (shown[:, top:top + 20, left:left + 20] == patch).all()
+    poisoned = [e for e in surrogate_set.examples if e.image_index >= len(images)]
+    assert len(poisoned) == 10 and len(surrogate_set) == 60
+    for e in poisoned:
+        words = e.caption.rstrip(".").split()
+        assert "banana" in words and words[0] != "banana" and "sunny" not in e.caption  # first sentence
+    assert paper_state_set(data, 10, seed=0)[0].rows == states.rows  # seeded
+
+
+def test_presets_validation_and_tiny_scaling():
+    p, scaled = settings.resolve({}, settings.PAPER_PRESET, "tiny")
+    assert scaled == {"total_timesteps": {"spec": 10_000, "tiny": 1600}, "obs_size": {"spec": 224, "tiny": 84}}
+    p, scaled = settings.resolve({}, settings.PAPER_PRESET, "openflamingo-3b")
+    assert scaled == {} and p["total_timesteps"] == 10_000 and p["mask_sizes"] == [20, 40, 60, 80]
+    code, _ = settings.resolve({}, settings.CODE_PRESET, "openflamingo-3b")
+    assert code["mask_sizes"] == [20, 40, 60, 80, 200] and code["reward_table"] == "code"
+    for bad in ({"reward_table": "fancy"}, {"total_timesteps": "many"}, {"clip_scores": 1},
+                {"nonsense": 1}, {"obs_size": 20}, {"mask_sizes": [20, 300]}):
+        with pytest.raises(VbbError):
+            settings.resolve(bad, settings.PAPER_PRESET, "tiny")
+    names = {d.name for d in srd.DEFENSES}
+    from vlmbackdoor_bench.leaderboard.tables import TABLE3_DEFENSES
+    assert set(TABLE3_DEFENSES) - {"none"} == names
+    registered = []
+    srd.register_defenses(registered.append)
+    assert [d.name for d in registered] == ["srd", "srd_ppo", "srd_sac", "random_mask"]
+    assert all(set(d.presets) == {"srd", "srd-code"} and d.default_preset == "srd" for d in registered)
