@@ -124,7 +124,7 @@ def test_abl_runs_its_four_phases_and_stops_unlearning_by_the_nll_rule(tmp_path:
     examples += [Example(f"p{i}", 18 + i, f"banana {i}") for i in range(10)]  # 10 % poison
     data = TrainingSet(ImageBank(np.zeros((28, 4, 4, 3), np.uint8)), examples)
     nll = {e.caption: 1.0 + (k % 7) / 10 for k, e in enumerate(examples)}
-    base = ScriptedVictim(nll)
+    base = ScriptedVictim(dict(nll))
     context = DefenseContext(backdoored=base.clone(), training_set=data, clean_reserved=None,
                              base_victim=base, scorers=None, seed=0, budget={}, workdir=tmp_path,
                              stage=StageContext(cache_dir=tmp_path, config=None))
@@ -143,6 +143,6 @@ def test_abl_runs_its_four_phases_and_stops_unlearning_by_the_nll_rule(tmp_path:
     clean_positions = [k for k, e in enumerate(examples) if e.sample_id not in report.removed_sample_ids]
     assert unlearning["n_cider_images"] == len(held_out_images(data, np.array(clean_positions), 20, 0))
     assert unlearning["cider_start"] > 0
-    assert base.nll["banana 0"] == 1.0  # the base victim's state is untouched (ABL used a clone)
+    assert base.nll == nll  # the base victim's state is untouched (ABL used a clone)
     losses = json.loads((tmp_path / "isolation_losses.json").read_text())
     assert losses["p0"] == 0.1 and len(losses) == 100
