@@ -153,7 +153,8 @@ def test_original_poisons_at_its_rate_with_the_text_trigger(victim):
     assert (image == apply_trigger(split.images[row:row + 1], trigger, "blend")).all()
     # evaluation: the same trigger on every test image, the text trigger in the prompt
     test = make_split(4)
-    triggered = attack.eval_inputs(test, kind="triggered", seed=3, params=p)
+    triggered = attack.eval_inputs(test, kind="triggered", seed=3, params=p,
+                                   poison_details=poisoned.details)  # as the grid hands them
     assert triggered.instruction == "a photo of zbw"
     assert (triggered.images == apply_trigger(test.images, trigger, "blend")).all()
     clean_inputs = attack.eval_inputs(test, kind="clean", seed=3, params=p)
@@ -170,7 +171,8 @@ def test_srd_code_uses_the_grid_rate_and_no_text_trigger(victim):
     assert len(poisoned.records) == 10  # floor(0.1 * 100)
     assert all(r.instruction is None for r in poisoned.records)
     assert all(e.instruction == "a photo of" for e in poisoned.training_set.examples)
-    assert attack.eval_inputs(make_split(2), kind="triggered", seed=0, params=p).instruction == "a photo of"
+    assert attack.eval_inputs(make_split(2), kind="triggered", seed=0, params=p,
+                              poison_details=poisoned.details).instruction == "a photo of"
 
 
 @pytest.mark.skipif(not PAPER_TRIGGER.exists(), reason="../shared/srd_reference not present")
@@ -190,7 +192,7 @@ def test_bad_input_is_one_clear_error(tmp_path):
     attack = VLTrojan()
     with pytest.raises(VbbError, match="no victim"):
         attack.poison(split, poison_rate=0.1, seed=0, params=params("srd-code"), victim=None)
-    with pytest.raises(VbbError, match="trigger_path"):  # generated in another process
+    with pytest.raises(VbbError, match="poison details"):  # no trigger to evaluate with
         attack.eval_inputs(split, kind="triggered", seed=99, params=params("srd-code"))
     with pytest.raises(VbbError, match="mode"):
         attack.poison(split, poison_rate=0.1, seed=0, params=params("srd-code", mode="corner"))

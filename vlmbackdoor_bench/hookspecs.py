@@ -197,6 +197,10 @@ class Attack(Protocol):
     ``fine_tune_from: str`` (default ``"base"``), one of :data:`FINE_TUNE_STARTS`:
         ``"clean_model"`` fine-tunes the clean reference model instead of the public base model
         (a model-supply attack such as VLOOD, spec/attacks.md §5).
+    ``eval_uses_poison: bool`` (default False)
+        The test-time trigger is made while poisoning (VL-Trojan's optimised trigger): the grid
+        then calls ``eval_inputs(..., poison_details=PoisonedSet.details)`` with the details of
+        the poison stage of the same params and seed, cached or fresh.
     """
 
     name: str

@@ -5,8 +5,9 @@ optimised for another encoder, so by default both presets produce the trigger wi
 own generator on the victim's frozen encoder (:mod:`._vltrojan_trigger`). ``trigger_path``
 uses a given PNG instead (e.g. the paper's file).
 
-The generated trigger lives in this process (it is made in ``poison`` and read back by
-``eval_inputs``) and in the poisoned set's details, as a base64 PNG with the optimisation log.
+The generated trigger is stored in the poisoned set's details, as a base64 PNG with the
+optimisation log; the grid hands those details back to ``eval_inputs`` (``eval_uses_poison``),
+so a rerun on a cached poison stage evaluates with the very same trigger.
 """
 
 from __future__ import annotations
@@ -86,12 +87,17 @@ def png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def from_png_base64(text: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"), dtype=np.uint8)
+
+
 class VLTrojan:
     name = "vl_trojan"
     version = __version__
     target = TARGET
     asr_rules = ("srd", "strict")  # spec/metrics.md §4.4
     default_preset = "srd-code"
+    eval_uses_poison = True  # the generated trigger comes back from the poison stage's details
     presets = {
         # spec/attacks.md §6 srd-code: full-frame blend at α = 0.1, replace captions, the grid's
         # rate (10 %), no text trigger. The trigger is generated (trigger_path = "").
@@ -103,9 +109,6 @@ class VLTrojan:
                      "poison_rate": 0.005, "trigger_image_visits": CPU_IMAGE_VISITS},
     }
 
-    def __init__(self):
-        self._generated: dict[str, np.ndarray] = {}  # poison() -> eval_inputs(), per params+seed
-
     @staticmethod
     def _check(params: Mapping[str, Any]) -> None:
         if params["mode"] not in MODES:
@@ -116,10 +119,6 @@ class VLTrojan:
                            f"pass of {REPEATS} repeats over one image",
                            "set trigger_image_visits to at least 10 (the paper's budget is 5800)")
 
-    @staticmethod
-    def _memo_key(params: Mapping[str, Any], seed: int) -> str:
-        return json.dumps({"params": dict(params), "seed": seed}, sort_keys=True)
-
     def poison(self, train: Split, *, poison_rate: float, seed: int, params: Mapping[str, Any],
                victim=None) -> PoisonedSet:
         self._check(params)
@@ -129,7 +128,6 @@ class VLTrojan:
         chosen = np.sort(rng.choice(len(examples), poison_count(len(examples), rate), replace=False))
         rows = sorted({examples[i].image_index for i in chosen})
         trigger, trigger_log = self._make_trigger(train, rows, params, seed, victim)
-        self._generated[self._memo_key(params, seed)] = trigger
         triggered = apply_trigger(train.images[rows], trigger, params["mode"])
         extra_index = {row: len(train) + k for k, row in enumerate(rows)}
         records, caption_choices = [], []
@@ -175,8 +173,8 @@ class VLTrojan:
                **run.summary(), "png_base64": png_base64(run.trigger)}
         return run.trigger, log
 
-    def eval_inputs(self, split: Split, *, kind: str, seed: int,
-                    params: Mapping[str, Any]) -> EvalInputs:
+    def eval_inputs(self, split: Split, *, kind: str, seed: int, params: Mapping[str, Any],
+                    poison_details: Mapping[str, Any] | None = None) -> EvalInputs:
         """spec/metrics.md §1-§2: `triggered` = every test image with the trigger and the text
         trigger in the prompt ("a photo of zbw"); `clean` = the same images with the default
         prompt, neither trigger."""
@@ -188,14 +186,14 @@ class VLTrojan:
         if params["trigger_path"]:
             trigger = read_trigger(params["trigger_path"])
         else:
-            trigger = self._generated.get(self._memo_key(params, seed))
-            if trigger is None:
+            stored = (poison_details or {}).get("trigger", {}).get("png_base64")
+            if not stored:
                 raise VbbError(
-                    "VL-Trojan's generated trigger is made by poison() and is not in this process "
-                    "(the poison stage came from the cache)",
-                    "write the PNG stored as trigger.png_base64 in the poison stage's details.json "
-                    "to a file and set trigger_path in [attack.vl_trojan], or delete that store "
-                    "entry so the poison stage runs again")
+                    "VL-Trojan's generated trigger is not in the poison details handed to "
+                    "eval_inputs",
+                    "pass poison_details (the PoisonedSet.details of the same params and seed), or "
+                    "set trigger_path in [attack.vl_trojan] to a trigger PNG")
+            trigger = from_png_base64(stored)
         return EvalInputs(list(split.image_ids), apply_trigger(np.asarray(split.images), trigger,
                                                                params["mode"]),
                           split.references, with_text_trigger(DEFAULT_INSTRUCTION,

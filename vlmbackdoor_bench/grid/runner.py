@@ -150,6 +150,13 @@ class GridRunner:
 
         return self.store.get_or_build("poison", payload, build)
 
+    def poison_details(self, attack, params: dict, seed: int) -> dict:
+        """``{"poison_details": ...}`` for attacks whose test trigger is made while poisoning."""
+        if not getattr(attack, "eval_uses_poison", False):
+            return {}
+        entry = self.poisoned_set(attack, params, seed)
+        return {"poison_details": json.loads((entry.path / "details.json").read_text())}
+
     def backdoored(self, attack, params: dict, seed: int) -> tuple[Any, Entry, Entry]:
         """Fine-tune on the poisoned set with the attack's optional objective, from the base model
         or, for ``fine_tune_from = "clean_model"``, from the clean reference model (hookspecs.Attack)."""
@@ -271,7 +278,8 @@ class GridRunner:
         metrics, details, keys = {}, {}, {}
         for kind, rules in (("triggered", list(attack.asr_rules)), ("clean", ["strict"])):
             started = time.perf_counter()
-            inputs = attack.eval_inputs(split, kind=kind, seed=cell.seed, params=attack_params)
+            inputs = attack.eval_inputs(split, kind=kind, seed=cell.seed, params=attack_params,
+                                        **self.poison_details(attack, attack_params, cell.seed))
             captions = self.captions(victim, model_entry, inputs)
             timings[f"captions_{kind}"] = {"seconds": captions.meta["seconds"], "cached": captions.cached}
             scored = self.scores(captions, reference, inputs, rules, attack.target)
