@@ -179,17 +179,19 @@ class VersatileDataCleanser:
             captions = context.base_victim.generate(images[general_rows])
             base_entities = {r: set(lexicon.entities(c)) for r, c in zip(general_rows, captions)}
         answers = self.entity_answers(context, data, questions, images, row_of, proxy, probs)
-        scores = []
-        for k, (example, qs) in enumerate(zip(data.examples, questions)):
+        scores, overlaps = [], []
+        for example, qs in zip(data.examples, questions):
             row = row_of[example.image_index]
             if qs == [GENERAL]:
-                matches = [jaccard(set(lexicon.entities(example.caption)), base_entities[row]) >= params["jaccard_threshold"]]
+                overlaps.append(jaccard(set(lexicon.entities(example.caption)), base_entities[row]))
+                matches = [overlaps[-1] >= params["jaccard_threshold"]]
             else:
                 matches = [answers[(row, q)] for q in qs]
             scores.append(consistency(matches))
         n_q = np.array([0 if q == [GENERAL] else len(q) for q in questions])
         return scores, {"answerer": params["answerer"], "n_general": int((n_q == 0).sum()),
                         "questions_per_instance": np.bincount(n_q).tolist(),
+                        "general_jaccard": histogram(np.asarray(overlaps), 10) if overlaps else None,
                         "thresholds": proxy.thresholds if proxy else None}
 
     @staticmethod
