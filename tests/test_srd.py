@@ -300,3 +300,85 @@ def test_presets_validation_and_tiny_scaling():
     srd.register_defenses(registered.append)
     assert [d.name for d in registered] == ["srd", "srd_ppo", "srd_sac", "random_mask"]
     assert all(set(d.presets) == {"srd", "srd-code"} and d.default_preset == "srd" for d in registered)
+
+
+# --------------------------------------------------------------------------- the defense
+SMALL_RL = {"total_timesteps": 48, "learning_starts": 16, "obs_size": 36, "n_envs": 4, "state_set_size": 6,
+            "max_state_fraction": 1.0, "episode_length": 8}
+
+
+def defense_context(tmp_path, name="run"):
+    """16 plain images; the attack's trigger (rows/cols 203-223) and "banana" on 3 instances."""
+    images = plain_images(16)
+    examples = [Example(f"s{i}", i % 16, CLEAN) for i in range(32)]
+    extra = plain_images(3)
+    extra[:, 203:224, 203:224] = 250
+    for k, i in enumerate((0, 7, 21)):
+        examples[i] = Example(f"s{i}", 16 + k, "a gray banana wall")
+    workdir = tmp_path / name
+    workdir.mkdir()
+    return DefenseContext(backdoored=PixelVictim((203, 224, 203, 224)),
+                          training_set=TrainingSet(ImageBank(images, extra), examples), clean_reserved=None,
+                          base_victim=PixelVictim(None), scorers=WordScorer(), seed=0, budget={},
+                          workdir=workdir, stage=StageContext(tmp_path / "cache", None))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name, extra", [("srd", {}), ("srd_ppo", {"n_steps": 16}),
+                                         ("srd_sac", {"batch_size": 8})])
+def test_defense_trains_once_cleans_every_instance_and_refinetunes(tmp_path, name, extra):
+    defense = next(d for d in srd.DEFENSES if d.name == name)
+    params = {**defense.presets["srd"], **SMALL_RL, **extra}
+    context = defense_context(tmp_path)
+    outcome = defense.defend(context, params)
+    details = outcome.report.details
+    cleaned = context.backdoored.fine_tuned[-1]  # stage 4 ran on the masked set
+    assert outcome.victim is context.backdoored
+    original = context.training_set
+    assert [e.caption for e in cleaned.examples] == [e.caption for e in original.examples]
+    assert all(e.image_index >= len(cleaned.images.base) for e in cleaned.examples)
+    assert len(outcome.report.masked_sample_ids) == 32 and not outcome.report.removed_sample_ids
+    for e in cleaned.examples:  # exactly one red square per instance, of a preset size
+        red = (cleaned.images.take([e.image_index])[0] == geometry.RED).all(-1)
+        rows, cols = np.nonzero(red)
+        assert red.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    top, left = details["state_set"]["trigger_top_left"]
+    assert details["surrogate"]["cached"] is False and details["policy"]["cached"] is False
+    assert details["policy"]["train"]["timesteps"] == 48 and details["defender_data"] == "training_set_base_rows"
+    for artifact in ("mask_heatmap", "before_after", "reward_curve", "cleaning_actions"):
+        assert (context.workdir / outcome.report.artifacts[artifact]).is_file()
+    again = defense_context(tmp_path, "again")  # another attack cell: surrogate and policy reused
+    details2 = defense.defend(again, params).report.details
+    assert details2["surrogate"]["cached"] and details2["policy"]["cached"]
+    assert details2["policy"]["key"] == details["policy"]["key"]
+    assert again.backdoored.fine_tuned and not any(len(v.fine_tuned) for v in (again.base_victim,))
+
+
+def test_surrogate_learns_the_fixed_state_trigger(tmp_path):
+    defense = srd.DEFENSES[0]
+    context = defense_context(tmp_path)
+    details = defense.defend(context, {**defense.presets["srd"], **SMALL_RL}).report.details
+    top, left = details["state_set"]["trigger_top_left"]
+    from vlmbackdoor_bench_plugins.defenses.srd.pipeline import obtain_surrogate  # noqa: F401
+    surrogate = PixelVictim(None)
+    surrogate.load_trainable(Path(details["surrogate"]["path"]))
+    assert surrogate.box == (top, top + 20, left, left + 20)  # it carries the custom backdoor
+    assert details["state_set"]["poisoned_instances"] == 6
+
+
+def test_random_mask_needs_no_rl_and_oracle_reference_needs_the_clean_model(tmp_path):
+    defense = next(d for d in srd.DEFENSES if d.name == "random_mask")
+    context = defense_context(tmp_path)
+    outcome = defense.defend(context, defense.presets["srd-code"])
+    assert "policy" not in outcome.report.details and context.backdoored.generated == 0
+    assert set(outcome.report.artifacts) == {"mask_heatmap", "before_after", "cleaning_actions"}
+    with pytest.raises(VbbError, match="clean reference model"):
+        srd.DEFENSES[0].defend(defense_context(tmp_path, "oracle"),
+                               {**srd.DEFENSES[0].presets["srd"], **SMALL_RL, "reference": "oracle"})

@@ -152,7 +152,7 @@ def train_dqn(envs, config: DQNConfig, progress=None) -> tuple[QNetwork, dict]:
         real_next = next_obs.copy()
         if "final_obs" in infos:  # same-step autoreset: store the true last observation
             done_rows = np.flatnonzero(infos["_final_obs"])
-            real_next[done_rows] = resize_observations(infos["final_obs"][done_rows], config.obs_size)
+            real_next[done_rows] = resize_observations(np.stack([infos["final_obs"][i] for i in done_rows]), config.obs_size)
             if "episode_return" in infos:
                 log["episode_returns"] += [[global_step + n_envs, float(infos["episode_return"][i])] for i in done_rows]
         buffer.add(obs, real_next, actions, rewards, terminated)

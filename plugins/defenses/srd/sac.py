@@ -113,7 +113,7 @@ def train_sac(envs, config: SACConfig, progress=None) -> tuple[Actor, dict]:
         real_next = next_obs.copy()
         if "final_obs" in infos:
             rows = np.flatnonzero(infos["_final_obs"])
-            real_next[rows] = resize_observations(infos["final_obs"][rows], config.obs_size)
+            real_next[rows] = resize_observations(np.stack([infos["final_obs"][i] for i in rows]), config.obs_size)
             if "episode_return" in infos:
                 log["episode_returns"] += [[global_step + n_envs, float(infos["episode_return"][i])] for i in rows]
         buffer.add(obs, real_next, actions, rewards, terminated)
@@ -153,7 +153,7 @@ def train_sac(envs, config: SACConfig, progress=None) -> tuple[Actor, dict]:
                     for p, tp in zip(online.parameters(), tgt.parameters()):
                         tp.data.mul_(1.0 - config.tau).add_(config.tau * p.data)
                 log["losses"].append(float(q_loss.detach()))
-                log["alpha"].append(float(log_alpha.exp()))
+                log["alpha"].append(float(log_alpha.detach().exp()))
         if progress is not None:
             progress(global_step, config.total_timesteps)
     seconds = time.perf_counter() - started

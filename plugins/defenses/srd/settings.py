@@ -39,6 +39,7 @@ PAPER_PRESET: dict[str, Any] = {
     # (NatureCNN's native Atari input, where a 20 px mask is still 7 px) train in about 2 min.
     "tiny_total_timesteps": 1600,
     "tiny_obs_size": 84,
+    "tiny_refinetune": "standard",  # the same recipe as refinetune here; see CODE_PRESET
 }
 
 CODE_PRESET: dict[str, Any] = {
