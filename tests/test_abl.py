@@ -13,8 +13,6 @@ from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import DefenseContext, StageContext, TrainingStep
 from vlmbackdoor_bench.metrics.captioning import java_available
 from vlmbackdoor_bench.types import Example, ImageBank, TrainingSet
-from vlmbackdoor_bench.victims.tiny import TinyArch, TinyVictim, build_model
-from vlmbackdoor_bench.victims.tokenizer import train_tokenizer
 from vlmbackdoor_bench.victims.training import Recipe
 from vlmbackdoor_bench_plugins.defenses.abl import (
     DEFAULTS, AntiBackdoorLearning, FloodingObjective, GradientAscentObjective, flooding,
