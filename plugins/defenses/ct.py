@@ -81,7 +81,7 @@ def likelihood_ratio(features: np.ndarray, fitted: np.ndarray) -> float:
     # each group under its own Gaussian (the assignment is given, not fitted by EM), so a random
     # split of one Gaussian gives LR ≈ 1 and only a separated group exceeds the 1.5 gate
     two = _gaussian_loglik(points[fitted]).sum() + _gaussian_loglik(points[~fitted]).sum()
-    return float(math.exp((two - one) / len(points)))
+    return float(math.exp(min((two - one) / len(points), 700.0)))  # a degenerate group: cap, not overflow
 
 
 def _gaussian_loglik(points: np.ndarray) -> np.ndarray:
