@@ -147,7 +147,7 @@ def test_files_written(results: Path, tmp_path: Path) -> None:
     names = sorted(p.name for p in written)
     expected = ["README.md", "results.csv"] + [
         f"{stem}.{ext}"
-        for stem in ("table1", "table2", "table3", "clean_inputs", "asr_headline")
+        for stem in ("table1", "table2", "table3", "clean_inputs", "asr_headline", "defense_report")
         for ext in ("md", "csv", "tex", "html")]
     assert names == sorted(expected)  # no paper tables: none given (see the tests below)
     assert all(p.parent == folder for p in written)
@@ -442,3 +442,30 @@ def test_baseline_profile_mismatch(results: Path, tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(VbbError, match="profile 'other'"):
         check_against_baseline(results, PROFILE, path)
+
+
+# ----------------------------------------------------------------------------- defense report
+def test_defense_report_rows_detection_and_before_after(tmp_path: Path) -> None:
+    from vlmbackdoor_bench.leaderboard import build_tables
+
+    records = all_records()
+    for r in records:
+        if r["defense"] == "abl" and r["status"] == "ok":
+            r["detection"] = {"precision": 80.0, "recall": 25.0, "n_flagged": 250,
+                              "n_poisoned": 800, "n_true_positive": 200}
+        r["timings"]["defend"] = {"seconds": 61.4, "cached": False}
+    tables = {t.key: t for t in build_tables(records, PROFILE, load_paper_tables(tmp_path)).tables}
+    report = tables["defense_report"]
+    rows = {labels[:3]: cells for labels, cells in report.rows}
+    # every non-trivial defense cell that did not fail, none itself is the "before" column
+    assert len(rows) == 2 * 2 * 2 - 1
+    abl = rows[("COCO", "BadNet", "ABL")]
+    before = value("coco", "badnet", "none", "triggered", "asr_strict")
+    after = value("coco", "badnet", "abl", "triggered", "asr_strict")
+    clean_c = value("coco", "badnet", "abl", "clean", "cider")
+    assert abl == (f"{before:.1f}", f"{after:.1f}", f"{clean_c:.1f}", "80.0", "25.0", "250 / 800", "61")
+    srd = rows[("COCO", "Shadowcast", "SRD")]
+    assert srd[0] == f"{value('coco', 'shadowcast', 'none', 'triggered', 'asr_concept'):.1f}"
+    assert srd[3:6] == ("–", "–", "–")  # no detection reported
+    labels = [labels for labels, _ in report.rows]
+    assert labels[0][3] == "strict" and ("Flickr30k", "Shadowcast", "SRD", "concept") in labels

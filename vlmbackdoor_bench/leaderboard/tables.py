@@ -543,6 +543,9 @@ def build_tables(records: Sequence[Mapping], profile: str, paper: PaperTables) -
     tables = [table1(cells, profile, paper, n_failed), table2(cells, profile, paper, n_failed)]
     tables += [t3] if t3.has_data else []
     tables += [clean_inputs(cells, n_failed), asr_headline(cells, n_failed)]
+    from .defense_report import defense_report  # it builds on this module's helpers
+    report = defense_report(records, cells.poison_rate)
+    tables += [report] if report.has_data else []
     papers: list[Table] = []
     if profile != PAPER_PROFILE:
         papers = [t for t in (paper_table(n, paper) for n in sorted(paper)) if t is not None]

@@ -1,0 +1,85 @@
+"""The defense report: what each defense did to each backdoored model (a table the paper lacks).
+
+One row per (dataset, attack, defense) with the headline ASR on triggered inputs before (No
+Defense) and after, clean-input CIDEr after, the detection precision/recall the harness computed
+from the samples the defense removed or relabelled (DESIGN.md §3), and the defense's own time.
+The defended model is shared by both datasets, so detection and time repeat on the Flickr row.
+Values are means over seeds; a defense that flags nothing has no precision (printed as missing).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Mapping, Sequence
+
+from .results import CLEAN_MODEL, attack_rank, dataset_rank, defense_rank, label
+from .tables import MISSING, ColumnGroup, Table, fmt, headline_metric
+
+COLUMNS = ("ASR before ↓", "ASR after ↓", "clean C ↑", "precision ↑", "recall ↑",
+           "flagged / poisoned", "defense s")
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return math.fsum(values) / len(values) if values else None
+
+
+def _number(value) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _defense_seconds(record: Mapping) -> float | None:
+    """The seconds the defend stage took when it was computed (cached runs keep that figure)."""
+    entry = (record.get("timings") or {}).get("defend")
+    return _number(entry.get("seconds") if isinstance(entry, Mapping) else entry)
+
+
+def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Table:
+    """The table (``has_data`` False when no real defense ran)."""
+    kept = [r for r in records if r.get("status") == "ok" and r.get("defense") != CLEAN_MODEL
+            and (poison_rate is None or _number(r.get("poison_rate")) == poison_rate)]
+    values: dict[tuple, list[float]] = defaultdict(list)
+    for r in kept:
+        key = (r["dataset"], r["attack"], r["defense"])
+        metric = headline_metric(r["attack"])
+        metrics = r.get("metrics") or {}
+        for name, value in (("asr", (metrics.get("triggered") or {}).get(metric)),
+                            ("cider", (metrics.get("clean") or {}).get("cider")),
+                            ("seconds", _defense_seconds(r))):
+            if _number(value) is not None:
+                values[key + (name,)].append(float(value))
+        detection = r.get("detection") or {}
+        for name in ("precision", "recall", "n_flagged", "n_poisoned"):
+            if _number(detection.get(name)) is not None:
+                values[key + (name,)].append(float(detection[name]))
+
+    table = Table(key="defense_report", title="Defense report: ASR before/after, detection, time",
+                  index=("Dataset", "Attack", "Defense", "ASR rule"),
+                  groups=(ColumnGroup("", COLUMNS),))
+    cells = sorted({(d, a, f) for d, a, f in (k[:3] for k in values) if f != "none"},
+                   key=lambda k: (dataset_rank(k[0]), attack_rank(k[1]), defense_rank(k[2])))
+    for dataset, attack, defense in cells:
+        def get(name: str, which: str = defense) -> float | None:
+            return _mean(values.get((dataset, attack, which, name), []))
+
+        flagged, poisoned = get("n_flagged"), get("n_poisoned")
+        counts = (f"{flagged:.0f} / {poisoned:.0f}" if flagged is not None and poisoned is not None
+                  else MISSING)
+        seconds = get("seconds")
+        texts = (fmt(get("asr", "none")), fmt(get("asr")), fmt(get("cider")), fmt(get("precision")),
+                 fmt(get("recall")), counts, MISSING if seconds is None else f"{seconds:.0f}")
+        table.rows.append(((label("dataset", dataset), label("attack", attack),
+                            label("defense", defense), headline_metric(attack).removeprefix("asr_")),
+                           texts))
+        table.has_data = True
+    table.footnotes = [
+        "Triggered test inputs for ASR (rule `strict`, or `concept` for Shadowcast, spec/metrics.md "
+        "§4.4), clean test inputs for C. Before = the same backdoored model without defense.",
+        "Detection: the samples a defense removed, isolated or relabelled, against the poison set "
+        "the harness holds (precision/recall in %; a defense that flags nothing has no precision). "
+        "Masking defenses (SRD, random masks) change every image and flag none.",
+        "defense s: wall seconds of the defend stage when it was computed; the defended model is "
+        "shared by both datasets, so its detection and time repeat on the Flickr row.",
+    ]
+    return table
