@@ -284,7 +284,7 @@ def test_paper_state_set_fixed_trigger_and_inserted_target():
 
 def test_presets_validation_and_tiny_scaling():
     p, scaled = settings.resolve({}, settings.PAPER_PRESET, "tiny")
-    assert scaled == {"total_timesteps": {"spec": 10_000, "tiny": 1600}, "obs_size": {"spec": 224, "tiny": 84}}
+    assert scaled == {"total_timesteps": {"spec": 10_000, "tiny": 640}, "obs_size": {"spec": 224, "tiny": 84}}
     p, scaled = settings.resolve({}, settings.PAPER_PRESET, "openflamingo-3b")
     assert scaled == {} and p["total_timesteps"] == 10_000 and p["mask_sizes"] == [20, 40, 60, 80]
     code, _ = settings.resolve({}, settings.CODE_PRESET, "openflamingo-3b")

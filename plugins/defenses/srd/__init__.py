@@ -25,8 +25,8 @@ __version__ = "1.0.0"
 # Algorithm-specific preset keys (SB3 defaults live in each algorithm's config dataclass).
 PPO_TINY = {
     # spec/srd.md §8: n_steps 2,048 of 10,000 steps = ~5 PPO updates; the tiny budget keeps ~5
-    # updates of its 1,600 steps (320 transitions per rollout).
-    "n_steps": 2048, "tiny_n_steps": 320,
+    # updates of its 640 steps (128 transitions per rollout).
+    "n_steps": 2048, "tiny_n_steps": 128,
 }
 SAC_TINY = {
     # spec/srd.md §8: batch 256 with a gradient step per transition is ~60x the DQN's gradient
@@ -46,7 +46,7 @@ class SrdDefense:
         if algorithm == "random":  # no RL: only the mask space, cleaning and re-fine-tuning apply
             drop = ("total_timesteps", "learning_starts", "obs_size", "n_envs", "episode_length",
                     "tiny_total_timesteps", "tiny_obs_size", "state_set", "state_set_size",
-                    "max_state_fraction", "surrogate", "cleaning_trials", "cleaning_epsilon",
+                    "max_state_fraction", "surrogate", "cleaning_trials", "cleaning_epsilon", "rl_threads",
                     "reward_table", "clip_scores", "reference", "prompt")
             self.presets = {k: {n: v for n, v in preset.items() if n not in drop} for k, preset in self.presets.items()}
 

@@ -3,8 +3,10 @@ stage 4 (re-fine-tuning), with the interpretability figures (spec/srd.md §0).""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +29,18 @@ from .settings import resolve
 from .state_set import StateSet, code_state_set, defender_data, paper_state_set
 
 STATE_SET_VERSION = 1  # bump when the state-set or surrogate construction changes
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with ``n`` torch threads (0: unchanged), restoring the previous count."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def algorithms() -> dict:
@@ -115,15 +129,17 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
         details["surrogate"] = surrogate_info
         timings["surrogate"] = time.perf_counter() - stage
         stage = time.perf_counter()
-        policy, train_log, policy_info = obtain_policy(context, p, algorithm, states, surrogate, surrogate_info,
-                                                       reference_victim, fidelity, data, base_id, cache_root)
+        with torch_threads(p["rl_threads"]):
+            policy, train_log, policy_info = obtain_policy(context, p, algorithm, states, surrogate, surrogate_info,
+                                                           reference_victim, fidelity, data, base_id, cache_root)
         details["policy"] = policy_info
         timings["policy"] = time.perf_counter() - stage
     stage = time.perf_counter()
     rewarder = MaskRewarder(context.backdoored, reference_victim, fidelity, p["reward_table"], sizes) if rl else None
-    cleaned = clean_training_set(context.training_set, policy, rewarder, sizes=sizes, seed=context.seed,
-                                 trials=p["cleaning_trials"] if rl else 1, prompt=p.get("prompt", "default"),
-                                 select=rl)
+    with torch_threads(p.get("rl_threads", 0)):
+        cleaned = clean_training_set(context.training_set, policy, rewarder, sizes=sizes, seed=context.seed,
+                                     trials=p["cleaning_trials"] if rl else 1, prompt=p.get("prompt", "default"),
+                                     select=rl)
     timings["cleaning"] = time.perf_counter() - stage
     details["cleaning"] = {**cleaned.details, **({"generations": rewarder.generations,
                                                   "generation_seconds": rewarder.seconds} if rewarder else {})}
@@ -187,7 +203,14 @@ def obtain_policy(context, p, algorithm, states, surrogate, surrogate_info, refe
         rewarder = MaskRewarder(surrogate, reference_victim, fidelity, p["reward_table"], p["mask_sizes"])
         envs = MaskingVectorEnv(states, rewarder, num_envs=p["n_envs"], episode_length=p["episode_length"],
                                 seed=context.seed)
-        model, log = module.train(envs, config)
+        started = time.perf_counter()
+
+        def progress(step: int, total: int) -> None:  # a line every ~10 % of training, to stderr
+            if step * 10 // total > (step - p["n_envs"]) * 10 // total:
+                print(f"srd {algorithm}: {step}/{total} steps, {time.perf_counter() - started:.0f} s, "
+                      f"{rewarder.generations} generations", file=sys.stderr, flush=True)
+
+        model, log = module.train(envs, config, progress)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "policy.safetensors"))
         log.update(generations=rewarder.generations, generation_seconds=rewarder.seconds,
                    states_visited=len(envs.baselines.refs))
