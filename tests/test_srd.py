@@ -382,3 +382,19 @@ def test_random_mask_needs_no_rl_and_oracle_reference_needs_the_clean_model(tmp_
     with pytest.raises(VbbError, match="clean reference model"):
         srd.DEFENSES[0].defend(defense_context(tmp_path, "oracle"),
                                {**srd.DEFENSES[0].presets["srd"], **SMALL_RL, "reference": "oracle"})
+
+
+def test_code_preset_state_set_every_instance_with_vlood_triggers():
+    from vlmbackdoor_bench_plugins.defenses.srd.pipeline import build_states
+    from vlmbackdoor_bench_plugins.attacks.vlood import trigger_draw
+    images = plain_images(50)
+    examples = [Example(f"s{i}", i % 50, "a dog runs", instruction=f"prompt {i % 3}") for i in range(100)]
+    data = defender_data(DefenseContext(None, TrainingSet(ImageBank(images), examples), None, None, None, 0,
+                                        {}, Path("."), StageContext(Path("."), None)))
+    p, _ = settings.resolve({}, settings.CODE_PRESET, "openflamingo-3b")
+    states, surrogate_set = build_states(data, p, seed=3)
+    assert len(states) == 100 and states.prompts[:3] == ["prompt 0", "prompt 1", "prompt 2"]
+    top, left, patch = trigger_draw(3, 7)  # image id 7 = row 7 without a clean split
+    assert (states.images([7])[0, top:top + 20, left:left + 20] == patch).all()
+    poisoned = sum(e.image_index >= 50 for e in surrogate_set.examples)
+    assert poisoned == 12  # the fallback surrogate keeps the paper's 12 % custom share

@@ -25,7 +25,7 @@ from .cleaning import UniformPolicy, clean_training_set
 from .env import MaskingVectorEnv, MaskRewarder
 from .geometry import n_actions
 from .reward import FidelityScores
-from .settings import resolve
+from .settings import PAPER_PRESET, resolve
 from .state_set import StateSet, code_state_set, defender_data, paper_state_set
 
 STATE_SET_VERSION = 1  # bump when the state-set or surrogate construction changes
@@ -90,10 +90,13 @@ def reference_captioner(context: DefenseContext, p: dict):
 def build_states(data, p: dict, seed: int):
     """(state set, surrogate training set) of the preset (spec/srd.md §1)."""
     n_instances = len(data.examples)
-    size = min(p["state_set_size"] or n_instances, int(p["max_state_fraction"] * n_instances))
-    paper_states, surrogate_set = paper_state_set(data, max(1, size), seed)
     if p["state_set"] == "paper":
-        return paper_states, surrogate_set
+        size = min(p["state_set_size"] or n_instances, int(p["max_state_fraction"] * n_instances))
+        return paper_state_set(data, max(1, size), seed)
+    # srd-code without the grid's TrojVLM cell model: the defender-owned surrogate of the paper
+    # preset (its 3,000 / 12 % custom set), never one poisoned on every image
+    size = min(PAPER_PRESET["state_set_size"], int(PAPER_PRESET["max_state_fraction"] * n_instances))
+    _, surrogate_set = paper_state_set(data, max(1, size), seed)
     states = code_state_set(data, seed)
     if p["state_set_size"] and p["state_set_size"] < len(states):
         keep = sorted(np.random.default_rng([seed, 0x57A7]).choice(len(states), p["state_set_size"], replace=False))
