@@ -30,7 +30,7 @@ from vlmbackdoor_bench.types import DefenseReport, TrainingSet
 
 from ._baseline_common import finetune_recipe, histogram, per_sample_nll, scaled_recipe, subset
 
-__version__ = "1.0.0"
+__version__ = "1.0.1"
 
 DEFAULTS: dict[str, Any] = {
     "gamma": 0.5,  # spec/defenses.md §2: flooding level γ = 0.5 nats/token

@@ -26,9 +26,9 @@ from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import DefenseContext, DefenseOutcome, hookimpl
 from vlmbackdoor_bench.types import DefenseReport, ImageBank
 
-from ._baseline_common import histogram, retrain_base, subset
+from ._baseline_common import histogram, profile_of, retrain_base, subset
 
-__version__ = "1.0.0"
+__version__ = "1.0.1"
 
 DEFAULTS: dict[str, Any] = {
     "ratios": [1 / 2, 1 / 5, 1 / 25, 1 / 50, 1 / 100],  # spec/defenses.md §3: ρ of rounds 0-4
@@ -170,9 +170,11 @@ def clean_reserved_pairs(context: DefenseContext, n_clean: int) -> tuple[ImageBa
     if split is None:
         from vlmbackdoor_bench.registry import load_registry
 
-        registry = load_registry()
-        profile = registry.victim(getattr(context.stage.config, "profile", None) or "tiny")
-        provider = registry.dataset(profile.dataset_sources()["coco"])
+        profile = profile_of(context)
+        if profile is None:
+            raise VbbError("CT has no reserved clean set and cannot tell the cell's victim profile",
+                           "pass clean_reserved in the DefenseContext")
+        provider = load_registry().dataset(profile.dataset_sources()["coco"])
         name = next((s for s in ("restval", "pretrain") if s in provider.splits), None)
         if name is None:
             raise VbbError(f"CT needs a clean set disjoint from fine-tuning; {provider.name} has none",

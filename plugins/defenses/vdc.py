@@ -19,9 +19,9 @@ from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import DefenseContext, DefenseOutcome, hookimpl
 from vlmbackdoor_bench.types import DefenseReport, TrainingSet
 
-from ._baseline_common import histogram, retrain_base, subset
+from ._baseline_common import histogram, profile_of, retrain_base, subset
 
-__version__ = "1.0.0"
+__version__ = "1.0.1"
 
 GENERAL = "general"  # the general question's key in an instance's question list
 DEFAULTS: dict[str, Any] = {
@@ -152,8 +152,9 @@ class VersatileDataCleanser:
         """`auto`: the embedded world's categories when the cell's COCO role is the embedded
         world (the `tiny` profile), else COCO-80 (spec/defenses.md §4)."""
         if choice == "auto":
-            profile = getattr(getattr(context.stage, "config", None), "profile", None)
-            choice = "embedded-world" if profile == "tiny" else "coco-80"
+            profile = profile_of(context)
+            embedded = profile is not None and profile.dataset_sources()["coco"].startswith("embedded")
+            choice = "embedded-world" if embedded else "coco-80"
         return world_lexicon() if choice == "embedded-world" else COCO80
 
     def vote(self, context: DefenseContext, data: TrainingSet, lexicon: Lexicon,
