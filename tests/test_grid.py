@@ -39,7 +39,7 @@ def register_attacks(register):
 CONFIG = '''
 [benchmark]
 profile = "tiny"
-attacks = ["badnet", "exploding"]
+attacks = ["badnet", "vl_trojan", "exploding"]
 defenses = ["none"]
 datasets = ["coco", "flickr30k"]
 cache_dir = "cache"
@@ -52,6 +52,9 @@ world_pretrain = 400
 world_flickr_test = 30
 pretrain_epochs = 3
 finetune_epochs = 3
+
+[attack.vl_trojan]
+trigger_image_visits = 20  # its trigger is made while poisoning and must survive the rerun
 '''
 
 
@@ -76,7 +79,7 @@ def test_a_failing_cell_is_recorded_and_the_rest_run(grid):
     _, config, summary, _ = grid
     assert set(summary.failed) == {"coco__exploding__none__rate0.1__seed0",
                                    "flickr30k__exploding__none__rate0.1__seed0"}
-    assert len(summary.ok) == 6  # badnet x none x 2 datasets + clean-model rows of both attacks
+    assert len(summary.ok) == 10  # (badnet, vl_trojan) x none x 2 datasets + clean-model rows of all three
     failed = results(config)["coco__exploding__none__rate0.1__seed0"]
     assert failed["status"] == "failed" and "always fails while poisoning" in failed["error"]
 
@@ -111,7 +114,7 @@ def test_shared_stages_run_once(grid):
     store = config.store_dir
     assert len(list((store / "base").iterdir())) == 1
     assert len(list((store / "clean_model").iterdir())) == 1
-    assert len(list((store / "backdoor").iterdir())) == 1  # both datasets share the backdoored model
+    assert len(list((store / "backdoor").iterdir())) == 2  # both datasets share each backdoored model
     cells = results(config)
     assert cells["coco__badnet__none__rate0.1__seed0"]["provenance"]["stage_keys"]["backdoor"] == \
         cells["flickr30k__badnet__none__rate0.1__seed0"]["provenance"]["stage_keys"]["backdoor"]
@@ -128,6 +131,10 @@ def test_rerun_reuses_the_store(grid):
     cell = after["coco__badnet__none__rate0.1__seed0"]
     assert all(v["cached"] for k, v in cell["timings"].items() if isinstance(v, dict))
     assert cell["metrics"] == before["coco__badnet__none__rate0.1__seed0"]["metrics"]
+    # a fresh registry: VL-Trojan's triggered inputs come from the cached poison stage's details
+    trojan = after["coco__vl_trojan__none__rate0.1__seed0"]
+    assert trojan["status"] == "ok" and trojan["timings"]["captions_triggered"]["cached"]
+    assert trojan["metrics"] == before["coco__vl_trojan__none__rate0.1__seed0"]["metrics"]
     assert rerun_seconds < first_seconds / 3
 
 

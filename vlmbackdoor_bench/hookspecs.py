@@ -235,6 +235,11 @@ class DefenseContext:
     budget: Mapping[str, Any]
     workdir: Path  # artefacts (PNGs, JSON) the defense wants referenced from the cell result
     stage: "StageContext"
+    # What the grid adds, each a documented simplification or analysis aid:
+    # ``clean_split``: the unpoisoned fine-tuning Split (SRD's state set and surrogate, spec/srd.md
+    # §1: "training it on the clean split is a simplification"); ``clean_model``: the clean
+    # reference model (SRD's ``reference = "oracle"``, analysis only); ``recipe``: the cell's
+    # fine-tuning recipe (spec/victim.md §A3), for defenses that run their own training phases.
     extras: dict = field(default_factory=dict)
 
 

@@ -205,6 +205,10 @@ class GridRunner:
                 clean_reserved=None, base_victim=self.base_victim()[0], scorers=self.scorer(),
                 seed=seed, budget=dict(self.profile_params), workdir=tmp / "artifacts",
                 stage=self.context,
+                # Documented simplifications a defense may use (hookspecs.DefenseContext.extras).
+                extras={"clean_split": self.split("coco", "train"),
+                        "clean_model": self.clean_model(seed)[0],
+                        "recipe": self.profile.finetune_recipe(self.profile_params)},
             )
             context.workdir.mkdir()
             outcome = defense.defend(context, params)

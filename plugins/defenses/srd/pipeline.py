@@ -110,7 +110,7 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
     profile = getattr(context.backdoored, "profile", "")
     p, scaled = resolve(params, defaults, profile)
     sizes = tuple(p["mask_sizes"])
-    recipe = standard_recipe(context.backdoored, context.budget)
+    recipe = context.extras.get("recipe") or standard_recipe(context.backdoored, context.budget)
     rl = algorithm != "random"
     fidelity = FidelityScores(context.scorers, clip=p["clip_scores"]) if rl else None
     reference_victim, reference_used = reference_captioner(context, p) if rl else (None, None)
