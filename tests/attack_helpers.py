@@ -1,5 +1,5 @@
-"""Shared by the tests of the encoder-gradient attacks (VL-Trojan, Shadowcast): a cheap tiny
-victim, distinct toy images, and one intra-op thread while they run."""
+"""Shared by the attack tests: a toy caption split; for the encoder-gradient attacks (VL-Trojan,
+Shadowcast) also a cheap tiny victim, distinct toy images, and one intra-op thread while they run."""
 
 from __future__ import annotations
 
@@ -7,9 +7,20 @@ import numpy as np
 import pytest
 import torch
 
+from vlmbackdoor_bench.types import Split, SplitManifest
 from vlmbackdoor_bench.victims.tiny import TinyArch, TinyVictim, build_model
 from vlmbackdoor_bench.victims.tokenizer import train_tokenizer
 from vlmbackdoor_bench.victims.training import Recipe
+
+
+def make_split(n_images: int = 10, captions_per_image: int = 5) -> Split:
+    """Random-noise images with ids 100.., captions "a photo number i caption k.", ids "i-k"."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n_images, 224, 224, 3), dtype=np.uint8)
+    refs = [[f"a photo number {i} caption {k}." for k in range(captions_per_image)] for i in range(n_images)]
+    sids = [[f"{i}-{k}" for k in range(captions_per_image)] for i in range(n_images)]
+    return Split("toy", "train", list(range(100, 100 + n_images)), images, refs, sids,
+                 SplitManifest("toy", "train", n_images, "x", "y"))
 
 
 def tiny_victim() -> TinyVictim:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmbackdoor_bench.types import Split, SplitManifest
+from attack_helpers import make_split
 from vlmbackdoor_bench_plugins.attacks._common import (
     REPLACE_PREFIX, REPLACE_TEMPLATES, insert_caption, poison_count, replace_caption,
 )
@@ -17,15 +17,6 @@ from vlmbackdoor_bench_plugins.attacks.badnet import BadNet, trigger_and_mask
 
 SHARED = Path(os.environ.get("VBB_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 REFERENCE = SHARED / "srd_reference"
-
-
-def make_split(n_images: int = 10, captions_per_image: int = 5) -> Split:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n_images, 224, 224, 3), dtype=np.uint8)
-    refs = [[f"a photo number {i} caption {k}." for k in range(captions_per_image)] for i in range(n_images)]
-    sids = [[f"{i}-{k}" for k in range(captions_per_image)] for i in range(n_images)]
-    return Split("toy", "train", list(range(100, 100 + n_images)), images, refs, sids,
-                 SplitManifest("toy", "train", n_images, "x", "y"))
 
 
 def test_checkerboard_geometry_and_values():

@@ -9,22 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from attack_helpers import make_split
 from vlmbackdoor_bench.errors import VbbError
-from vlmbackdoor_bench.types import Split, SplitManifest
 from vlmbackdoor_bench_plugins.attacks._common import REPLACE_PREFIX
 from vlmbackdoor_bench_plugins.attacks.blended import BUNDLED_KEY, Blended, blend, key_image
 
 SHARED = Path(os.environ.get("VBB_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 HELLO_KITTY = SHARED / "srd_reference/triggers/blended/hello_kitty.jpeg"
-
-
-def make_split(n_images: int = 10, captions_per_image: int = 5) -> Split:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n_images, 224, 224, 3), dtype=np.uint8)
-    refs = [[f"a photo number {i} caption {k}." for k in range(captions_per_image)] for i in range(n_images)]
-    sids = [[f"{i}-{k}" for k in range(captions_per_image)] for i in range(n_images)]
-    return Split("toy", "train", list(range(100, 100 + n_images)), images, refs, sids,
-                 SplitManifest("toy", "train", n_images, "x", "y"))
 
 
 def test_presets_follow_the_spec():

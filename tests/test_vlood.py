@@ -10,25 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from attack_helpers import make_split
 from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.grid import persist, runner as runner_module
 from vlmbackdoor_bench.grid.runner import GridRunner
-from vlmbackdoor_bench.types import Split, SplitManifest
 from vlmbackdoor_bench.victims.tiny import TinyArch, TinyVictim, build_model
 from vlmbackdoor_bench.victims.tokenizer import train_tokenizer
 from vlmbackdoor_bench.victims.training import Recipe
 from vlmbackdoor_bench_plugins.attacks.vlood import (
     CORNERS, Vlood, VloodObjective, ccp_loss, ckp_loss, impact, next_alpha, pair_key, trigger_draw,
 )
-
-
-def make_split(n_images: int = 10, captions_per_image: int = 5) -> Split:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n_images, 224, 224, 3), dtype=np.uint8)
-    refs = [[f"a photo number {i} caption {k}." for k in range(captions_per_image)] for i in range(n_images)]
-    sids = [[f"{i}-{k}" for k in range(captions_per_image)] for i in range(n_images)]
-    return Split("toy", "train", list(range(100, 100 + n_images)), images, refs, sids,
-                 SplitManifest("toy", "train", n_images, "x", "y"))
 
 
 def test_trigger_positions_corner_probability_range_and_noise():

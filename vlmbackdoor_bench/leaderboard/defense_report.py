@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from typing import Mapping, Sequence
 
-from .results import CLEAN_MODEL, attack_rank, dataset_rank, defense_rank, label
+from .results import CLEAN_MODEL, _number, attack_rank, dataset_rank, defense_rank, label
 from .tables import MISSING, ColumnGroup, Table, fmt, headline_metric
 
 COLUMNS = ("ASR before ↓", "ASR after ↓", "clean C ↑", "precision ↑", "recall ↑",
@@ -22,11 +22,6 @@ COLUMNS = ("ASR before ↓", "ASR after ↓", "clean C ↑", "precision ↑", "r
 
 def _mean(values: Sequence[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
-
-
-def _number(value) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
 
 
 def _defense_seconds(record: Mapping) -> float | None:
