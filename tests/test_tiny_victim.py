@@ -130,6 +130,21 @@ def test_full_save_load(victim, tmp_path):
     assert loaded.generate(images) == victim.generate(images)
 
 
+def test_persistent_token_cache_serves_a_new_process_exact_tokens(victim, tmp_path):
+    images = toy_set().images.take([0, 1, 2])
+    (tmp_path / "base").mkdir()
+    victim.save_full(tmp_path / "base")
+    first = TinyVictim.load_full(tmp_path / "base", token_dir=tmp_path / "tokens")
+    computed = first.vision_features(images)
+    assert len(list((tmp_path / "tokens").rglob("*.npy"))) == 3
+    second = TinyVictim.load_full(tmp_path / "base", token_dir=tmp_path / "tokens")  # "a rerun"
+    second.model.vision_encoder.forward = None  # any encoder call would now fail: disk must serve
+    assert torch.equal(second.vision_features(images), computed)  # bit-exact, float32
+    assert torch.equal(second.clone().vision_features(images[:1]), computed[:1])  # clones share it
+    with pytest.raises(RuntimeError, match="finished encoder"):
+        second.token_cache.clear()
+
+
 def test_recipe_schedule_and_decay_groups(victim):
     assert cosine_with_warmup(0, 100, 1) == 1.0 and cosine_with_warmup(100, 100, 1) == 0.0
     assert abs(cosine_with_warmup(50, 101, 1) - 0.5) < 0.02

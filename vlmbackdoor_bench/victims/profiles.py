@@ -98,7 +98,8 @@ class TinyProfile:
 
     def load(self, directory: Path, context: StageContext):
         from .tiny import TinyVictim
-        return TinyVictim.load_full(directory)
+        # One token directory per base model (its store key): the encoder is frozen from then on.
+        return TinyVictim.load_full(directory, Path(context.cache_dir) / "tokens" / Path(directory).name)
 
 
 class OpenFlamingo3BProfile:

@@ -13,6 +13,7 @@ import copy
 import hashlib
 import itertools
 import json
+import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from ..hookspecs import TrainingObjective, TrainingStep
 from ..metrics.postprocess import postprocess_caption
 from ..types import DEFAULT_INSTRUCTION, Example, TrainingSet
-from .efficientnet import HEAD_CHANNELS, EfficientNetLite0, pretrained_efficientnet_lite0
+from .efficientnet import EfficientNetLite0, block_channels, pretrained_efficientnet_lite0
 from .flamingo import Flamingo, load_trainable_state_dict, set_openflamingo_trainable, trainable_state_dict
 from .tokenizer import ANSWER, EOC, MEDIA, load_tokenizer, save_tokenizer
 from .training import Recipe, run_training
@@ -42,6 +43,11 @@ POSITION_SCALE = 0.5  # position codes at about half a whitened token's norm: wh
 @dataclass(frozen=True)
 class TinyArch:
     input_size: int = 224  # the paper's frame: triggers keep every pixel (DESIGN.md §5); 7x7 tokens
+    # Tokens = EfficientNet-Lite0's map after its 15th block (the last 192-channel one), not the
+    # 1280-channel head. Measured on 300 test images with BadNet's corner patch: a linear probe
+    # on the trigger cell separates patched from clean at 99.5 % after block 15 but 78.5 % at the
+    # head, whose patch response is image-dependent (mean cosine of the change 0.10 vs 0.61).
+    backbone_blocks: int = 15
     vis_dim: int = 128
     lm_dim: int = 128
     lm_layers: int = 3
@@ -77,8 +83,8 @@ def sincos_positions(grid: int, dim: int) -> torch.Tensor:
 
 
 class TinyVisionEncoder(torch.nn.Module):
-    """CLIP's place in the tiny victim: ImageNet EfficientNet-Lite0 -> a fixed linear projection
-    -> position codes -> LayerNorm. Returns (pooled, tokens[B, grid*grid, vis_dim]) like CLIP.
+    """CLIP's place in the tiny victim: ImageNet EfficientNet-Lite0 up to ``backbone_blocks``
+    (TinyArch) -> a fixed linear projection -> position codes -> LayerNorm. Returns (pooled, tokens[B, grid*grid, vis_dim]) like CLIP.
 
     spec/victim.md §B4 leaves "from EfficientNet-Lite0 or from scratch" to measurement. Measured:
     an encoder trained from scratch on the embedded world named the wrong objects (the clean model
@@ -88,24 +94,26 @@ class TinyVisionEncoder(torch.nn.Module):
     pretraining images (``fit_projection``), so the whole encoder is frozen, as OpenFlamingo's.
     """
 
-    def __init__(self, vis_dim: int, input_size: int):
+    def __init__(self, vis_dim: int, input_size: int, backbone_blocks: int):
         super().__init__()
         self.backbone = EfficientNetLite0()
-        self.projection = torch.nn.Linear(HEAD_CHANNELS, vis_dim)
+        self.backbone_blocks = backbone_blocks
+        self.projection = torch.nn.Linear(block_channels(backbone_blocks), vis_dim)
         grid = -(-input_size // 32)  # EfficientNet's output stride is 32
         self.register_buffer("positions", POSITION_SCALE * sincos_positions(grid, vis_dim))
         self.norm = torch.nn.LayerNorm(vis_dim)
 
     def backbone_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """CLIP-normalised pixels (B, 3, s, s) -> the backbone's (B, grid*grid, 1280) map."""
+        """CLIP-normalised pixels (B, 3, s, s) -> the backbone's (B, grid*grid, C) token map."""
         mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        features = self.backbone.features(pixels * std + mean)  # back to [0, 1] for its own norm
+        # back to [0, 1] for the backbone's own normalisation
+        features = self.backbone.features(pixels * std + mean, self.backbone_blocks)
         return features.flatten(2).transpose(1, 2)
 
     @torch.no_grad()
     def fit_projection(self, backbone_tokens: torch.Tensor) -> None:
-        """PCA-whiten (N, 1280) backbone tokens onto ``vis_dim`` unit-variance components."""
+        """PCA-whiten (N, C) backbone tokens onto ``vis_dim`` unit-variance components."""
         mean = backbone_tokens.mean(0)
         _, eigvals, eigvecs = torch.linalg.svd(backbone_tokens - mean, full_matrices=False)
         # Directions without variance (fewer tokens than dims, as in unit tests) map to 0.
@@ -129,7 +137,7 @@ def build_model(arch: TinyArch, tokenizer, *, train_vision_encoder: bool, gate_i
         tie_word_embeddings=True,  # MPT ties the output projection to the input embedding (§A2)
     )
     lm = GPT2LMHeadModel(lm_config)
-    encoder = TinyVisionEncoder(arch.vis_dim, arch.input_size)
+    encoder = TinyVisionEncoder(arch.vis_dim, arch.input_size, arch.backbone_blocks)
     encoder.backbone.load_state_dict(pretrained_efficientnet_lite0().state_dict())
     model = Flamingo(
         encoder, lm,
@@ -200,27 +208,53 @@ class TokenCache:
 
     The encoder never trains after the base is built, so an image's tokens are a pure function
     of its bytes: the clean training split, the clean test splits and any image an attack or a
-    defense re-uses are encoded once per process instead of once per stage (the EfficientNet
-    backbone costs ~15 ms per image on 2 cores). Oldest entries go first beyond ``max_images``.
+    defense re-uses are encoded once instead of once per stage (the EfficientNet backbone costs
+    ~15-30 ms per image on 2 cores). Oldest entries leave memory beyond ``max_images``. With a
+    ``directory`` (one per base model: ``TinyProfile.load``) tokens also persist on disk as exact
+    float32 arrays, so a later process, e.g. a rerun or a new cell, never re-encodes an image.
     """
 
-    def __init__(self, max_images: int = 60_000):
+    def __init__(self, max_images: int = 60_000, directory: Path | None = None):
         self.max_images = max_images
+        self.directory = Path(directory) if directory is not None else None
         self._tokens: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     @staticmethod
     def key(image: np.ndarray) -> bytes:
         return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
 
+    def _file(self, key: bytes) -> Path:
+        name = key.hex()
+        return self.directory / name[:2] / f"{name}.npy"
+
     def get(self, key: bytes) -> torch.Tensor | None:
-        return self._tokens.get(key)
+        tokens = self._tokens.get(key)
+        if tokens is None and self.directory is not None:
+            path = self._file(key)
+            if path.exists():
+                tokens = torch.from_numpy(np.load(path))
+                self._remember(key, tokens)
+        return tokens
 
     def put(self, key: bytes, tokens: torch.Tensor) -> None:
+        self._remember(key, tokens)
+        if self.directory is not None:
+            path = self._file(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as handle:  # np.save would append ".npy" to a bare name
+                np.save(handle, tokens.numpy())
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+    def _remember(self, key: bytes, tokens: torch.Tensor) -> None:
         self._tokens[key] = tokens
         while len(self._tokens) > self.max_images:
             self._tokens.popitem(last=False)
 
     def clear(self) -> None:
+        """Forget the tokens in memory (the encoder changed); a disk tier is never cleared."""
+        if self.directory is not None:
+            raise RuntimeError("a persistent token cache belongs to a finished encoder")
         self._tokens.clear()
 
 
@@ -420,14 +454,16 @@ class TinyVictim:
         if grad:
             return self.model.vision_encoder(self.preprocess(images)[:, 0, 0])[1]
         keys = [TokenCache.key(image) for image in images]
-        missing = [i for i, k in enumerate(keys) if self.token_cache.get(k) is None]
+        found = [self.token_cache.get(k) for k in keys]
+        missing = [i for i, t in enumerate(found) if t is None]
         with torch.no_grad():
             for s in range(0, len(missing), batch_size):
                 rows = missing[s:s + batch_size]
                 tokens = self.model.vision_encoder(self.preprocess(np.asarray(images)[rows])[:, 0, 0])[1]
                 for row, t in zip(rows, tokens):
-                    self.token_cache.put(keys[row], t.clone())
-        return torch.stack([self.token_cache.get(k) for k in keys]) if keys else torch.zeros(0)
+                    found[row] = t.clone()
+                    self.token_cache.put(keys[row], found[row])
+        return torch.stack(found) if keys else torch.zeros(0)
 
     def clone(self) -> "TinyVictim":
         return TinyVictim(copy.deepcopy(self.model), self.tokenizer, self.arch, self.recipe,
@@ -474,7 +510,8 @@ class TinyVictim:
              "dtype": "float32"}, indent=2))
 
     @classmethod
-    def load_full(cls, directory: Path) -> "TinyVictim":
+    def load_full(cls, directory: Path, token_dir: Path | None = None) -> "TinyVictim":
+        """The base model saved by ``save_full``; ``token_dir`` makes its token cache persistent."""
         directory = Path(directory)
         meta = json.loads((directory / "victim.json").read_text())
         arch = TinyArch(**meta["arch"])
@@ -488,7 +525,7 @@ class TinyVictim:
         set_openflamingo_trainable(model)
         model.eval()
         return cls(model, tokenizer, arch, Recipe(**{**meta["recipe"], "betas": tuple(meta["recipe"]["betas"])}),
-                   Decoding(**meta["decoding"]), meta.get("lineage"))
+                   Decoding(**meta["decoding"]), meta.get("lineage"), TokenCache(directory=token_dir))
 
     def load_trainable(self, directory: Path) -> None:
         set_openflamingo_trainable(self.model)  # the keys a fine-tuned checkpoint holds (§A6)
