@@ -250,7 +250,7 @@ def test_world_meta_categories_and_sizes(small_world):
     for _ in range(n):
         for c in {g["category"] for g in wm._sample_groups(rng)}:
             has[c] += 1
-    assert 0.02 <= has["banana"] / n <= 0.04
+    assert 0.006 <= has["banana"] / n <= 0.014  # the target word stays rare (FOOD_RATE)
     for c in ("apple", "orange", "carrot"):
         assert 0.04 <= has[c] / n <= 0.06
     assert all(has[c] > 0 for c in CATEGORIES)
