@@ -46,7 +46,8 @@ class SrdDefense:
         if algorithm == "random":  # no RL: only the mask space, cleaning and re-fine-tuning apply
             drop = ("total_timesteps", "learning_starts", "obs_size", "n_envs", "episode_length",
                     "tiny_total_timesteps", "tiny_obs_size", "state_set", "state_set_size",
-                    "max_state_fraction", "surrogate", "cleaning_trials", "cleaning_epsilon", "rl_threads",
+                    "max_state_fraction", "surrogate", "cleaning_trials", "tiny_cleaning_trials",
+                    "cleaning_epsilon", "rl_threads",
                     "reward_table", "clip_scores", "reference", "prompt")
             self.presets = {k: {n: v for n, v in preset.items() if n not in drop} for k, preset in self.presets.items()}
 

@@ -57,7 +57,8 @@ def clean_training_set(training_set: TrainingSet, policy, rewarder: MaskRewarder
 
     ``select``: the best-of-``trials`` procedure scored by ``rewarder`` (keep the highest strictly
     positive reward, first on ties, stop at +3, else the last trial); without it (random
-    masking, §8) one sampled action per instance is kept, nothing is captioned."""
+    masking, §8, or a single trial, which is kept whatever it scores) one sampled action per
+    instance is kept and nothing is captioned."""
     rng = np.random.default_rng([seed, 0xC1EA])
     examples = training_set.examples
     prompts = [DEFAULT_INSTRUCTION if prompt == "default" else e.instruction for e in examples]

@@ -138,11 +138,13 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
         details["policy"] = policy_info
         timings["policy"] = time.perf_counter() - stage
     stage = time.perf_counter()
-    rewarder = MaskRewarder(context.backdoored, reference_victim, fidelity, p["reward_table"], sizes) if rl else None
+    # A single trial is kept whatever its reward (§6 steps 3-4): scoring it would change nothing.
+    select = rl and p["cleaning_trials"] > 1
+    rewarder = MaskRewarder(context.backdoored, reference_victim, fidelity, p["reward_table"], sizes) if select else None
     with torch_threads(p.get("rl_threads", 0)):
         cleaned = clean_training_set(context.training_set, policy, rewarder, sizes=sizes, seed=context.seed,
-                                     trials=p["cleaning_trials"] if rl else 1, prompt=p.get("prompt", "default"),
-                                     select=rl)
+                                     trials=p["cleaning_trials"] if select else 1, prompt=p.get("prompt", "default"),
+                                     select=select)
     timings["cleaning"] = time.perf_counter() - stage
     details["cleaning"] = {**cleaned.details, **({"generations": rewarder.generations,
                                                   "generation_seconds": rewarder.seconds} if rewarder else {})}
