@@ -284,7 +284,9 @@ def test_paper_state_set_fixed_trigger_and_inserted_target():
 
 def test_presets_validation_and_tiny_scaling():
     p, scaled = settings.resolve({}, settings.PAPER_PRESET, "tiny")
-    assert scaled == {"total_timesteps": {"spec": 10_000, "tiny": 640}, "obs_size": {"spec": 224, "tiny": 84}}
+    assert scaled == {"total_timesteps": {"spec": 10_000, "tiny": 640}, "obs_size": {"spec": 224, "tiny": 84},
+                      "cleaning_trials": {"spec": 5, "tiny": 1}}
+    assert p["cleaning_trials"] == 1
     p, scaled = settings.resolve({}, settings.PAPER_PRESET, "openflamingo-3b")
     assert scaled == {} and p["total_timesteps"] == 10_000 and p["mask_sizes"] == [20, 40, 60, 80]
     code, _ = settings.resolve({}, settings.CODE_PRESET, "openflamingo-3b")
@@ -359,6 +361,19 @@ def test_defense_trains_once_cleans_every_instance_and_refinetunes(tmp_path, nam
     assert details2["surrogate"]["cached"] and details2["policy"]["cached"]
     assert details2["policy"]["key"] == details["policy"]["key"]
     assert again.backdoored.fine_tuned and not any(len(v.fine_tuned) for v in (again.base_victim,))
+
+
+def test_tiny_profile_cleans_with_one_trial_and_no_generation(tmp_path):
+    defense = next(d for d in srd.DEFENSES if d.name == "srd")
+    params = {**defense.presets["srd"], **SMALL_RL, "tiny_total_timesteps": 48, "tiny_obs_size": 36}
+    context = defense_context(tmp_path)
+    context.backdoored.profile = "tiny"
+    details = defense.defend(context, params).report.details
+    assert details["budget_scaling"]["cleaning_trials"] == {"spec": 5, "tiny": 1}
+    assert details["cleaning"]["selection"] == "none" and "generations" not in details["cleaning"]
+    assert details["cleaning"]["mean_trials"] == 1.0
+    # the policy trains on the defender's surrogate; one-trial cleaning never captions with M_bd
+    assert context.backdoored.generated == 0 and details["policy"]["train"]["generations"] > 0
 
 
 def test_surrogate_learns_the_fixed_state_trigger(tmp_path):
