@@ -108,6 +108,14 @@ def test_efficientnet_backbone_recognises_a_real_photo():
     with torch.no_grad():
         top5 = pretrained_efficientnet_lite0()(x).topk(5).indices[0].tolist()
     assert any(281 <= c <= 285 for c in top5), top5  # ImageNet 281-285: domestic cats
+    # the tiny encoder's tokens: the 7x7 map after block 15, 192 channels (TinyArch.backbone_blocks)
+    from vlmbackdoor_bench.victims.efficientnet import block_channels
+    with torch.no_grad():
+        block15 = pretrained_efficientnet_lite0().features(x, 15)
+    assert block15.shape == (1, block_channels(15), 7, 7) == (1, 192, 7, 7)
+    assert [block_channels(n) for n in (1, 3, 16)] == [16, 24, 320]
+    with pytest.raises(ValueError, match="16 blocks"):
+        block_channels(17)
 
 
 def test_save_and_load_trainable_round_trip(victim, tmp_path):

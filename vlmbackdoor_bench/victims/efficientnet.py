@@ -23,6 +23,10 @@ from ..errors import VbbError
 STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
           (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
 HEAD_CHANNELS = 1280
+BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TF batch-norm constants the checkpoint was trained with
+# EfficientNet-Lite's TF preprocessing: (x - 127) / 128 on 0..255 pixels
+LITE_MEAN, LITE_STD = 127.0 / 255.0, 128.0 / 255.0
+CHECKPOINT_SHA256 = "57934424"  # the first hex digits the package puts in the file name
 N_BLOCKS = sum(stage[-1] for stage in STAGES)  # 16 MBConv blocks
 
 
@@ -37,10 +41,6 @@ def block_channels(blocks: int) -> int:
         if blocks <= done:
             return c_out
     raise AssertionError("unreachable")
-BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TF batch-norm constants the checkpoint was trained with
-# EfficientNet-Lite's TF preprocessing: (x - 127) / 128 on 0..255 pixels
-LITE_MEAN, LITE_STD = 127.0 / 255.0, 128.0 / 255.0
-CHECKPOINT_SHA256 = "57934424"  # the first hex digits the package puts in the file name
 
 
 class SameConv2d(nn.Conv2d):
