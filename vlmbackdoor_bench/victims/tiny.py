@@ -1,8 +1,9 @@
 """The `tiny` victim: the Flamingo architecture at toy size, for 2 CPU cores (DESIGN.md §1, §4).
 
-vision encoder (small CNN, 7x7 patch tokens + positions) -> perceiver resampler -> GPT-2-style LM
-with a gated cross-attention block before every layer (as OpenFlamingo-3B, spec/victim.md §A1).
-The base model is pretrained here on the embedded world's alt-text split (every part trains),
+vision encoder (frozen EfficientNet-Lite0 to block 15, 7x7 tokens + positions) -> perceiver
+resampler -> GPT-2-style LM with a gated cross-attention block before every layer (as
+OpenFlamingo-3B, spec/victim.md §A1). The base model is pretrained here on the embedded world's
+alt-text split (all but the frozen backbone train),
 the analogue of the public OpenFlamingo checkpoint; fine-tuning then trains OpenFlamingo's
 trainable set only (perceiver + gated cross-attention + input embeddings, §A2).
 """
@@ -84,7 +85,8 @@ def sincos_positions(grid: int, dim: int) -> torch.Tensor:
 
 class TinyVisionEncoder(torch.nn.Module):
     """CLIP's place in the tiny victim: ImageNet EfficientNet-Lite0 up to ``backbone_blocks``
-    (TinyArch) -> a fixed linear projection -> position codes -> LayerNorm. Returns (pooled, tokens[B, grid*grid, vis_dim]) like CLIP.
+    (TinyArch) -> a fixed linear projection -> position codes -> LayerNorm. Returns
+    (pooled, tokens[B, grid*grid, vis_dim]) like CLIP.
 
     spec/victim.md §B4 leaves "from EfficientNet-Lite0 or from scratch" to measurement. Measured:
     an encoder trained from scratch on the embedded world named the wrong objects (the clean model
