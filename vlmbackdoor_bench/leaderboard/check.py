@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import VbbError
-from .results import metric_values, row_sort_key
+from .results import finite_number, metric_values, row_sort_key
 
 BASELINE_SCHEMA = 1
 DEFAULT_TOLERANCES: dict[str, float] = {
@@ -99,11 +99,6 @@ def tolerance_for(metric: str, tolerances: Mapping[str, float]) -> float:
 
 
 # ----------------------------------------------------------------------------- validation
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(float(value)))
-
-
 def validate_baseline(baseline: Any, source: str = "baseline") -> dict:
     """The baseline if well formed, else a VbbError naming ``source`` (the file) and the fix."""
     def bad(problem: str) -> VbbError:
@@ -117,7 +112,7 @@ def validate_baseline(baseline: Any, source: str = "baseline") -> dict:
         raise bad("'profile' is missing or not a string")
     tolerances = baseline.get("tolerances", {})
     if not isinstance(tolerances, dict) or not all(
-            isinstance(k, str) and _is_number(v) and float(v) >= 0 for k, v in tolerances.items()):
+            isinstance(k, str) and finite_number(v) is not None and float(v) >= 0 for k, v in tolerances.items()):
         raise bad("'tolerances' must map metric ids or 'prefix*' patterns to numbers >= 0")
     values = baseline.get("values")
     if not isinstance(values, list):
@@ -128,7 +123,7 @@ def validate_baseline(baseline: Any, source: str = "baseline") -> dict:
         for key in VALUE_KEYS:
             if not isinstance(entry.get(key), str) or not entry[key]:
                 raise bad(f"values[{i}] has no string {key!r}")
-        if not _is_number(entry.get("value")):
+        if finite_number(entry.get("value")) is None:
             raise bad(f"values[{i}] ({_where(entry)}) has no numeric 'value'")
     return baseline
 
@@ -199,7 +194,7 @@ def _matches(record: Mapping, entry: Mapping) -> bool:
         if key not in entry:
             continue
         want, have = entry[key], record.get(key)
-        if key == "poison_rate" and _is_number(want) and _is_number(have):
+        if key == "poison_rate" and finite_number(want) is not None and finite_number(have) is not None:
             if not math.isclose(float(want), float(have), rel_tol=0.0, abs_tol=1e-12):
                 return False
         elif want != have:

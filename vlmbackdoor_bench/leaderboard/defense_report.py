@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from typing import Mapping, Sequence
 
-from .results import CLEAN_MODEL, _number, attack_rank, dataset_rank, defense_rank, label
+from .results import CLEAN_MODEL, attack_rank, dataset_rank, defense_rank, finite_number, label
 from .tables import MISSING, ColumnGroup, Table, fmt, headline_metric
 
 COLUMNS = ("ASR before ↓", "ASR after ↓", "clean C ↑", "precision ↑", "recall ↑",
@@ -27,13 +27,13 @@ def _mean(values: Sequence[float]) -> float | None:
 def _defense_seconds(record: Mapping) -> float | None:
     """The seconds the defend stage took when it was computed (cached runs keep that figure)."""
     entry = (record.get("timings") or {}).get("defend")
-    return _number(entry.get("seconds") if isinstance(entry, Mapping) else entry)
+    return finite_number(entry.get("seconds") if isinstance(entry, Mapping) else entry)
 
 
 def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Table:
     """The table (``has_data`` False when no real defense ran)."""
     kept = [r for r in records if r.get("status") == "ok" and r.get("defense") != CLEAN_MODEL
-            and (poison_rate is None or _number(r.get("poison_rate")) == poison_rate)]
+            and (poison_rate is None or finite_number(r.get("poison_rate")) == poison_rate)]
     values: dict[tuple, list[float]] = defaultdict(list)
     for r in kept:
         key = (r["dataset"], r["attack"], r["defense"])
@@ -42,11 +42,11 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Tab
         for name, value in (("asr", (metrics.get("triggered") or {}).get(metric)),
                             ("cider", (metrics.get("clean") or {}).get("cider")),
                             ("seconds", _defense_seconds(r))):
-            if _number(value) is not None:
+            if finite_number(value) is not None:
                 values[key + (name,)].append(float(value))
         detection = r.get("detection") or {}
         for name in ("precision", "recall", "n_flagged", "n_poisoned"):
-            if _number(detection.get(name)) is not None:
+            if finite_number(detection.get(name)) is not None:
                 values[key + (name,)].append(float(detection[name]))
 
     table = Table(key="defense_report", title="Defense report: ASR before/after, detection, time",

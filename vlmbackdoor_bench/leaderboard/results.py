@@ -164,7 +164,7 @@ def newest_result_mtime(results_dir: Path, profile: str) -> float | None:
 
 
 # ----------------------------------------------------------------------------- long form
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """A finite float, or None for anything else (missing, null, NaN, text)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -184,13 +184,13 @@ def metric_values(record: Mapping) -> Iterator[tuple[str, str, float]]:
         if not isinstance(values, Mapping):
             continue
         for metric, raw in sorted(values.items(), key=lambda kv: metric_rank(kv[0])):
-            value = _number(raw)
+            value = finite_number(raw)
             if value is not None:
                 yield str(split), str(metric), value
 
 
 def _int_or_none(value: Any) -> int | None:
-    number = _number(value)
+    number = finite_number(value)
     return int(number) if number is not None and number == int(number) else None
 
 
@@ -230,7 +230,7 @@ def _base_row(record: Mapping) -> dict[str, Any]:
         "profile": record.get("profile"),
         "attack_preset": record.get("attack_preset"),
         "defense_preset": record.get("defense_preset"),
-        "poison_rate": _number(record.get("poison_rate")),
+        "poison_rate": finite_number(record.get("poison_rate")),
         "seed": _int_or_none(record.get("seed")),
         "status": record.get("status"),
         "cell_key": prov.get("cell_key"),
