@@ -119,7 +119,7 @@ def test_ct_runs_six_rounds_and_retrains_without_what_it_flags(tmp_path: Path):
     outcome = ConfusionTraining().defend(context, {"budget_scale": 1.0, "width": 16, "layers": 1, "n_clean": 60})
     details = outcome.report.details
     assert [r["n_distilled"] for r in details["rounds"][:5]] == [100, 40, 8, 4, 2]  # ⌈ρ_r·200⌉
-    assert details["clean_set"] == "context.clean_reserved (60 pairs)"
+    assert details["clean_set"] == "world:restval (60 pairs)"
     assert details["rounds"][0]["pretrain_steps"] == 62  # 10 epochs × 200 / 32
     assert details["rounds"][5]["pretrain_steps"] == 8  # round(4 epochs × (2 + 60) / 32), D_5 ∪ D_cl
     assert details["confusion_iterations"] == [24, 24, 24, 24, 8, 8]  # × 200 / 50,000
@@ -127,3 +127,13 @@ def test_ct_runs_six_rounds_and_retrains_without_what_it_flags(tmp_path: Path):
     assert details["flagged"] == (details["likelihood_ratio"] > 1.5) == bool(removed)
     assert victim.trained_on == [e.sample_id for e in examples if e.sample_id not in removed]
     assert len(removed) in (0, details["n_fitted"])  # the whole fitted group or nothing
+
+
+def test_ct_without_a_reserved_clean_set_says_what_to_pass(tmp_path: Path):
+    data = TrainingSet(ImageBank(bank(range(4))), [Example(f"c{i}", i, CLEAN[i]) for i in range(4)])
+    context = DefenseContext(backdoored=FeatureVictim(), training_set=data, clean_reserved=None,
+                             base_victim=FeatureVictim(), scorers=None, seed=0, budget={}, workdir=tmp_path,
+                             stage=StageContext(cache_dir=tmp_path, config=None))
+    with pytest.raises(VbbError, match="reserved clean set") as caught:
+        ConfusionTraining().defend(context, {"budget_scale": 1.0, "width": 16, "layers": 1, "n_clean": 60})
+    assert "clean_reserved" in caught.value.fix

@@ -120,6 +120,18 @@ def test_shared_stages_run_once(grid):
         cells["flickr30k__badnet__none__rate0.1__seed0"]["provenance"]["stage_keys"]["backdoor"]
 
 
+def test_defenders_get_the_reserved_clean_split_and_the_dataset_source(grid, tmp_path):
+    _, config, _, _ = grid
+    runner = GridRunner(config, load_registry(config.plugin_dirs), log=lambda m: None)
+    train = runner.split("coco", "train")
+    context = runner.defense_context(None, train, 0, tmp_path)
+    reserved = context.clean_reserved
+    assert (reserved.split, len(reserved)) == ("pretrain", 400)  # disjoint from fine-tuning
+    assert not set(reserved.image_ids) & set(train.image_ids)
+    assert context.dataset_source == "embedded-coco"
+    assert context.extras["recipe"].epochs == 3 and context.budget["finetune_epochs"] == 3
+
+
 def test_rerun_reuses_the_store(grid):
     root, config, _, first_seconds = grid
     before = results(config)

@@ -114,3 +114,14 @@ def test_vdc_removes_inconsistent_pairs_and_retrains_the_base(tmp_path: Path):
     assert base.trained_on == ["c0", "c1", "c2", "c3"] and outcome.victim is base
     details = outcome.report.details
     assert details["n_general"] == 2 and details["questions_per_instance"] == [2, 0, 0, 2, 2]
+
+
+def test_auto_lexicon_follows_the_dataset_the_training_set_comes_from(tmp_path: Path):
+    def context(source):
+        return DefenseContext(backdoored=None, training_set=None, clean_reserved=None, base_victim=None,
+                              scorers=None, seed=0, budget={}, workdir=tmp_path,
+                              stage=StageContext(cache_dir=tmp_path, config=None), dataset_source=source)
+    embedded = VersatileDataCleanser.lexicon_forms(context("embedded-coco"), "auto")
+    coco = VersatileDataCleanser.lexicon_forms(context("coco-karpathy"), "auto")
+    assert embedded == world_lexicon() and coco is COCO80
+    assert VersatileDataCleanser.lexicon_forms(context(None), "auto") is COCO80

@@ -224,7 +224,10 @@ class Attack(Protocol):
 
 @dataclass
 class DefenseContext:
-    """Everything a defender may have (DESIGN.md §3) and nothing it may not (poison labels)."""
+    """Everything a defender may have (DESIGN.md §3) and nothing it may not (poison labels).
+
+    ``clean_reserved`` is the grid's reserved clean set: the COCO dataset's split disjoint from
+    fine-tuning (Karpathy ``restval``, the embedded world's ``pretrain``), or None if it has none."""
 
     backdoored: Victim
     training_set: TrainingSet
@@ -235,6 +238,9 @@ class DefenseContext:
     budget: Mapping[str, Any]
     workdir: Path  # artefacts (PNGs, JSON) the defense wants referenced from the cell result
     stage: "StageContext"
+    # Registered name of the dataset the training set comes from (e.g. ``embedded-coco``), so a
+    # defense can pick what it knows about that world (VDC's lexicon) without a registry lookup.
+    dataset_source: str | None = None
     # What the grid adds, each a documented simplification or analysis aid:
     # ``clean_split``: the unpoisoned fine-tuning Split (SRD's state set and surrogate, spec/srd.md
     # §1: "training it on the clean split is a simplification"); ``clean_model``: the clean

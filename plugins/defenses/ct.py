@@ -26,7 +26,7 @@ from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import DefenseContext, DefenseOutcome, hookimpl
 from vlmbackdoor_bench.types import DefenseReport, ImageBank
 
-from ._baseline_common import histogram, profile_of, retrain_base, subset
+from ._baseline_common import histogram, retrain_base, subset
 
 __version__ = "1.0.1"
 
@@ -162,26 +162,17 @@ def pooled_features(victim: Any, images: ImageBank, indices: list[int], chunk: i
 
 
 def clean_reserved_pairs(context: DefenseContext, n_clean: int) -> tuple[ImageBank, list[int], list[str], str]:
-    """D_cl (§3): the harness's reserved clean split, else the first ``n_clean`` images of the COCO
-    dataset's split disjoint from fine-tuning (Karpathy `restval`, or the embedded world's
-    `pretrain`), one caption each so that a mismatched caption is always another image's."""
+    """D_cl (§3): the first ``n_clean`` images of the harness's reserved clean split (disjoint from
+    fine-tuning: Karpathy `restval`, the embedded world's `pretrain`), one caption each so that a
+    mismatched caption is always another image's."""
     split = context.clean_reserved
-    source = "context.clean_reserved"
     if split is None:
-        from vlmbackdoor_bench.registry import load_registry
-
-        profile = profile_of(context)
-        if profile is None:
-            raise VbbError("CT has no reserved clean set and cannot tell the cell's victim profile",
-                           "pass clean_reserved in the DefenseContext")
-        provider = load_registry().dataset(profile.dataset_sources()["coco"])
-        name = next((s for s in ("restval", "pretrain") if s in provider.splits), None)
-        if name is None:
-            raise VbbError(f"CT needs a clean set disjoint from fine-tuning; {provider.name} has none",
-                           "pass clean_reserved in the DefenseContext")
-        split, source = provider.load(name, context.stage), f"{provider.name}:{name}"
+        raise VbbError("CT needs a reserved clean set disjoint from fine-tuning (spec/defenses.md §3) "
+                       "and the DefenseContext has none",
+                       "use a COCO dataset with a restval/pretrain split, or pass clean_reserved")
     rows = list(range(min(n_clean, len(split))))
-    return ImageBank(split.images), rows, [split.references[r][0] for r in rows], f"{source} ({len(rows)} pairs)"
+    return ImageBank(split.images), rows, [split.references[r][0] for r in rows], \
+        f"{split.dataset}:{split.split} ({len(rows)} pairs)"
 
 
 class ProxyData:

@@ -19,7 +19,7 @@ from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import DefenseContext, DefenseOutcome, hookimpl
 from vlmbackdoor_bench.types import DefenseReport, TrainingSet
 
-from ._baseline_common import histogram, profile_of, retrain_base, subset
+from ._baseline_common import histogram, retrain_base, subset
 
 __version__ = "1.0.1"
 
@@ -149,11 +149,10 @@ class VersatileDataCleanser:
 
     @staticmethod
     def lexicon_forms(context: DefenseContext, choice: str) -> Mapping[str, Sequence[str]]:
-        """`auto`: the embedded world's categories when the cell's COCO role is the embedded
+        """`auto`: the embedded world's categories when the training set comes from the embedded
         world (the `tiny` profile), else COCO-80 (spec/defenses.md §4)."""
         if choice == "auto":
-            profile = profile_of(context)
-            embedded = profile is not None and profile.dataset_sources()["coco"].startswith("embedded")
+            embedded = (context.dataset_source or "").startswith("embedded")
             choice = "embedded-world" if embedded else "coco-80"
         return world_lexicon() if choice == "embedded-world" else COCO80
 

@@ -88,6 +88,13 @@ class GridRunner:
             self._splits[key] = self.registry.dataset(source).load(split, self.context)
         return self._splits[key]
 
+    def reserved_clean_split(self) -> Split | None:
+        """The COCO dataset's split disjoint from fine-tuning, the defenders' reserved clean set
+        (hookspecs.DefenseContext): Karpathy ``restval`` or the embedded world's ``pretrain``."""
+        provider = self.registry.dataset(self.profile.dataset_sources()["coco"])
+        name = next((s for s in ("restval", "pretrain") if s in provider.splits), None)
+        return None if name is None else self.split("coco", name)
+
     # ------------------------------------------------------------------ model stages
     def base_victim(self) -> tuple[Any, Entry]:
         train = self.split("coco", "train")
@@ -193,23 +200,30 @@ class GridRunner:
         victim, entry = self.derived_victim("backdoor", payload, build)
         return victim, entry, poison_entry
 
+    def defense_context(self, backdoored, training_set, seed: int, workdir: Path) -> DefenseContext:
+        """What a defender gets (DESIGN.md §3): never the poison labels."""
+        return DefenseContext(
+            backdoored=backdoored, training_set=training_set,
+            clean_reserved=self.reserved_clean_split(), base_victim=self.base_victim()[0],
+            scorers=self.scorer(), seed=seed, budget=dict(self.profile_params), workdir=workdir,
+            stage=self.context, dataset_source=self.profile.dataset_sources()["coco"],
+            # Documented simplifications a defense may use (hookspecs.DefenseContext.extras).
+            extras={"clean_split": self.split("coco", "train"),
+                    "clean_model": self.clean_model(seed)[0],
+                    "recipe": self.profile.finetune_recipe(self.profile_params)},
+        )
+
     def defended(self, defense, params: dict, backdoored, backdoor_entry: Entry,
                  poison_entry: Entry, seed: int) -> tuple[Any, Entry]:
         payload = {"defense": defense.name, "version": defense.version, "params": params,
                    "backdoor": backdoor_entry.key, "seed": seed}
+        # Built (or loaded) outside the defend stage's timer: every cell's evaluation needs it
+        # anyway, so the first defended cell must not be charged for training it.
+        self.clean_model(seed)
 
         def build(tmp: Path) -> dict:
             poisoned = persist.load_poisoned(poison_entry.path, self.split("coco", "train"))
-            context = DefenseContext(
-                backdoored=backdoored.clone(), training_set=poisoned.training_set,
-                clean_reserved=None, base_victim=self.base_victim()[0], scorers=self.scorer(),
-                seed=seed, budget=dict(self.profile_params), workdir=tmp / "artifacts",
-                stage=self.context,
-                # Documented simplifications a defense may use (hookspecs.DefenseContext.extras).
-                extras={"clean_split": self.split("coco", "train"),
-                        "clean_model": self.clean_model(seed)[0],
-                        "recipe": self.profile.finetune_recipe(self.profile_params)},
-            )
+            context = self.defense_context(backdoored.clone(), poisoned.training_set, seed, tmp / "artifacts")
             context.workdir.mkdir()
             outcome = defense.defend(context, params)
             outcome.victim.lineage = {"stage": "defend", "backdoor": backdoor_entry.key,
