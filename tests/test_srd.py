@@ -413,3 +413,13 @@ def test_code_preset_state_set_every_instance_with_vlood_triggers():
     assert (states.images([7])[0, top:top + 20, left:left + 20] == patch).all()
     poisoned = sum(e.image_index >= 50 for e in surrogate_set.examples)
     assert poisoned == 12  # the fallback surrogate keeps the paper's 12 % custom share
+
+
+def test_before_after_examples_show_distinct_images():
+    from vlmbackdoor_bench_plugins.defenses.srd.pipeline import example_picks
+
+    examples = [Example(f"s{i}", i // 5, "a caption") for i in range(40)]  # 8 images x 5 captions
+    unscored = example_picks(examples, {}, 4)
+    assert unscored == [0, 10, 20, 30]  # first caption of images 0, 2, 4, 6
+    rewards = {"s5": 0.9, "s6": 1.0, "s15": 0.5, "s35": 0.7}  # s6 is image 1's second caption
+    assert example_picks(examples, rewards, 3) == [5, 35, 15]  # best first; image 1 shown once

@@ -232,6 +232,19 @@ def obtain_policy(context, p, algorithm, states, surrogate, surrogate_info, refe
     return policy, log, {"key": key, "cached": cached, "path": str(path), **meta, "train": summary}
 
 
+def example_picks(examples, rewards: dict, n: int) -> list[int]:
+    """Up to ``n`` instances of distinct images for the before/after figure (an image's captions
+    are separate instances): the best-rewarded when cleaning scored its trials, else spread evenly
+    over the set (a single trial has no reward)."""
+    first_of_image: dict[int, int] = {}
+    for k, example in enumerate(examples):
+        first_of_image.setdefault(example.image_index, k)
+    candidates = list(first_of_image.values())
+    if any(rewards.get(examples[k].sample_id) is not None for k in candidates):
+        return sorted(candidates, key=lambda k: -(rewards.get(examples[k].sample_id) or 0.0))[:n]
+    return candidates[::max(1, len(candidates) // n)][:n]
+
+
 def write_artifacts(workdir: Path, name: str, original, cleaned, sizes, train_log) -> dict[str, str]:
     """PNG figures under ``workdir``; returns name -> path relative to it."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -241,12 +254,12 @@ def write_artifacts(workdir: Path, name: str, original, cleaned, sizes, train_lo
                            f"{name}: mask coverage over {len(actions)} cleaned instances")
     files["mask_heatmap"] = "mask_heatmap.png"
     examples = original.examples
-    scored = [(-(cleaned.rewards.get(e.sample_id) or 0.0), k) for k, e in enumerate(examples)]
-    picks = [k for _, k in sorted(scored)[:artifacts.N_EXAMPLES]]
+    picks = example_picks(examples, cleaned.rewards, artifacts.N_EXAMPLES)
     before = original.images.take([examples[k].image_index for k in picks])
     after = cleaned.training_set.images.take([cleaned.training_set.examples[k].image_index for k in picks])
-    labels = [f"{examples[k].sample_id}: a={cleaned.actions[examples[k].sample_id]}, "
-              f"r={cleaned.rewards.get(examples[k].sample_id)}" for k in picks]
+    labels = [f"{examples[k].sample_id}: a={cleaned.actions[examples[k].sample_id]}"
+              + ("" if cleaned.rewards.get(examples[k].sample_id) is None
+                 else f", r={cleaned.rewards[examples[k].sample_id]:.2f}") for k in picks]
     artifacts.before_after(workdir / "before_after.png", before, after, labels)
     files["before_after"] = "before_after.png"
     if train_log is not None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dqn import ReplayBuffer
+from .dqn import QNetwork, ReplayBuffer  # the soft Q-networks are DQN's NatureCNN + linear head
 from .networks import NatureCNN, resize_observations, to_tensor
 
 SAC_VARIANT = "discrete (categorical policy over the DQN action space)"
@@ -39,16 +39,6 @@ class SACConfig:
     total_timesteps: int = 10_000  # §8
     obs_size: int = 224
     seed: int = 0
-
-
-class SoftQNetwork(nn.Module):
-    def __init__(self, obs_size: int, n_actions: int):
-        super().__init__()
-        self.features = NatureCNN(obs_size)
-        self.q = nn.Linear(512, n_actions)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.q(self.features(x))
 
 
 class Actor(nn.Module):
@@ -85,8 +75,8 @@ def train_sac(envs, config: SACConfig, progress=None) -> tuple[Actor, dict]:
     rng = np.random.default_rng(config.seed)
     n_envs, n_act = envs.num_envs, int(envs.single_action_space.n)
     actor = Actor(config.obs_size, n_act)
-    q1, q2 = SoftQNetwork(config.obs_size, n_act), SoftQNetwork(config.obs_size, n_act)
-    q1_target, q2_target = SoftQNetwork(config.obs_size, n_act), SoftQNetwork(config.obs_size, n_act)
+    q1, q2 = QNetwork(config.obs_size, n_act), QNetwork(config.obs_size, n_act)
+    q1_target, q2_target = QNetwork(config.obs_size, n_act), QNetwork(config.obs_size, n_act)
     q1_target.load_state_dict(q1.state_dict())
     q2_target.load_state_dict(q2.state_dict())
     q_optimizer = torch.optim.Adam(list(q1.parameters()) + list(q2.parameters()), lr=config.learning_rate)
