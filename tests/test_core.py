@@ -169,3 +169,34 @@ def test_store_is_content_addressed_atomic_and_skips_existing(tmp_path):
     assert not store.has("stage", content_key("stage", {"a": 3}))
     leftovers = [p.name for p in (tmp_path / "stage").iterdir()]
     assert leftovers == [first.key]  # nothing half-written survives
+
+
+def test_trigger_coverage_is_the_share_of_the_pixel_change_inside_the_mask():
+    import numpy as np
+
+    from vlmbackdoor_bench.grid.persist import trigger_coverage
+    from vlmbackdoor_bench.types import (Example, ImageBank, PoisonRecord, PoisonedSet, Split,
+                                         SplitManifest, TrainingSet)
+
+    clean = np.full((2, 224, 224, 3), 100, np.uint8)
+    train = Split("w", "train", [7, 8], clean, [["c"], ["c"]], [["7"], ["8"]],
+                  SplitManifest("w", "train", 2, "", ""))
+    patched = clean[:1].copy()
+    patched[0, 200:220, 200:220] = 255  # a 20 px corner patch on image 7
+    blended = clean[1:].copy()
+    blended[0] += 10  # a uniform whole-frame blend on image 8
+    examples = [Example("c0", 0, "c"), Example("p0", 2, "t"), Example("p1", 3, "t"), Example("p2", 2, "t")]
+    records = [PoisonRecord("p0", 7, "c", "t", "patch"), PoisonRecord("p1", 8, "c", "t", "blend"),
+               PoisonRecord("p2", 7, "c", "t", "patch"),
+               PoisonRecord("c0", 7, "c", "c2", None)]  # caption-only: no image trigger to cover
+    poisoned = PoisonedSet(TrainingSet(ImageBank(clean, np.concatenate([patched, blended])), examples), records)
+    boxes = {"p0": [210, 224, 200, 220],  # half the patch
+             "p1": [0, 112, 0, 224],  # half the frame
+             "p2": [0, 20, 0, 20],  # misses it
+             "c0": [0, 224, 0, 224]}
+    coverage = trigger_coverage(boxes, poisoned, train)
+    assert coverage["n_triggered"] == 3
+    assert coverage["mean_coverage"] == pytest.approx(100 * (0.5 + 0.5 + 0.0) / 3)
+    assert coverage["share_touched"] == pytest.approx(200 / 3)
+    assert coverage["share_half_covered"] == pytest.approx(200 / 3)
+    assert trigger_coverage({}, poisoned, train) is None

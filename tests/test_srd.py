@@ -351,6 +351,8 @@ def test_defense_trains_once_cleans_every_instance_and_refinetunes(tmp_path, nam
         red = (cleaned.images.take([e.image_index])[0] == geometry.RED).all(-1)
         rows, cols = np.nonzero(red)
         assert red.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        # the report's box (for the harness's trigger coverage) is that square
+        assert outcome.report.mask_boxes[e.sample_id] == [rows.min(), rows.max() + 1, cols.min(), cols.max() + 1]
     top, left = details["state_set"]["trigger_top_left"]
     assert details["surrogate"]["cached"] is False and details["policy"]["cached"] is False
     assert details["policy"]["train"]["timesteps"] == 48 and details["defender_data"] == "training_set_base_rows"

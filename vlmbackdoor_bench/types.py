@@ -160,5 +160,8 @@ class DefenseReport:
     removed_sample_ids: list[str] = field(default_factory=list)
     masked_sample_ids: list[str] = field(default_factory=list)
     relabelled_sample_ids: list[str] = field(default_factory=list)
+    # sample_id -> [row0, row1, col0, col1] (half-open, 224 px frame) of the one mask a masking
+    # defense painted on that instance: the harness reports how much of each trigger it covered
+    mask_boxes: dict[str, list[int]] = field(default_factory=dict)
     details: dict = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> path (PNG, JSON...)

@@ -61,3 +61,31 @@ def detection(report: dict, poisoned_ids: set[str]) -> dict:
         "recall": 100.0 * hits / len(poisoned_ids) if poisoned_ids else None,
         "n_flagged": len(flagged), "n_poisoned": len(poisoned_ids), "n_true_positive": hits,
     }
+
+
+def trigger_coverage(mask_boxes: dict, poisoned: PoisonedSet, train: Split) -> dict | None:
+    """How much of each poisoned instance's image trigger a masking defense's box covered.
+
+    The trigger is what the attack changed: |poisoned - clean| summed over channels, per pixel
+    (a patch is its square, a blend or PGD perturbation the whole frame); an instance's coverage
+    is the share of that change inside its mask box. None when no box or no image trigger exists.
+    """
+    row_of_id = {image_id: row for row, image_id in enumerate(train.image_ids)}
+    example_of = {e.sample_id: e for e in poisoned.training_set.examples}
+    coverage = []
+    for record in poisoned.records:
+        box = mask_boxes.get(record.sample_id)
+        if box is None or record.image_transform is None or record.sample_id not in example_of:
+            continue
+        image = poisoned.training_set.images.take([example_of[record.sample_id].image_index])[0]
+        change = np.abs(image.astype(np.int16) - train.images[row_of_id[record.image_id]]).sum(-1)
+        total = float(change.sum())
+        if total > 0:
+            row0, row1, col0, col1 = (int(v) for v in box)
+            coverage.append(float(change[row0:row1, col0:col1].sum()) / total)
+    if not coverage:
+        return None
+    coverage = np.asarray(coverage)
+    return {"n_triggered": int(len(coverage)), "mean_coverage": 100.0 * float(coverage.mean()),
+            "share_touched": 100.0 * float((coverage > 0).mean()),
+            "share_half_covered": 100.0 * float((coverage >= 0.5).mean())}

@@ -337,6 +337,10 @@ class GridRunner:
             report = json.loads((model_entry.path / "report.json").read_text())
             poisoned_ids = set(json.loads((poison_entry.path / "poisoned_ids.json").read_text()))
             detection = persist.detection(report, poisoned_ids)
+            if report.get("mask_boxes"):
+                poisoned = persist.load_poisoned(poison_entry.path, self.split("coco", "train"))
+                detection["trigger_coverage"] = persist.trigger_coverage(
+                    report["mask_boxes"], poisoned, self.split("coco", "train"))
             artifacts = {name: str(model_entry.path / "artifacts" / rel)
                          for name, rel in report.get("artifacts", {}).items()}
         metrics, details, eval_keys = self.evaluate(victim, model_entry, cell, attack, attack_params, timings)

@@ -2,7 +2,8 @@
 
 One row per (dataset, attack, defense) with the headline ASR on triggered inputs before (No
 Defense) and after, clean-input CIDEr after, the detection precision/recall the harness computed
-from the samples the defense removed or relabelled (DESIGN.md §3), and the defense's own time.
+from the samples the defense removed or relabelled (DESIGN.md §3), for masking defenses the share
+of the trigger their masks covered, and the defense's own time.
 The defended model is shared by both datasets, so detection and time repeat on the Flickr row.
 Values are means over seeds; a defense that flags nothing has no precision (printed as missing).
 """
@@ -17,7 +18,7 @@ from .results import CLEAN_MODEL, attack_rank, dataset_rank, defense_rank, finit
 from .tables import MISSING, ColumnGroup, Table, fmt, headline_metric
 
 COLUMNS = ("ASR before ↓", "ASR after ↓", "clean C ↑", "precision ↑", "recall ↑",
-           "flagged / poisoned", "defense s")
+           "flagged / poisoned", "trigger masked", "defense s")
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -48,6 +49,9 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Tab
         for name in ("precision", "recall", "n_flagged", "n_poisoned"):
             if finite_number(detection.get(name)) is not None:
                 values[key + (name,)].append(float(detection[name]))
+        coverage = detection.get("trigger_coverage") or {}
+        if finite_number(coverage.get("mean_coverage")) is not None:
+            values[key + ("trigger_masked",)].append(float(coverage["mean_coverage"]))
 
     table = Table(key="defense_report", title="Defense report: ASR before/after, detection, time",
                   index=("Dataset", "Attack", "Defense", "ASR rule"),
@@ -63,7 +67,8 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Tab
                   else MISSING)
         seconds = get("seconds")
         texts = (fmt(get("asr", "none")), fmt(get("asr")), fmt(get("cider")), fmt(get("precision")),
-                 fmt(get("recall")), counts, MISSING if seconds is None else f"{seconds:.0f}")
+                 fmt(get("recall")), counts, fmt(get("trigger_masked")),
+                 MISSING if seconds is None else f"{seconds:.0f}")
         table.rows.append(((label("dataset", dataset), label("attack", attack),
                             label("defense", defense), headline_metric(attack).removeprefix("asr_")),
                            texts))
@@ -73,7 +78,9 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Tab
         "§4.4), clean test inputs for C. Before = the same backdoored model without defense.",
         "Detection: the samples a defense removed, isolated or relabelled, against the poison set "
         "the harness holds (precision/recall in %; a defense that flags nothing has no precision). "
-        "Masking defenses (SRD, random masks) change every image and flag none.",
+        "Masking defenses (SRD, random masks) change every image and flag none; for them, trigger "
+        "masked = the mean share (%) of each poisoned image's trigger (its pixel change from the "
+        "clean image) that the instance's mask covered.",
         "defense s: wall seconds of the defend stage when it was computed; the defended model is "
         "shared by both datasets, so its detection and time repeat on the Flickr row.",
     ]

@@ -23,7 +23,7 @@ from . import artifacts, dqn
 from .cache import get_or_build, key_of, victim_identity
 from .cleaning import UniformPolicy, clean_training_set
 from .env import MaskingVectorEnv, MaskRewarder
-from .geometry import n_actions
+from .geometry import mask_box, n_actions
 from .reward import FidelityScores
 from .settings import PAPER_PRESET, resolve
 from .state_set import StateSet, code_state_set, defender_data, paper_state_set
@@ -165,6 +165,7 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
     timings["total"] = time.perf_counter() - started
     details["timings"] = timings
     report = DefenseReport(masked_sample_ids=[e.sample_id for e in context.training_set.examples],
+                           mask_boxes={sid: list(mask_box(a, sizes)) for sid, a in cleaned.actions.items()},
                            details=details, artifacts=files)
     return DefenseOutcome(victim, report)
 
