@@ -459,6 +459,7 @@ def test_defense_report_rows_detection_and_before_after(tmp_path: Path) -> None:
         r["timings"]["defend"] = {"seconds": 61.4, "cached": False}
     tables = {t.key: t for t in build_tables(records, PROFILE, load_paper_tables(tmp_path)).tables}
     report = tables["defense_report"]
+    assert report.flat_headers()[4:6] == ["ASR before ↓", "ASR after ↓"]  # its one group has no label
     rows = {labels[:3]: cells for labels, cells in report.rows}
     # every non-trivial defense cell that did not fail, none itself is the "before" column
     assert len(rows) == 2 * 2 * 2 - 1

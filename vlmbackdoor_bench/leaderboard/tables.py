@@ -173,8 +173,9 @@ class Table:
     has_data: bool = False  # whether any cell holds one of our numbers (not only the paper's)
 
     def flat_headers(self) -> list[str]:
-        """Single-row headers: the index names, then ``<group> / <column>``."""
-        return list(self.index) + [f"{g.label} / {c}" for g in self.groups for c in g.columns]
+        """Single-row headers: the index names, then ``<group> / <column>`` (the bare column
+        when the group has no label)."""
+        return list(self.index) + [f"{g.label} / {c}" if g.label else c for g in self.groups for c in g.columns]
 
     def flat_rows(self) -> list[list[str]]:
         return [list(labels) + list(cells) for labels, cells in self.rows]
