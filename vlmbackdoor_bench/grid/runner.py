@@ -230,6 +230,9 @@ class GridRunner:
                                       "defense": defense.name}
             outcome.victim.save(tmp)
             write_json_atomic(tmp / "report.json", persist.report_to_dict(outcome.report))
+            if outcome.report.mask_boxes:  # once per defended model, with the ground truth at hand
+                write_json_atomic(tmp / "trigger_coverage.json", persist.trigger_coverage(
+                    outcome.report.mask_boxes, poisoned, self.split("coco", "train")))
             return {}
 
         return self.derived_victim("defend", payload, build)
@@ -337,10 +340,9 @@ class GridRunner:
             report = json.loads((model_entry.path / "report.json").read_text())
             poisoned_ids = set(json.loads((poison_entry.path / "poisoned_ids.json").read_text()))
             detection = persist.detection(report, poisoned_ids)
-            if report.get("mask_boxes"):
-                poisoned = persist.load_poisoned(poison_entry.path, self.split("coco", "train"))
-                detection["trigger_coverage"] = persist.trigger_coverage(
-                    report["mask_boxes"], poisoned, self.split("coco", "train"))
+            coverage_file = model_entry.path / "trigger_coverage.json"
+            if coverage_file.is_file():
+                detection["trigger_coverage"] = json.loads(coverage_file.read_text())
             artifacts = {name: str(model_entry.path / "artifacts" / rel)
                          for name, rel in report.get("artifacts", {}).items()}
         metrics, details, eval_keys = self.evaluate(victim, model_entry, cell, attack, attack_params, timings)
