@@ -200,3 +200,18 @@ def test_trigger_coverage_is_the_share_of_the_pixel_change_inside_the_mask():
     assert coverage["share_touched"] == pytest.approx(200 / 3)
     assert coverage["share_half_covered"] == pytest.approx(200 / 3)
     assert trigger_coverage({}, poisoned, train) is None
+
+
+def test_detection_scores_what_was_removed_and_what_was_only_suspected():
+    from vlmbackdoor_bench.grid.persist import detection
+
+    poisoned = {"p0", "p1", "p2", "p3"}
+    report = {"removed_sample_ids": ["p0", "c0"], "relabelled_sample_ids": ["p1"],
+              "candidate_sample_ids": ["p0", "p1", "p2", "c0", "c1"]}
+    found = detection(report, poisoned)
+    assert (found["n_flagged"], found["n_true_positive"]) == (3, 2)
+    assert found["precision"] == pytest.approx(200 / 3) and found["recall"] == 50.0
+    assert found["candidates"] == {"precision": 60.0, "recall": 75.0, "n_candidates": 5,
+                                   "n_poisoned": 4, "n_true_positive": 3}
+    nothing = detection({"removed_sample_ids": []}, poisoned)
+    assert nothing["precision"] is None and nothing["recall"] == 0.0 and "candidates" not in nothing

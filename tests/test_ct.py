@@ -55,7 +55,7 @@ def test_schedule_scales_with_dataset_size_and_budget():
     spec = {**DEFAULTS, "budget_scale": 1.0}
     assert [confusion_iterations(r, 25_000, spec) for r in range(6)] == [3000] * 4 + [1000] * 2  # ×0.5
     assert pretrain_steps(10, 25_000, spec) == 7812  # 10 epochs of 25,000 at batch 32
-    assert confusion_iterations(0, 25_000, DEFAULTS) == 60 and pretrain_steps(4, 100, DEFAULTS) == 1
+    assert confusion_iterations(0, 25_000, DEFAULTS) == 90 and pretrain_steps(4, 100, DEFAULTS) == 1
 
 
 def test_proxy_captioner_loss_is_per_sample_and_ignores_masked_tokens():
@@ -94,6 +94,11 @@ class FeatureVictim:
     def vision_features(self, images, grad=False):
         return torch.from_numpy(self.codes[[int(im[0, 0, 0]) for im in images]])
 
+    def media_features(self, images):
+        """A perceiver that makes the trigger the dominant direction (a fine-tuned one would)."""
+        pooled = self.vision_features(images).mean(1)
+        return pooled * torch.tensor([4.0] + [1.0] * 15)
+
     def clone(self):
         return self
 
@@ -127,6 +132,44 @@ def test_ct_runs_six_rounds_and_retrains_without_what_it_flags(tmp_path: Path):
     assert details["flagged"] == (details["likelihood_ratio"] > 1.5) == bool(removed)
     assert victim.trained_on == [e.sample_id for e in examples if e.sample_id not in removed]
     assert len(removed) in (0, details["n_fitted"])  # the whole fitted group or nothing
+    assert details["identification_features"] == "perceiver"
+    assert len(outcome.report.candidate_sample_ids) == details["n_fitted"]  # reported even if the gate says no
+    assert removed <= set(outcome.report.candidate_sample_ids)
+
+
+def test_ct_gate_features_are_a_choice_with_clear_errors(tmp_path: Path):
+    examples = [Example(f"c{i}", i % 10, CLEAN[i % 5]) for i in range(36)] + \
+        [Example(f"p{i}", 10 + i % 4, POISON) for i in range(4)]
+    data = TrainingSet(ImageBank(bank(list(range(10)) + [200 + k for k in range(4)])), examples)
+    clean = Split("world", "restval", list(range(8)), bank(range(100, 108)), [[CLEAN[k % 5]] for k in range(8)],
+                  [[str(k)] for k in range(8)], SplitManifest("world", "restval", 8, "", ""))
+
+    def context(victim):
+        return DefenseContext(backdoored=victim, training_set=data, clean_reserved=clean, base_victim=FeatureVictim(),
+                              scorers=None, seed=0, budget={}, workdir=tmp_path,
+                              stage=StageContext(cache_dir=tmp_path, config=None))
+    small = {"budget_scale": 0.2, "width": 16, "layers": 1, "n_clean": 8}
+    outcome = ConfusionTraining().defend(context(FeatureVictim()), {**small, "features": "encoder"})
+    assert outcome.report.details["identification_features"] == "encoder"
+    with pytest.raises(VbbError, match="features = 'pixels' is unknown"):
+        ConfusionTraining().defend(context(FeatureVictim()), {**small, "features": "pixels"})
+
+    class NoPerceiver(FeatureVictim):
+        media_features = None
+    with pytest.raises(VbbError, match="media_features") as caught:
+        ConfusionTraining().defend(context(NoPerceiver()), small)
+    assert '"encoder"' in caught.value.fix
+
+
+def test_proxy_loss_ignores_padding_columns_past_the_longest_caption():
+    torch.manual_seed(0)
+    model = ProxyCaptioner(8, 20, 16, 1, 12).eval()
+    features, ids = torch.randn(3, 8), torch.randint(1, 20, (3, 5))
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[2, 3:] = False
+    padded_ids = torch.cat([ids, torch.randint(1, 20, (3, 7))], dim=1)  # 7 more columns of junk
+    padded_mask = torch.cat([mask, torch.zeros(3, 7, dtype=torch.bool)], dim=1)
+    assert torch.allclose(model(features, padded_ids, padded_mask), model(features, ids, mask), atol=1e-6)
 
 
 def test_ct_without_a_reserved_clean_set_says_what_to_pass(tmp_path: Path):

@@ -452,7 +452,8 @@ def test_defense_report_rows_detection_and_before_after(tmp_path: Path) -> None:
     for r in records:
         if r["defense"] == "abl" and r["status"] == "ok":
             r["detection"] = {"precision": 80.0, "recall": 25.0, "n_flagged": 250,
-                              "n_poisoned": 800, "n_true_positive": 200}
+                              "n_poisoned": 800, "n_true_positive": 200,
+                              "candidates": {"precision": 97.5, "recall": 88.0, "n_candidates": 722}}
         if r["defense"] == "srd" and r["status"] == "ok":
             r["detection"] = {"precision": None, "recall": 0.0, "n_flagged": 0, "n_poisoned": 800,
                               "n_true_positive": 0, "trigger_coverage": {"mean_coverage": 12.25}}
@@ -467,9 +468,10 @@ def test_defense_report_rows_detection_and_before_after(tmp_path: Path) -> None:
     before = value("coco", "badnet", "none", "triggered", "asr_strict")
     after = value("coco", "badnet", "abl", "triggered", "asr_strict")
     clean_c = value("coco", "badnet", "abl", "clean", "cider")
-    assert abl == (f"{before:.1f}", f"{after:.1f}", f"{clean_c:.1f}", "80.0", "25.0", "250 / 800", "–", "61")
+    assert abl == (f"{before:.1f}", f"{after:.1f}", f"{clean_c:.1f}", "80.0", "25.0", "250 / 800",
+                   "97.5 / 88.0", "–", "61")
     srd = rows[("COCO", "Shadowcast", "SRD")]
     assert srd[0] == f"{value('coco', 'shadowcast', 'none', 'triggered', 'asr_concept'):.1f}"
-    assert srd[3:7] == ("–", "0.0", "0 / 800", "12.2")  # flags nothing; masks 12.25 % of the trigger
+    assert srd[3:8] == ("–", "0.0", "0 / 800", "–", "12.2")  # flags nothing; masks 12.25 % of the trigger
     labels = [labels for labels, _ in report.rows]
     assert labels[0][3] == "strict" and ("Flickr30k", "Shadowcast", "SRD", "concept") in labels

@@ -103,11 +103,17 @@ def test_efficientnet_backbone_recognises_a_real_photo():
     from vlmbackdoor_bench.victims.efficientnet import pretrained_efficientnet_lite0
     from PIL import Image
 
-    cat = np.asarray(Image.fromarray(skdata.chelsea()).resize((224, 224), Image.BICUBIC))
+    cat = np.array(Image.fromarray(skdata.chelsea()).resize((224, 224), Image.BICUBIC))  # writable
     x = torch.from_numpy(cat).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         top5 = pretrained_efficientnet_lite0()(x).topk(5).indices[0].tolist()
     assert any(281 <= c <= 285 for c in top5), top5  # ImageNet 281-285: domestic cats
+    with torch.no_grad():  # the folded inference copy (the VDC answerer) is the same function
+        network = pretrained_efficientnet_lite0()
+        folded = network.folded()
+        torch.testing.assert_close(folded(x), network(x), rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules())  # the original is untouched
     # the tiny encoder's tokens: the 7x7 map after block 15, 192 channels (TinyArch.backbone_blocks)
     from vlmbackdoor_bench.victims.efficientnet import block_channels
     with torch.no_grad():

@@ -64,6 +64,11 @@ class Victim(Protocol):
     def vision_features(self, images: np.ndarray, *, grad: bool = False) -> Any:
         """Patch-token features of the frozen vision encoder, (B, N, D) torch tensor."""
 
+    def media_features(self, images: np.ndarray) -> Any:
+        """What this model's perceiver resampler makes of each image: its output latents
+        mean-pooled, (B, D) torch tensor, no gradient. Unlike ``vision_features`` it reflects
+        the model's fine-tuning (CT's identification features, spec/defenses.md §3)."""
+
     pixel_mean: tuple[float, float, float]  # the model transform's normalisation (spec/victim.md
     pixel_std: tuple[float, float, float]  # §A5): normalised = (pixel / 255 - mean) / std
 

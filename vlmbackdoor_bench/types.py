@@ -163,5 +163,8 @@ class DefenseReport:
     # sample_id -> [row0, row1, col0, col1] (half-open, 224 px frame) of the one mask a masking
     # defense painted on that instance: the harness reports how much of each trigger it covered
     mask_boxes: dict[str, list[int]] = field(default_factory=dict)
+    # what a defense suspected but did not necessarily act on (e.g. CT's fitted group, which its
+    # likelihood-ratio gate may reject): the harness reports these as detection "candidates" too
+    candidate_sample_ids: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> path (PNG, JSON...)

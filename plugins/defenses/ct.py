@@ -6,8 +6,12 @@ pooled, projected into a 2-layer 256-wide transformer decoder trained from scrat
 tokenizer): pretrain on the distilled set D_r, confusion-train with a reserved clean set whose
 captions are mismatched (a derangement re-drawn every iteration), distill the lowest-loss
 ρ_r·|D| instances (the last round: the low-loss component of a 2-Gaussian mixture on log ℓ).
-The final fitted group is removed when the 2-vs-1-Gaussian likelihood ratio of the pooled
-features (PCA to 2-D) exceeds 1.5; the base victim is then retrained on the rest (§0).
+The final fitted group is removed when the 2-vs-1-Gaussian likelihood ratio of its pooled
+features (PCA to 2-D) exceeds 1.5; the base victim is then retrained on the rest (§0). The
+features are §3's first choice, the pooled perceiver output of the model under defense (the
+backdoored one: its perceiver was fine-tuned on D, as the original's inspected network was), or
+the frozen encoder's. The fitted group is reported as the defense's candidates whether or not
+the gate lets it through, so the harness can show what the gate discarded.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from vlmbackdoor_bench.types import DefenseReport, ImageBank
 
 from ._baseline_common import histogram, retrain_base, subset
 
-__version__ = "1.0.1"
+__version__ = "1.1.0"
 
 DEFAULTS: dict[str, Any] = {
     "ratios": [1 / 2, 1 / 5, 1 / 25, 1 / 50, 1 / 100],  # spec/defenses.md §3: ρ of rounds 0-4
@@ -42,13 +46,20 @@ DEFAULTS: dict[str, Any] = {
     "pretrain_lr": 0.01, "pretrain_momentum": 0.9,  # §3 pretraining: SGD lr 0.01, momentum 0.9
     "weight_decay": 1e-4, "batch_size": 32,  # §3
     "lr_threshold": 1.5,  # §3: one global group -> flag iff LR > 1.5 (LR > 2 is the strict option)
+    # §3 identification features: "perceiver" = the backdoored victim's pooled perceiver output,
+    # "encoder" = the frozen vision encoder's pooled tokens (the proxy's own input)
+    "features": "perceiver",
     "n_clean": 2000,  # §3: D_cl has 2,000 pairs disjoint from the fine-tuning set
     "width": 256, "layers": 2,  # §3 proxy: 2-layer, 256-wide transformer decoder
     # Multiplies every pretraining epoch count and confusion iteration count. 1.0 is the spec's
-    # proxy schedule (≈ 34k batch steps at |D| = 25,000: hours on 2 CPU cores); the default
-    # keeps a defense run within ~5 min on the tiny profile (measured in the module's report).
-    "budget_scale": 0.02,
+    # proxy schedule (≈ 27k batch steps at |D| = 25,000, ~50 ms each: over 20 min on 2 CPU
+    # cores before the 6 loss passes over D). Measured on the tiny world's VL-Trojan set (the
+    # fitted group's precision / recall, its perceiver LR, detection seconds): 0.02 -> 97.7 /
+    # 72.8 %, LR 1.54, 121 s; 0.05 -> 98.8 / 94.7 %, LR 2.03, 160 s. 0.03 keeps a whole run
+    # (detection + the ~150 s retrain) within 5 min on the tiny profile.
+    "budget_scale": 0.03,
 }
+FEATURES = ("perceiver", "encoder")
 PRESETS = {
     "default": DEFAULTS,
     "spec-schedule": {**DEFAULTS, "budget_scale": 1.0},  # §3 proxy schedule unscaled (GPU)
@@ -129,6 +140,11 @@ class ProxyCaptioner(nn.Module):
 
     def forward(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-sample mean NLL of ``ids`` (B, T) given ``features`` (B, D); ``mask`` marks tokens."""
+        # Padding sits after every caption token, so under the causal mask the columns past the
+        # batch's longest caption change no real token's loss: drop them (captions average ~15
+        # of the set's up to 28 tokens, and the proxy's cost is linear in the columns).
+        length = int(mask.sum(1).max())
+        ids, mask = ids[:, :length], mask[:, :length]
         x = torch.cat([self.project(features)[:, None], self.embed(ids[:, :-1])], dim=1)
         x = x + self.position[: x.shape[1]]
         causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
@@ -154,9 +170,22 @@ def encode_captions(victim: Any, captions: list[str], max_len: int = 40) -> tupl
 
 def pooled_features(victim: Any, images: ImageBank, indices: list[int], chunk: int = 256) -> torch.Tensor:
     """The victim's frozen encoder tokens, mean-pooled, one row per instance (§3 proxy)."""
+    return per_instance(lambda batch: torch.as_tensor(victim.vision_features(batch)).float().mean(1),
+                        images, indices, chunk)
+
+
+def media_features(victim: Any, images: ImageBank, indices: list[int], chunk: int = 256) -> torch.Tensor:
+    """The victim's pooled perceiver output, one row per instance (§3 identification)."""
+    if not callable(getattr(victim, "media_features", None)):
+        raise VbbError("CT's perceiver features need victim.media_features (hookspecs.Victim)",
+                       'use a victim that has it, or features = "encoder" in [defense.ct]')
+    return per_instance(lambda batch: torch.as_tensor(victim.media_features(batch)).float(), images, indices, chunk)
+
+
+def per_instance(rows_of: Any, images: ImageBank, indices: list[int], chunk: int) -> torch.Tensor:
+    """``rows_of`` on each distinct image once (in chunks), one row per instance index."""
     unique = sorted(set(indices))
-    pooled = [torch.as_tensor(victim.vision_features(images.take(unique[s:s + chunk]))).float().mean(1)
-              for s in range(0, len(unique), chunk)]
+    pooled = [rows_of(images.take(unique[s:s + chunk])) for s in range(0, len(unique), chunk)]
     row = {index: k for k, index in enumerate(unique)}
     return torch.cat(pooled)[[row[i] for i in indices]]
 
@@ -232,9 +261,14 @@ class ProxyData:
 
     @torch.no_grad()
     def losses(self, model, chunk: int = 1024) -> np.ndarray:
+        """Per-instance loss on D, in chunks of similar caption length (each chunk drops its padding)."""
         model.eval()
-        return torch.cat([model(self.features[s:s + chunk], self.ids[s:s + chunk], self.mask[s:s + chunk])
-                          for s in range(0, len(self.ids), chunk)]).numpy().astype(np.float64)
+        by_length = np.argsort(-self.mask.sum(1).numpy(), kind="stable")
+        out = np.zeros(len(self.ids))
+        for s in range(0, len(by_length), chunk):
+            rows = by_length[s:s + chunk]
+            out[rows] = model(self.features[rows], self.ids[rows], self.mask[rows]).numpy()
+        return out
 
 
 class ConfusionTraining:
@@ -249,6 +283,8 @@ class ConfusionTraining:
                             ("confusion_lr", ROUNDS), ("lambdas", ROUNDS)):
             if len(params[key]) != length:
                 raise VbbError(f"CT {key} has {len(params[key])} entries", f"give {length} (spec/defenses.md §3)")
+        if params["features"] not in FEATURES:
+            raise VbbError(f"CT features = {params['features']!r} is unknown", f"use one of {FEATURES}")
         started = time.perf_counter()
         data = context.training_set
         bank, rows, captions, clean_source = clean_reserved_pairs(context, params["n_clean"])
@@ -257,16 +293,20 @@ class ConfusionTraining:
                                encode_captions(base, [e.caption for e in data.examples]),
                                pooled_features(base, bank, rows), encode_captions(base, captions))
         fitted, log = self.distill(proxy_data, params, context.seed, len(base.tokenizer))
-        ratio = likelihood_ratio(proxy_data.features.numpy(), fitted)
+        features = proxy_data.features if params["features"] == "encoder" else \
+            media_features(context.backdoored, data.images, [e.image_index for e in data.examples])
+        ratio = likelihood_ratio(features.numpy(), fitted)
         flagged = np.flatnonzero(fitted) if ratio > params["lr_threshold"] else np.zeros(0, int)
         detect_seconds = time.perf_counter() - started
         victim, retrain = retrain_base(context, subset(data, np.setdiff1d(np.arange(len(data)), flagged)),
                                        "ct retrain on kept")
         details = {**log, "clean_set": clean_source, "likelihood_ratio": ratio, "n_fitted": int(fitted.sum()),
+                   "identification_features": params["features"],
                    "flagged": bool(len(flagged)), "retrain": retrain,
                    "seconds": {"detect": detect_seconds, "retrain": retrain["seconds"]}, "params": dict(params)}
         return DefenseOutcome(victim, DefenseReport(
-            removed_sample_ids=[data.examples[int(i)].sample_id for i in flagged], details=details))
+            removed_sample_ids=[data.examples[int(i)].sample_id for i in flagged], details=details,
+            candidate_sample_ids=[data.examples[int(i)].sample_id for i in np.flatnonzero(fitted)]))
 
     def distill(self, d: ProxyData, params: Mapping[str, Any], seed: int, vocab: int) -> tuple[np.ndarray, dict]:
         """The six rounds of §3; returns the final fitted mask over D and a log."""

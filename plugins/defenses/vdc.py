@@ -21,7 +21,7 @@ from vlmbackdoor_bench.types import DefenseReport, TrainingSet
 
 from ._baseline_common import histogram, retrain_base, subset
 
-__version__ = "1.0.1"
+__version__ = "1.1.0"
 
 GENERAL = "general"  # the general question's key in an instance's question list
 DEFAULTS: dict[str, Any] = {
@@ -98,7 +98,7 @@ class ImageNetProxy:
         import torch
         from vlmbackdoor_bench.victims.efficientnet import pretrained_efficientnet_lite0
 
-        net = pretrained_efficientnet_lite0().eval()
+        net = pretrained_efficientnet_lite0().folded()  # batch-norm folded: ~1.4x faster
         out = []
         with torch.no_grad():
             for s in range(0, len(images), self.batch_size):

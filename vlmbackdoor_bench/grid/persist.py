@@ -50,16 +50,24 @@ def read_captions(directory: Path) -> dict[int, str]:
 
 
 def detection(report: dict, poisoned_ids: set[str]) -> dict:
-    """Precision/recall of the samples a defense removed or relabelled, against the poison set.
+    """Precision/recall of the samples a defense removed or relabelled, against the poison set,
+    and of its ``candidates`` (what it suspected, e.g. a group its own gate rejected) if any.
 
     The harness holds the ground truth; the defense only reports what it flagged (DESIGN.md §3).
     """
     flagged = set(report.get("removed_sample_ids", [])) | set(report.get("relabelled_sample_ids", []))
-    hits = len(flagged & poisoned_ids)
+    out = _precision_recall(flagged, poisoned_ids, "n_flagged")
+    if report.get("candidate_sample_ids"):
+        out["candidates"] = _precision_recall(set(report["candidate_sample_ids"]), poisoned_ids, "n_candidates")
+    return out
+
+
+def _precision_recall(chosen: set[str], poisoned_ids: set[str], count_name: str) -> dict:
+    hits = len(chosen & poisoned_ids)
     return {
-        "precision": 100.0 * hits / len(flagged) if flagged else None,
+        "precision": 100.0 * hits / len(chosen) if chosen else None,
         "recall": 100.0 * hits / len(poisoned_ids) if poisoned_ids else None,
-        "n_flagged": len(flagged), "n_poisoned": len(poisoned_ids), "n_true_positive": hits,
+        count_name: len(chosen), "n_poisoned": len(poisoned_ids), "n_true_positive": hits,
     }
 
 

@@ -2,7 +2,8 @@
 
 One row per (dataset, attack, defense) with the headline ASR on triggered inputs before (No
 Defense) and after, clean-input CIDEr after, the detection precision/recall the harness computed
-from the samples the defense removed or relabelled (DESIGN.md §3), for masking defenses the share
+from the samples the defense removed or relabelled (DESIGN.md §3) and, where a defense reports
+them, from the candidates it suspected (a group its own gate may reject), for masking defenses the share
 of the trigger their masks covered, and the defense's own time.
 The defended model is shared by both datasets, so detection and time repeat on the Flickr row.
 Values are means over seeds; a defense that flags nothing has no precision (printed as missing).
@@ -18,7 +19,7 @@ from .results import CLEAN_MODEL, attack_rank, dataset_rank, defense_rank, finit
 from .tables import MISSING, ColumnGroup, Table, fmt, headline_metric
 
 COLUMNS = ("ASR before ↓", "ASR after ↓", "clean C ↑", "precision ↑", "recall ↑",
-           "flagged / poisoned", "trigger masked", "defense s")
+           "flagged / poisoned", "suspected P / R", "trigger masked", "defense s")
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -49,6 +50,10 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Tab
         for name in ("precision", "recall", "n_flagged", "n_poisoned"):
             if finite_number(detection.get(name)) is not None:
                 values[key + (name,)].append(float(detection[name]))
+        candidates = detection.get("candidates") or {}
+        for name in ("precision", "recall"):
+            if finite_number(candidates.get(name)) is not None:
+                values[key + ("candidates_" + name,)].append(float(candidates[name]))
         coverage = detection.get("trigger_coverage") or {}
         if finite_number(coverage.get("mean_coverage")) is not None:
             values[key + ("trigger_masked",)].append(float(coverage["mean_coverage"]))
@@ -66,8 +71,11 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Tab
         counts = (f"{flagged:.0f} / {poisoned:.0f}" if flagged is not None and poisoned is not None
                   else MISSING)
         seconds = get("seconds")
+        suspected_recall = get("candidates_recall")
+        suspected = MISSING if suspected_recall is None else \
+            f"{fmt(get('candidates_precision'))} / {fmt(suspected_recall)}"
         texts = (fmt(get("asr", "none")), fmt(get("asr")), fmt(get("cider")), fmt(get("precision")),
-                 fmt(get("recall")), counts, fmt(get("trigger_masked")),
+                 fmt(get("recall")), counts, suspected, fmt(get("trigger_masked")),
                  MISSING if seconds is None else f"{seconds:.0f}")
         table.rows.append(((label("dataset", dataset), label("attack", attack),
                             label("defense", defense), headline_metric(attack).removeprefix("asr_")),
@@ -78,6 +86,8 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Tab
         "§4.4), clean test inputs for C. Before = the same backdoored model without defense.",
         "Detection: the samples a defense removed, isolated or relabelled, against the poison set "
         "the harness holds (precision/recall in %; a defense that flags nothing has no precision). "
+        "Suspected P / R: the same for the candidates a defense reports whether or not it acted on "
+        "them (CT's fitted group, which its likelihood-ratio gate may reject). "
         "Masking defenses (SRD, random masks) change every image and flag none; for them, trigger "
         "masked = the mean share (%) of each poisoned image's trigger (its pixel change from the "
         "clean image) that the instance's mask covered.",

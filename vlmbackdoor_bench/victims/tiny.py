@@ -467,6 +467,14 @@ class TinyVictim:
                     self.token_cache.put(keys[row], found[row])
         return torch.stack(found) if keys else torch.zeros(0)
 
+    def media_features(self, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """The perceiver's output latents of each image, mean-pooled (B, D) (hookspecs.Victim)."""
+        self.model.perceiver.eval()
+        with torch.no_grad():
+            pooled = [self.model.perceiver(self.vision_features(images[s:s + batch_size])[:, None, None]).mean(dim=(1, 2))
+                      for s in range(0, len(images), batch_size)]
+        return torch.cat(pooled) if pooled else torch.zeros(0)
+
     def clone(self) -> "TinyVictim":
         return TinyVictim(copy.deepcopy(self.model), self.tokenizer, self.arch, self.recipe,
                           self.decoding, dict(self.lineage), self.token_cache)
