@@ -55,8 +55,8 @@ DEFAULTS: dict[str, Any] = {
     # proxy schedule (≈ 27k batch steps at |D| = 25,000, ~50 ms each: over 20 min on 2 CPU
     # cores before the 6 loss passes over D). Measured on the tiny world's VL-Trojan set (the
     # fitted group's precision / recall, its perceiver LR, detection seconds): 0.02 -> 97.7 /
-    # 72.8 %, LR 1.54, 121 s; 0.05 -> 98.8 / 94.7 %, LR 2.03, 160 s. 0.03 keeps a whole run
-    # (detection + the ~150 s retrain) within 5 min on the tiny profile.
+    # 72.8 %, LR 1.54, 121 s; 0.05 -> 98.8 / 94.7 %, LR 2.03, 160 s. At 0.03 a whole run on the
+    # tiny world took 362 s (BadNet: detection 175 s + the retrain 186 s, which no budget shrinks).
     "budget_scale": 0.03,
 }
 FEATURES = ("perceiver", "encoder")
