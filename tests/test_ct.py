@@ -166,7 +166,6 @@ def test_ct_gate_features_are_a_choice_with_clear_errors(tmp_path: Path):
     assert '"encoder"' in caught.value.fix
 
 
-
 def test_ct_without_a_reserved_clean_set_says_what_to_pass(tmp_path: Path):
     data = TrainingSet(ImageBank(bank(range(4))), [Example(f"c{i}", i, CLEAN[i]) for i in range(4)])
     context = DefenseContext(backdoored=FeatureVictim(), training_set=data, clean_reserved=None,

@@ -176,9 +176,6 @@ def pooled_features(victim: Any, images: ImageBank, indices: list[int], chunk: i
 
 def media_features(victim: Any, images: ImageBank, indices: list[int], chunk: int = 256) -> torch.Tensor:
     """The victim's pooled perceiver output, one row per instance (§3 identification)."""
-    if not callable(getattr(victim, "media_features", None)):
-        raise VbbError("CT's perceiver features need victim.media_features (hookspecs.Victim)",
-                       'use a victim that has it, or features = "encoder" in [defense.ct]')
     return per_instance(lambda batch: torch.as_tensor(victim.media_features(batch)).float(), images, indices, chunk)
 
 
@@ -285,6 +282,10 @@ class ConfusionTraining:
                 raise VbbError(f"CT {key} has {len(params[key])} entries", f"give {length} (spec/defenses.md §3)")
         if params["features"] not in FEATURES:
             raise VbbError(f"CT features = {params['features']!r} is unknown", f"use one of {FEATURES}")
+        # checked before the rounds run, so a missing method costs no training
+        if params["features"] == "perceiver" and not callable(getattr(context.backdoored, "media_features", None)):
+            raise VbbError("CT's perceiver features need victim.media_features (hookspecs.Victim)",
+                           'use a victim that has it, or features = "encoder" in [defense.ct]')
         started = time.perf_counter()
         data = context.training_set
         bank, rows, captions, clean_source = clean_reserved_pairs(context, params["n_clean"])
