@@ -215,3 +215,27 @@ def test_detection_scores_what_was_removed_and_what_was_only_suspected():
                                    "n_poisoned": 4, "n_true_positive": 3}
     nothing = detection({"removed_sample_ids": []}, poisoned)
     assert nothing["precision"] is None and nothing["recall"] == 0.0 and "candidates" not in nothing
+
+
+def test_store_sweeps_half_built_entries_of_dead_processes_only(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    store = Store(tmp_path)
+    host = socket.gethostname().replace(".", "_")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # exited: its pid is free
+    killed = tmp_path / "stage" / f".{'a' * 64}.{host}-{dead}.tmp"
+    live = tmp_path / "stage" / f".{'b' * 64}.{host}-{os.getpid()}.tmp"
+    elsewhere = tmp_path / "stage" / f".{'c' * 64}.other-host-{dead}.tmp"
+    for directory in (killed, live, elsewhere):
+        directory.mkdir(parents=True)
+        (directory / "half.txt").write_text("partial")
+    assert store.sweep_stale() == [killed]
+    assert not killed.exists() and live.exists() and elsewhere.exists()
+    # a build names its temporary directory so that a later sweep can tell whose it is
+    seen = []
+    store.get_or_build("stage", {"a": 1}, lambda directory: seen.append(directory.name))
+    assert seen[0].endswith(f".{host}-{os.getpid()}.tmp")

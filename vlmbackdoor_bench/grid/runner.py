@@ -374,6 +374,9 @@ class GridRunner:
         validate_plugins(self.config, self.registry)
         self.profile.check_available(self.profile_params)
         cells = [c for c in expand(self.config) if only is None or only(c)]
+        stale = self.store.sweep_stale()
+        if stale:
+            self.log(f"store: removed {len(stale)} half-built entries of killed runs")
         summary = RunSummary()
         out_dir = self.config.results_dir / self.config.profile
         for cell in tqdm(cells, desc="grid", unit="cell"):

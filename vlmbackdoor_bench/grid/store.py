@@ -3,7 +3,9 @@
 A stage output lives in ``<root>/<stage>/<key>/`` where key = sha256 of the canonical JSON of
 everything that determines it (stage, plugin name + version, resolved parameters, upstream keys,
 split manifests). Outputs are built in a temporary sibling directory and renamed into place, so
-a killed run leaves no half-written entry and a rerun skips whatever exists.
+a killed run leaves no half-written entry and a rerun skips whatever exists. A run killed
+outright (SIGKILL, out of memory) cannot remove its temporary directory; the next grid run
+sweeps those of dead processes on this host (``Store.sweep_stale``).
 """
 
 from __future__ import annotations
@@ -12,12 +14,29 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 META = "meta.json"
+# A build's temporary sibling: ``.<key>.<host>-<pid>.tmp``; the host and pid say whose it is.
+TMP_SUFFIX = ".tmp"
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")  # no dots: the tag is the name's last field
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def canonical_json(payload: Any) -> str:
@@ -48,6 +67,18 @@ class Store:
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    def sweep_stale(self) -> list[Path]:
+        """Remove the temporary build directories of processes of this host that no longer
+        run (a killed build); another host's or a live process's are left alone. Returns them."""
+        host, removed = _host(), []
+        for tmp in self.root.glob(f"*/.*{TMP_SUFFIX}"):
+            owner = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1]
+            owner_host, _, pid = owner.rpartition("-")
+            if tmp.is_dir() and owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        return removed
+
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
@@ -73,7 +104,7 @@ class Store:
         if existing is not None:
             return existing
         final = self.path(stage, key)
-        tmp = final.with_name(f".{key}.{os.getpid()}.tmp")
+        tmp = final.with_name(f".{key}.{_host()}-{os.getpid()}{TMP_SUFFIX}")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
