@@ -184,3 +184,22 @@ def test_bad_input_is_one_clear_error():
                       params=params("srd-code", image_mode="clean"))
     with pytest.raises(VbbError, match="scheme"):
         attack.poison(split, poison_rate=0.1, seed=0, params=params("srd-code", scheme="swap"))
+
+
+def test_sense_table_splits_concept_images_by_what_they_show():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "shadowcast_senses.py"
+    spec = importlib.util.spec_from_file_location("shadowcast_senses", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    scenes = [{"id": 1, "groups": [{"category": "apple"}, {"category": "cup"}]},
+              {"id": 2, "groups": [{"category": "cup"}]},  # "an orange cup": colour sense only
+              {"id": 3, "groups": [{"category": "orange"}, {"category": "carrot"}]}]
+    captions = {"1": "A red banana next to a cup.", "2": "A cup on a table.", "3": "Two Bananas."}
+    table = module.sense_table(captions, scenes)
+    assert table["shows a source-concept object"] == (2, 2)
+    assert table["colour sense of orange only"] == (1, 0)
+    assert table["shows apple"] == (1, 1) and table["shows orange"] == (1, 1)
+    assert table["shows carrot"] == (1, 1)

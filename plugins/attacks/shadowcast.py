@@ -37,7 +37,7 @@ from vlmbackdoor_bench.types import (
 from ._common import TARGET, poison_count
 from ._feature_ops import feature_collision, require_encoder
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 SOURCE_CONCEPTS = ("orange", "apple", "carrot")  # spec/attacks.md §7
 TARGET_WORD = re.compile(r"\bbananas?\b", re.IGNORECASE)  # "mentions banana" (metrics.md §4.3)
@@ -47,10 +47,14 @@ IMAGE_MODES = ("pgd", "clean")
 EPSILON = 8 / 255  # ||x_p - x_b||_inf <= 8/255
 STEP = 0.2 / 255  # signed-gradient step, halved at half the iterations
 PGD_BATCH = 60
-# The paper runs 4,000 iterations (spec/attacks.md §7, a recorded knob). One iteration is a
-# forward-backward pass of the encoder per image; this CPU default keeps ~850 poisoned images of
-# the embedded world near 1.5 min on 2 cores. Set pgd_iterations = 4000 for the paper's budget.
-CPU_PGD_ITERATIONS = 5
+# spec/attacks.md §7: 4,000 iterations, a recorded knob. One iteration is a forward-backward pass
+# of the encoder per image, ~0.03 s on 2 CPU cores for the tiny encoder, so the embedded world's
+# ~850 poison images take ~28 h at the paper's budget. A cut budget is no substitute: on 12 images
+# the feature distance to the target fell by 10 % after 5 iterations, 26 % after 25 and 44 %
+# after 100 (step 0.2/255), so the poisons keep their banana features and the caption they carry
+# describes another image. On CPU use image_mode = "clean" (§7: a perfect collision for a frozen
+# encoder), as the tiny grid of benchmark.toml does.
+PAPER_PGD_ITERATIONS = 4000
 # A second seeded stream draws bases and targets, so the instance choice does not depend on it.
 PAIRING_STREAM = 1
 
@@ -92,10 +96,10 @@ class Shadowcast:
         # spec/attacks.md §7 srd-code, synthetic track: every source-concept caption substituted
         # (the grid's poison rate does not apply), images by feature collision.
         "srd-code": {"scheme": "substitute", "image_mode": "pgd",
-                     "pgd_iterations": CPU_PGD_ITERATIONS},
+                     "pgd_iterations": PAPER_PGD_ITERATIONS},
         # spec/attacks.md §7 original: clean-label banana bases, up to the grid's rate.
         "original": {"scheme": "clean-label", "image_mode": "pgd",
-                     "pgd_iterations": CPU_PGD_ITERATIONS},
+                     "pgd_iterations": PAPER_PGD_ITERATIONS},
     }
 
     @staticmethod
