@@ -3,7 +3,7 @@
 A baseline is JSON::
 
     {"schema": 1, "profile": "tiny",
-     "tolerances": {"bleu4": 2.0, "cider": 5.0, "sc": 3.0, "lf": 3.0, "sfs": 3.0,
+     "tolerances": {"bleu4": 2.0, "cider": 5.0, "sc": 3.0, "lf": 5.0, "sfs": 3.0,
                     "asr_*": 5.0, "default": 3.0},
      "values": [{"dataset": "coco", "attack": "badnet", "defense": "none",
                  "split": "triggered", "metric": "cider", "value": 95.1}, ...]}
@@ -31,8 +31,11 @@ from ..errors import VbbError
 from .results import finite_number, metric_values, row_sort_key
 
 BASELINE_SCHEMA = 1
+# Above the noise of rerunning the same code on another machine of the same kind (the full tiny
+# BadNet x no-defense cells from an empty store: CIDEr moved up to 4.7, BLEU-4 1.5, LF 3.8 -- on
+# the degenerate triggered captions --, SFS 1.9, SC 1.1, ASR 0.2 points).
 DEFAULT_TOLERANCES: dict[str, float] = {
-    "bleu4": 2.0, "cider": 5.0, "sc": 3.0, "lf": 3.0, "sfs": 3.0, "asr_*": 5.0, "default": 3.0,
+    "bleu4": 2.0, "cider": 5.0, "sc": 3.0, "lf": 5.0, "sfs": 3.0, "asr_*": 5.0, "default": 3.0,
 }
 FALLBACK_TOLERANCE = DEFAULT_TOLERANCES["default"]  # when a baseline has no "default" key
 VALUE_KEYS: tuple[str, ...] = ("dataset", "attack", "defense", "split", "metric")
