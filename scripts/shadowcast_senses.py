@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 from pathlib import Path
 
 from vlmbackdoor_bench.config import load_config
-from vlmbackdoor_bench.data.world import SOURCE_CONCEPTS, load_scenes
+from vlmbackdoor_bench.data.world import load_scenes
 from vlmbackdoor_bench.grid.runner import GridRunner
 from vlmbackdoor_bench.registry import load_registry
+from vlmbackdoor_bench_plugins.attacks.shadowcast import SOURCE_CONCEPTS, TARGET_WORD
 
-TARGET = re.compile(r"\bbananas?\b", re.IGNORECASE)  # "mentions banana" (metrics.md §4.3)
 SCENE_SPLIT = {"coco": "embedded-coco/test", "flickr30k": "embedded-flickr/test"}
 
 
@@ -37,7 +36,7 @@ def sense_table(captions: dict[str, str], scenes: list[dict]) -> dict[str, tuple
         groups.append("shows a source-concept object" if shown else "colour sense of orange only")
         for group in groups:
             counts[group][0] += 1
-            counts[group][1] += bool(TARGET.search(caption))
+            counts[group][1] += bool(TARGET_WORD.search(caption))
     return {group: (n, hits) for group, (n, hits) in sorted(counts.items())}
 
 
