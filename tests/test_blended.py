@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from attack_helpers import make_split
@@ -97,3 +98,41 @@ def test_eval_inputs_blend_every_test_image_with_the_preset_alpha():
     triggered = attack.eval_inputs(split, kind="triggered", seed=0, params=params)
     assert (triggered.images == blend(split.images, key_image(BUNDLED_KEY), 0.2)).all()
     assert attack.eval_inputs(split, kind="clean", seed=0, params=params).images is split.images
+
+
+def _script(name: str):
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_background_table_and_projection_quantiles():
+    module = _script("blended_backgrounds")
+    hits = {"1": True, "2": False, "3": True, "4": True, "5": False}
+    backgrounds = {"1": "grass", "2": "grass", "3": "sky", "4": "sky", "5": "space"}
+    projections = {"1": 4.0, "2": 2.0, "3": 30.0, "4": 20.0, "5": 25.0}
+    rows = module.background_table(hits, backgrounds, projections)
+    assert rows == [("space", 1, 0.0, 25.0), ("grass", 2, 50.0, 3.0), ("sky", 2, 100.0, 25.0)]
+    # ordered by projection: 2 (miss), 1 (hit), 4 (hit), 5 (miss), 3 (hit)
+    assert module.quantile_asr(hits, projections, n=5) == [0.0, 100.0, 100.0, 0.0, 100.0]
+    assert module.quantile_asr(hits, projections, n=2) == [pytest.approx(200 / 3), 50.0]
+
+
+def test_trigger_shift_of_the_blend_is_alpha_times_key_minus_image():
+    module = _script("blended_backgrounds")
+
+    class ChannelMeans:  # an "encoder" with one token: the image's mean colour
+        def vision_features(self, images):
+            return torch.from_numpy(np.asarray(images, dtype=np.float64).mean(axis=(1, 2)))[:, None, :]
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    params = Blended.presets["srd-code"]
+    shifts = module.trigger_shifts(ChannelMeans(), Blended(), params, images, [1, 2, 3])
+    key = key_image(BUNDLED_KEY).astype(np.float64)
+    expected = 0.1 * (key.mean(axis=(0, 1))[None] - images.astype(np.float64).mean(axis=(1, 2)))
+    assert shifts.shape == (3, 3)
+    np.testing.assert_allclose(shifts.numpy(), expected, atol=0.6)  # uint8 rounding of each pixel
