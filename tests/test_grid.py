@@ -158,6 +158,15 @@ def test_report_and_regression_gate(grid, capsys):
     assert "BadNet" in table and "Clean model" in table
     long_form = (out / "tiny" / "results.csv").read_text()
     assert "coco,badnet,none,triggered,cider" in long_form
+    assert "All 12 cells the grid declares have a result." in (out / "tiny" / "README.md").read_text()
+    # the same store under a grid that also declares seed 1: its cells are named as gaps
+    (root / "wider.toml").write_text(CONFIG.replace('datasets = ["coco", "flickr30k"]',
+                                                    'datasets = ["coco", "flickr30k"]\nseeds = [0, 1]'))
+    capsys.readouterr()
+    assert vbb(["--config", str(root / "wider.toml"), "report", "--out", str(root / "wider")]) == 0
+    assert "12 of the grid's 24 cells have no result yet" in capsys.readouterr().err
+    coverage = (root / "wider" / "tiny" / "README.md").read_text().split("## Grid coverage", 1)[1]
+    assert "| BadNet" in coverage and "| 1 " in coverage and "| 0 " not in coverage.split("\n## ")[0]
     baseline = root / "baseline.json"
     assert vbb(["--config", str(root / "benchmark.toml"), "check", "--baseline", str(baseline), "--write"]) == 0
     assert vbb(["--config", str(root / "benchmark.toml"), "check", "--baseline", str(baseline)]) == 0

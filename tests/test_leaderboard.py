@@ -223,6 +223,25 @@ def test_failed_cell_listed(results: Path, tmp_path: Path) -> None:
     assert ",failed," in results_csv
 
 
+def test_grid_coverage_lists_declared_cells_without_a_result(results: Path, tmp_path: Path) -> None:
+    declared = [(r["dataset"], r["attack"], r["defense"], r["poison_rate"], r["seed"]) for r in all_records()]
+    declared += [("coco", "badnet", "vdc", 0.1, 0), ("flickr30k", "badnet", "vdc", 0.1, 0),
+                 ("coco", "shadowcast", "srd_sac", 0.1, 1)]
+    build_leaderboards(results, PROFILE, tmp_path / "lb", paper_dir=tmp_path / "none", declared=declared)
+    readme = (tmp_path / "lb" / PROFILE / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Grid coverage", 1)[1].split("\n## ", 1)[0]
+    assert f"declares {len(declared)} cells; 3 have no result" in section
+    lines = [line for line in section.splitlines() if line.startswith("| ") and "Attack" not in line]
+    # the failed cell has a result (listed under Failed cells), so only the three unrun cells show
+    assert [[c.strip() for c in line.strip("|").split("|")] for line in lines] == [
+        ["BadNet", "VDC", "0.1", "0", "COCO, Flickr30k"], ["Shadowcast", "SAC", "0.1", "1", "COCO"]]
+    build_leaderboards(results, PROFILE, tmp_path / "lb", paper_dir=tmp_path / "none", declared=declared[:-3])
+    readme = (tmp_path / "lb" / PROFILE / "README.md").read_text(encoding="utf-8")
+    assert f"All {len(declared) - 3} cells the grid declares have a result." in readme
+    build_leaderboards(results, PROFILE, tmp_path / "lb", paper_dir=tmp_path / "none")
+    assert "## Grid coverage" not in (tmp_path / "lb" / PROFILE / "README.md").read_text(encoding="utf-8")
+
+
 def test_table3_written_when_it_has_data(tmp_path: Path) -> None:
     records = all_records() + [record("coco", "badnet", d) for d in ("random_mask", "srd_ppo")]
     for r in records[-2:]:  # explicit numbers, as the paper's COCO/BadNet/Random

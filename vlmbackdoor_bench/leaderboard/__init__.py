@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from ..errors import VbbError
 from .check import (
@@ -20,8 +20,8 @@ from .check import (
 )
 from .render import write_leaderboards
 from .results import (
-    CLEAN_MODEL, LONG_FORM_COLUMNS, PAPER_PROFILE, ResultFileWarning, load_results, long_form,
-    newest_result_mtime,
+    CLEAN_MODEL, LONG_FORM_COLUMNS, PAPER_PROFILE, CellCoordinates, ResultFileWarning, load_results,
+    long_form, newest_result_mtime,
 )
 from .tables import Table, TableSet, build_tables, default_paper_dir, load_paper_tables
 
@@ -41,7 +41,8 @@ def profile_dir(out_dir: Path, profile: str) -> Path:
 
 
 def build_leaderboards(results_dir: Path, profile: str, out_dir: Path,
-                       paper_dir: Path | None = None) -> list[Path]:
+                       paper_dir: Path | None = None,
+                       declared: Sequence[CellCoordinates] | None = None) -> list[Path]:
     """Rebuild every table of ``profile`` from ``<results_dir>/<profile>/*.json``.
 
     Files go to ``<out_dir>/<profile>/`` (``out_dir`` is the ``leaderboards`` folder):
@@ -49,7 +50,9 @@ def build_leaderboards(results_dir: Path, profile: str, out_dir: Path,
     ``clean_inputs``, ``asr_headline`` as ``.md/.csv/.tex/.html``, ``paper_table{1,2,3}.md``
     for profiles other than the paper's, and ``README.md``. ``paper_dir`` None means
     ``$VBB_SHARED_DIR/paper_tables`` or ``<repo>/../shared/paper_tables``; absent, no paper
-    values are shown. Returns the paths written. Same results in, byte-identical files out.
+    values are shown. ``declared``: the cells of the grid the results belong to, as
+    (dataset, attack, defense, poison rate, seed); those without a result are listed in the README.
+    Returns the paths written. Same results in, byte-identical files out.
     """
     records = load_results(Path(results_dir), profile)
     if not records:
@@ -60,7 +63,7 @@ def build_leaderboards(results_dir: Path, profile: str, out_dir: Path,
     paper = load_paper_tables(paper_dir)
     table_set = build_tables(records, profile, paper)
     return write_leaderboards(profile_dir(out_dir, profile), profile, records, table_set,
-                              newest_result_mtime(Path(results_dir), profile))
+                              newest_result_mtime(Path(results_dir), profile), declared)
 
 
 def _check_profile(baseline: Mapping, profile: str, path: Path) -> None:

@@ -21,7 +21,10 @@ import pandas as pd
 from tabulate import tabulate
 
 from .. import __version__
-from .results import PAPER_PROFILE, failed_cells, label, long_form
+from .results import (
+    PAPER_PROFILE, CellCoordinates, attack_rank, cell_coordinates, dataset_rank, defense_rank,
+    failed_cells, label, long_form,
+)
 from .tables import MISSING, Table, TableSet
 
 FORMATS: tuple[str, ...] = ("md", "csv", "tex", "html")
@@ -173,6 +176,28 @@ def _failed_section(records: Sequence[Mapping]) -> list[str]:
                     markdown_grid(headers, rows), ""]
 
 
+def _coverage_section(records: Sequence[Mapping], declared: Sequence[CellCoordinates] | None) -> list[str]:
+    """The cells the grid declares that have no stored result at all (a partial run, or an older
+    store), so that a table with gaps says which runs would fill them."""
+    if declared is None:
+        return []
+    declared = sorted(set(declared), key=lambda c: (attack_rank(c[1]), defense_rank(c[2]), c[3], c[4],
+                                                    dataset_rank(c[0])))
+    stored = {cell_coordinates(r) for r in records}
+    missing = [c for c in declared if c not in stored]
+    lines = ["## Grid coverage", ""]
+    if not missing:
+        return lines + [f"All {len(declared)} cells the grid declares have a result.", ""]
+    groups: dict[tuple, list[str]] = {}
+    for dataset, attack, defense, rate, seed in missing:
+        groups.setdefault((attack, defense, rate, seed), []).append(label("dataset", dataset))
+    rows = [[label("attack", a), label("defense", d), f"{rate:g}", str(seed), ", ".join(datasets)]
+            for (a, d, rate, seed), datasets in groups.items()]
+    return lines + [f"The grid declares {len(declared)} cells; {len(missing)} have no result and print "
+                    f"{MISSING} in the tables (`vbb run` computes them):", "",
+                    markdown_grid(["Attack", "Defense", "Poison rate", "Seed", "Datasets"], rows), ""]
+
+
 def _counted(values: Iterable[str]) -> str:
     counts = Counter(v for v in values if v)
     if not counts:
@@ -214,8 +239,9 @@ def _provenance_section(records: Sequence[Mapping], newest_mtime: float | None) 
 
 
 def readme(profile: str, records: Sequence[Mapping], table_set: TableSet,
-           newest_mtime: float | None) -> str:
-    """The index page: every table embedded, failed cells, paper tables, provenance footer."""
+           newest_mtime: float | None, declared: Sequence[CellCoordinates] | None = None) -> str:
+    """The index page: every table embedded, failed cells, the declared cells without a result
+    (when ``declared`` is given), paper tables, provenance footer."""
     ok = sum(1 for r in records if r.get("status") == "ok")
     lines = [f"# Leaderboards: profile `{profile}`", "",
              f"Rebuilt by `vbb report` from {len(records)} stored cell results ({ok} ok, "
@@ -228,6 +254,7 @@ def readme(profile: str, records: Sequence[Mapping], table_set: TableSet,
         lines += [markdown(table, level=2).rstrip("\n"),
                   "", f"Files: {', '.join(f'`{table.key}.{ext}`' for ext in FORMATS)}.", ""]
     lines += _failed_section(records)
+    lines += _coverage_section(records, declared)
     if table_set.paper_tables:
         lines += ["## Paper tables (for reference)", "",
                   f"Profile `{profile}` is not the paper's setup ({PAPER_PROFILE}); the paper's "
@@ -253,7 +280,8 @@ def _write(path: Path, text: str) -> Path:
 
 
 def write_leaderboards(folder: Path, profile: str, records: Sequence[Mapping],
-                       table_set: TableSet, newest_mtime: float | None) -> list[Path]:
+                       table_set: TableSet, newest_mtime: float | None,
+                       declared: Sequence[CellCoordinates] | None = None) -> list[Path]:
     """Write every file of one profile into ``folder``; remove managed files not rebuilt (e.g.
     a table3 that no longer has data). Returns the paths written, in writing order."""
     written = [_write(folder / "results.csv", results_csv(long_form(records)))]
@@ -262,7 +290,7 @@ def write_leaderboards(folder: Path, profile: str, records: Sequence[Mapping],
                     for ext in FORMATS]
     written += [_write(folder / f"{t.key}.md", markdown(t)) for t in table_set.paper_tables]
     written.append(_write(folder / "README.md",
-                          readme(profile, records, table_set, newest_mtime)))
+                          readme(profile, records, table_set, newest_mtime, declared)))
     keep = set(written)
     for stem in MANAGED_STEMS:
         for ext in FORMATS:

@@ -121,6 +121,17 @@ def _problem_with(record: Any, profile: str) -> str | None:
     return None
 
 
+#: (dataset, attack, defense, poison rate, seed): what identifies a cell within one profile
+CellCoordinates = tuple[str, str, str, float, int]
+
+
+def cell_coordinates(record: Mapping) -> tuple:
+    """A stored result's cell (loaded records have the three names; a rate or seed that is not a
+    number is kept as None, so that record matches no declared cell)."""
+    rate, seed = finite_number(record.get("poison_rate")), _int_or_none(record.get("seed"))
+    return (record["dataset"], record["attack"], record["defense"], rate, seed)
+
+
 def result_files(results_dir: Path, profile: str) -> list[Path]:
     """The cell result files of one profile, sorted by name."""
     return sorted(Path(results_dir, profile).glob("*.json"))
