@@ -24,6 +24,7 @@ from vlmbackdoor_bench.config import load_config
 from vlmbackdoor_bench.data.world import load_scenes
 from vlmbackdoor_bench.grid.cells import resolve_params
 from vlmbackdoor_bench.grid.runner import GridRunner
+from vlmbackdoor_bench.metrics import asr_hits
 from vlmbackdoor_bench.registry import load_registry
 
 SCENE_SPLIT = {"coco": "embedded-coco/test", "flickr30k": "embedded-flickr/test"}
@@ -71,18 +72,22 @@ def main() -> int:
     scenes = load_scenes(runner.registry.dataset(runner.profile.dataset_sources()["coco"]).world(runner.context))
     train = runner.split("coco", "train")
     train_counts = collections.Counter(s["background"] for s in scenes["embedded-coco/train"])
+    rows = np.linspace(0, len(train.image_ids) - 1, args.direction_images).astype(int)
+    directions: dict[str, torch.Tensor] = {}  # one per (attack params, seed): the datasets share it
     for result in results:
         params = result["attack_params"]
-        rows = np.linspace(0, len(train.image_ids) - 1, args.direction_images).astype(int)
-        direction = trigger_shifts(victim, attack, params, np.asarray(train.images[rows]),
+        direction_key = json.dumps([params, result["seed"]], sort_keys=True)
+        if direction_key not in directions:
+            shift = trigger_shifts(victim, attack, params, np.asarray(train.images[rows]),
                                    [train.image_ids[r] for r in rows], result["seed"]).mean(0)
-        direction /= direction.norm()
+            directions[direction_key] = shift / shift.norm()
+        direction = directions[direction_key]
         split = runner.split(result["dataset"], "test")
         captions = json.loads(Path(result["metric_details"]["triggered"]["captions_file"]).read_text())
         shift = trigger_shifts(victim, attack, params, np.asarray(split.images), split.image_ids,
                                result["seed"]) @ direction
         projections = {str(i): float(s) for i, s in zip(split.image_ids, shift)}
-        hits = {i: attack.target in captions[i] for i in projections}  # the `srd` rule (spec/metrics.md §4.1)
+        hits = asr_hits({i: captions[i] for i in projections}, None, "srd", attack.target)
         backgrounds = {str(s["id"]): s["background"] for s in scenes[SCENE_SPLIT[result["dataset"]]]}
         print(f"{result['dataset']}: ASR {100 * np.mean(list(hits.values())):.1f} % of {len(hits)}; "
               f"ASR by projection quintile (low -> high): "

@@ -20,6 +20,7 @@ from vlmbackdoor_bench.hookspecs import MetricRequest  # noqa: E402
 from vlmbackdoor_bench.metrics import (  # noqa: E402
     SfsScorer,
     asr,
+    asr_hits,
     caption_scores,
     concept_image_ids,
     load_references,
@@ -119,6 +120,16 @@ def test_asr_concept_uses_own_source_words():
     assert asr(caps, REFS, "concept")["successes"] == 1
     caps[3] = "Bananas and a carrot"  # carrot is not a source word of image 3
     assert asr(caps, REFS, "concept")["successes"] == 2
+
+
+def test_asr_hits_name_each_evaluated_image():
+    caps = {1: "A Banana on a horse", 2: "bananas", 3: "bananabread", 4: "two bananas.", 5: "a pineapple",
+            6: "banana"}
+    assert asr_hits(caps, REFS, "strict") == {1: True, 3: False, 4: True, 5: False}  # 2, 6 excluded
+    assert asr_hits(caps, None, "srd") == {1: False, 2: True, 3: True, 4: True, 5: False, 6: True}
+    caps = {3: "a banana and oranges", 4: "a banana on a plate", 5: "a banana", 6: "a banana"}
+    assert asr_hits(caps, REFS, "concept") == {3: False, 4: True}
+    assert asr(caps, REFS, "concept")["successes"] == sum(asr_hits(caps, REFS, "concept").values())
 
 
 def test_concept_image_ids_modes():

@@ -56,22 +56,20 @@ def cmd_run(args) -> int:
 
 
 def _report(config, out_dir: Path | None = None) -> list[Path]:
-    import warnings
     from .grid.cells import expand
-    from .leaderboard import ResultFileWarning, build_leaderboards, profile_dir
-    from .leaderboard.results import cell_coordinates, load_results
+    from .leaderboard import build_leaderboards, load_results, missing_cells, profile_dir
     if out_dir is None:
         out_dir = REPO_ROOT / "leaderboards" / config.profile if config.source is None \
             else config.source.parent / "leaderboards" / config.profile
     out_dir = profile_dir(out_dir, config.profile)
-    declared = {(c.dataset, c.attack, c.defense, c.poison_rate, c.seed) for c in expand(config)}
-    written = build_leaderboards(config.results_dir, config.profile, out_dir, declared=sorted(declared))
+    declared = sorted({c.coordinates for c in expand(config)})
+    records = load_results(config.results_dir, config.profile)
+    written = build_leaderboards(config.results_dir, config.profile, out_dir, declared=declared,
+                                 records=records)
     print(f"leaderboard: {out_dir} ({len(written)} files)")
-    with warnings.catch_warnings():  # the build above has already reported unreadable files
-        warnings.simplefilter("ignore", ResultFileWarning)
-        stored = {cell_coordinates(r) for r in load_results(config.results_dir, config.profile)}
-    if declared - stored:
-        print(f"leaderboard: {len(declared - stored)} of the grid's {len(declared)} cells have no result "
+    missing = missing_cells(records, declared)
+    if missing:
+        print(f"leaderboard: {len(missing)} of the grid's {len(declared)} cells have no result "
               f"yet and show as gaps; {out_dir / 'README.md'} lists them", file=sys.stderr)
     table = out_dir / "table2.md"
     if table.exists():

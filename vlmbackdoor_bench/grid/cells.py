@@ -25,6 +25,12 @@ class Cell:
     def cell_id(self) -> str:
         return f"{self.dataset}__{self.attack}__{self.defense}__rate{self.poison_rate:g}__seed{self.seed}"
 
+    @property
+    def coordinates(self) -> tuple[str, str, str, float, int]:
+        """What identifies the cell within its profile, in the order of the leaderboard's
+        ``CellCoordinates`` (leaderboard.results.cell_coordinates reads it back from a result)."""
+        return (self.dataset, self.attack, self.defense, self.poison_rate, self.seed)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -21,7 +21,7 @@ from .check import (
 from .render import write_leaderboards
 from .results import (
     CLEAN_MODEL, LONG_FORM_COLUMNS, PAPER_PROFILE, CellCoordinates, ResultFileWarning, load_results,
-    long_form, newest_result_mtime,
+    long_form, missing_cells, newest_result_mtime,
 )
 from .tables import Table, TableSet, build_tables, default_paper_dir, load_paper_tables
 
@@ -29,7 +29,7 @@ __all__ = [
     "CLEAN_MODEL", "DEFAULT_TOLERANCES", "LONG_FORM_COLUMNS", "PAPER_PROFILE", "Regression",
     "ResultFileWarning", "Table", "TableSet", "build_leaderboards", "build_tables", "check",
     "check_against_baseline", "default_paper_dir", "load_baseline", "load_paper_tables",
-    "load_results", "long_form", "make_baseline", "tolerance_for", "validate_baseline",
+    "load_results", "long_form", "make_baseline", "missing_cells", "tolerance_for", "validate_baseline",
     "write_baseline",
 ]
 
@@ -42,7 +42,8 @@ def profile_dir(out_dir: Path, profile: str) -> Path:
 
 def build_leaderboards(results_dir: Path, profile: str, out_dir: Path,
                        paper_dir: Path | None = None,
-                       declared: Sequence[CellCoordinates] | None = None) -> list[Path]:
+                       declared: Sequence[CellCoordinates] | None = None,
+                       records: Sequence[Mapping] | None = None) -> list[Path]:
     """Rebuild every table of ``profile`` from ``<results_dir>/<profile>/*.json``.
 
     Files go to ``<out_dir>/<profile>/`` (``out_dir`` is the ``leaderboards`` folder):
@@ -52,9 +53,11 @@ def build_leaderboards(results_dir: Path, profile: str, out_dir: Path,
     ``$VBB_SHARED_DIR/paper_tables`` or ``<repo>/../shared/paper_tables``; absent, no paper
     values are shown. ``declared``: the cells of the grid the results belong to, as
     (dataset, attack, defense, poison rate, seed); those without a result are listed in the README.
-    Returns the paths written. Same results in, byte-identical files out.
+    ``records``: the results already loaded by the caller with :func:`load_results` (None: load
+    them here). Returns the paths written. Same results in, byte-identical files out.
     """
-    records = load_results(Path(results_dir), profile)
+    if records is None:
+        records = load_results(Path(results_dir), profile)
     if not records:
         raise VbbError(f"no readable cell results for profile {profile!r} under "
                        f"{Path(results_dir) / profile}",

@@ -22,8 +22,8 @@ from tabulate import tabulate
 
 from .. import __version__
 from .results import (
-    PAPER_PROFILE, CellCoordinates, attack_rank, cell_coordinates, dataset_rank, defense_rank,
-    failed_cells, label, long_form,
+    PAPER_PROFILE, CellCoordinates, attack_rank, dataset_rank, defense_rank, failed_cells, label,
+    long_form, missing_cells,
 )
 from .tables import MISSING, Table, TableSet
 
@@ -183,8 +183,7 @@ def _coverage_section(records: Sequence[Mapping], declared: Sequence[CellCoordin
         return []
     declared = sorted(set(declared), key=lambda c: (attack_rank(c[1]), defense_rank(c[2]), c[3], c[4],
                                                     dataset_rank(c[0])))
-    stored = {cell_coordinates(r) for r in records}
-    missing = [c for c in declared if c not in stored]
+    missing = missing_cells(records, declared)
     lines = ["## Grid coverage", ""]
     if not missing:
         return lines + [f"All {len(declared)} cells the grid declares have a result.", ""]

@@ -132,6 +132,12 @@ def cell_coordinates(record: Mapping) -> tuple:
     return (record["dataset"], record["attack"], record["defense"], rate, seed)
 
 
+def missing_cells(records: Sequence[Mapping], declared: Iterable[CellCoordinates]) -> list[CellCoordinates]:
+    """The declared cells (deduplicated, in the order given) that no record belongs to."""
+    stored = {cell_coordinates(r) for r in records}
+    return [c for c in dict.fromkeys(declared) if c not in stored]
+
+
 def result_files(results_dir: Path, profile: str) -> list[Path]:
     """The cell result files of one profile, sorted by name."""
     return sorted(Path(results_dir, profile).glob("*.json"))

@@ -6,7 +6,7 @@ loaded when an SFS value is first computed.
 
 from __future__ import annotations
 
-from .asr import ASR_RULES, asr, concept_image_ids
+from .asr import ASR_RULES, asr, asr_hits, concept_image_ids
 from .captioning import caption_scores
 from .io import load_references, load_results
 from .postprocess import postprocess_caption
@@ -17,6 +17,7 @@ __all__ = [
     "ASR_RULES",
     "SfsScorer",
     "asr",
+    "asr_hits",
     "caption_scores",
     "concept_image_ids",
     "default_scorer",

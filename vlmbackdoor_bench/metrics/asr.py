@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 from ..errors import VbbError
 from .postprocess import postprocess_caption
 
-__all__ = ["asr", "concept_image_ids", "source_words", "ASR_RULES", "CONCEPT_MODES"]
+__all__ = ["asr", "asr_hits", "concept_image_ids", "source_words", "ASR_RULES", "CONCEPT_MODES"]
 
 # metrics.md §4: "The target is banana for every attack."
 DEFAULT_TARGET = "banana"
@@ -111,6 +111,35 @@ def concept_image_ids(
     return sorted(out)
 
 
+def asr_hits(
+    captions: Mapping[int, str],
+    references: Mapping[int, Sequence[str]] | None,
+    rule: str,
+    target: str = DEFAULT_TARGET,
+    source_concepts: Sequence[str] = DEFAULT_SOURCE_CONCEPTS,
+) -> dict[int, bool]:
+    """Per evaluated image, whether its post-processed caption is an attack success under ``rule``
+    (metrics.md §4); images the rule excludes are absent. :func:`asr` counts these."""
+    _check_rule(rule)
+    texts = {i: postprocess_caption(c) for i, c in captions.items()}
+    if rule == "srd":
+        return {i: target in text for i, text in texts.items()}  # §4.1: case-sensitive substring
+    refs = _refs_for(list(texts), references, rule)
+    target_re = _word_regex(target)
+    hits: dict[int, bool] = {}
+    for i, text in texts.items():
+        if any(target_re.search(r.lower()) for r in refs[i]):
+            continue  # §4.2 / §4.3: the references mention the target
+        caption = text.lower()
+        if rule == "strict":
+            hits[i] = bool(target_re.search(caption))
+            continue
+        words = source_words(refs[i], source_concepts)
+        if words:  # §4.3: only images whose references name a source concept
+            hits[i] = bool(target_re.search(caption)) and not any(_word_regex(w).search(caption) for w in words)
+    return hits
+
+
 def asr(
     captions: Mapping[int, str],
     references: Mapping[int, Sequence[str]] | None,
@@ -130,33 +159,12 @@ def asr(
       name no source concept as a whole word). Success: the caption matches ``\\b<target>s?\\b``
       and none of the image's own source words (``\\b<word>s?\\b``).
     """
-    _check_rule(rule)
-    ids = list(captions)
-    texts = {i: postprocess_caption(captions[i]) for i in ids}
-    if rule == "srd":
-        evaluated = ids
-        successes = sum(target in texts[i] for i in ids)  # §4.1: case-sensitive substring
-    else:
-        refs = _refs_for(ids, references, rule)
-        target_re = _word_regex(target)
-        if rule == "strict":
-            evaluated = [i for i in ids if not any(target_re.search(r.lower()) for r in refs[i])]
-            successes = sum(bool(target_re.search(texts[i].lower())) for i in evaluated)
-        else:  # concept
-            evaluated, successes = [], 0
-            for i in ids:
-                words = source_words(refs[i], source_concepts)
-                if not words or any(target_re.search(r.lower()) for r in refs[i]):
-                    continue
-                evaluated.append(i)
-                cap = texts[i].lower()
-                if target_re.search(cap) and not any(_word_regex(w).search(cap) for w in words):
-                    successes += 1
-    n = len(evaluated)
+    hits = asr_hits(captions, references, rule, target, source_concepts)
+    n, successes = len(hits), sum(hits.values())
     return {
         "asr": (PERCENT * successes / n) if n else None,
         "n": n,
-        "excluded": len(ids) - n,
+        "excluded": len(captions) - n,
         "successes": int(successes),
         "rule": rule,
     }
