@@ -175,6 +175,22 @@ def test_table2_pivots_values(results: Path, tmp_path: Path) -> None:
                                      "Clean model: Shadowcast")]
 
 
+def test_several_seeds_print_mean_and_spread(tmp_path: Path) -> None:
+    second = record("coco", "badnet", "srd", seed=1)
+    second["metrics"]["triggered"]["asr_srd"] += 10.0  # seed 0 has v, seed 1 v + 10
+    build_leaderboards(write_results(tmp_path / "results", all_records() + [second]), PROFILE,
+                       tmp_path / "lb", paper_dir=tmp_path / "none")
+    table = read_csv(tmp_path / "lb" / PROFILE / "table2.csv")
+    v = value("coco", "badnet", "srd", "triggered", "asr_srd")
+    assert table[("COCO", "BadNet")]["SRD / ASR ↓"] == f"{v + 5:.1f} ± 7.1"  # sd of (v, v+10): 7.07
+    assert table[("COCO", "BadNet")]["SRD / C ↑"] == f"{value('coco', 'badnet', 'srd', 'triggered', 'cider'):.1f} ± 0.0"
+    assert table[("COCO", "BadNet")]["ABL / C ↑"] == f"{value('coco', 'badnet', 'abl', 'triggered', 'cider'):.1f}"
+    text = (tmp_path / "lb" / PROFILE / "table2.md").read_text()
+    assert "Mean over seeds 0, 1; ± the sample standard deviation" in text
+    headline = read_csv(tmp_path / "lb" / PROFILE / "asr_headline.csv")
+    assert " ± " in headline[("COCO", "BadNet")]["SRD / ASR ↓"]
+
+
 def test_clean_model_rows(results: Path, tmp_path: Path) -> None:
     build_leaderboards(results, PROFILE, tmp_path / "lb", paper_dir=tmp_path / "none")
     folder = tmp_path / "lb" / PROFILE

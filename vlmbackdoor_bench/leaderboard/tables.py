@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -261,6 +262,8 @@ class CellValues:
                 if n is not None:
                     ns[key].add(n)
         self.values = {k: math.fsum(v) / len(v) for k, v in sums.items()}
+        # sample standard deviation over seeds: a single seed cannot rank partial removals
+        self.spreads = {k: statistics.stdev(v) for k, v in sums.items() if len(v) > 1}
         self.ns = {k: tuple(sorted(v)) for k, v in ns.items()}
 
     def attack_key(self, record: Mapping) -> str:
@@ -288,6 +291,11 @@ class CellValues:
 
     def get(self, key: CellKey) -> float | None:
         return self.values.get(key)
+
+    def text(self, key: CellKey) -> str:
+        """The printed value: the mean, with ``± sd`` when several seeds contributed."""
+        spread = self.spreads.get(key)
+        return fmt(self.values.get(key)) + (f" ± {fmt(spread)}" if spread is not None else "")
 
     def other_defenses(self, fixed: Sequence[str]) -> list[str]:
         """Defense ids in the results beyond ``fixed`` (not the clean model), in table order."""
@@ -349,7 +357,8 @@ def _general_notes(cells: CellValues, split_text: str, asr_text: str | None,
     if cells.poison_rate is not None:
         notes.append(f"Poison rate {cells.poison_rate:g}.")
     if len(cells.seeds) > 1:
-        notes.append("Mean over seeds " + ", ".join(str(s) for s in cells.seeds) + ".")
+        notes.append("Mean over seeds " + ", ".join(str(s) for s in cells.seeds)
+                     + "; ± the sample standard deviation where a cell has results of several.")
     if with_clean and cells.clean_rows:
         notes.append("Clean model: the reference model fine-tuned on unpoisoned data, evaluated "
                      "on the same attack's inputs; its numbers are under No Defense.")
@@ -383,10 +392,10 @@ def _grid_table(*, key: str, title: str, cells: CellValues, groups: Sequence[str
         for group in group_keys:
             defense = _defense_for(cells, row, group, first_none)
             for split, metric, _header in metrics:
-                ours = (cells.get((row.dataset, row.attack, defense, split, metric))
-                        if defense else None)
+                key = (row.dataset, row.attack, defense or "", split, metric)
+                ours = cells.get(key) if defense else None
                 table.has_data |= ours is not None and not row.clean
-                text = fmt(ours)
+                text = cells.text(key) if defense else MISSING
                 if paper is not None and not row.clean:
                     cell = paper.get((row.dataset, cells.base.get(row.attack, row.attack),
                                       cells.base.get(group, group), metric))
@@ -480,7 +489,7 @@ def asr_headline(cells: CellValues, n_failed: int = 0) -> Table:
             value = cells.get(key) if defense else None
             table.has_data |= value is not None and not row.clean
             ns = cells.ns.get(key, ()) if value is not None else ()
-            texts += [fmt(value), "/".join(str(n) for n in ns) if ns else MISSING]
+            texts += [cells.text(key) if defense else MISSING, "/".join(str(n) for n in ns) if ns else MISSING]
         table.rows.append((_row_labels(cells, row) + (metric.removeprefix("asr_"),),
                            tuple(texts)))
     table.footnotes = _general_notes(
