@@ -168,3 +168,36 @@ def test_recipe_schedule_and_decay_groups(victim):
     decayed = [names[id(p)] for p in decay["params"]]
     assert decayed and all("gated_cross_attn_layer" in n and not n.endswith("_gate") for n in decayed)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0  # spec/victim.md §A3
+
+
+ENCODE_IN_CHILD = """
+import sys, numpy as np, torch
+from vlmbackdoor_bench.allocator import keep_freed_memory
+applied = keep_freed_memory()
+from vlmbackdoor_bench.victims.efficientnet import pretrained_efficientnet_lite0
+images = torch.from_numpy(np.random.default_rng(0).random((8, 3, 224, 224), dtype=np.float32))
+with torch.no_grad():
+    sys.stdout.buffer.write(bytes([applied]) + pretrained_efficientnet_lite0().features(images, 15).numpy().tobytes())
+"""
+
+
+def test_encoder_tokens_do_not_depend_on_batch_or_allocator():
+    # the token cache keys tokens by image content alone: an image's tokens must not depend on
+    # the batch it was encoded in, nor on the allocator setting `vbb` applies (allocator.py)
+    import os
+    import subprocess
+    import sys
+    from vlmbackdoor_bench.victims.efficientnet import pretrained_efficientnet_lite0
+    images = torch.from_numpy(np.random.default_rng(0).random((8, 3, 224, 224), dtype=np.float32))
+    network = pretrained_efficientnet_lite0()
+    with torch.no_grad():
+        batched = network.features(images, 15)
+        one_by_one = torch.cat([network.features(images[i:i + 1], 15) for i in range(8)])
+    assert torch.equal(batched, one_by_one)
+    outputs = {}
+    for setting in ("0", "1"):  # 8 images at 224 px: activations of 38 MB, above glibc's mmap threshold
+        env = dict(os.environ, VBB_KEEP_FREED_MEMORY=setting)
+        outputs[setting] = subprocess.run([sys.executable, "-c", ENCODE_IN_CHILD], env=env, check=True,
+                                          capture_output=True).stdout
+    assert outputs["0"][0] == 0 and outputs["1"][0] == (1 if sys.platform.startswith("linux") else 0)
+    assert outputs["0"][1:] == outputs["1"][1:] == batched.numpy().tobytes()

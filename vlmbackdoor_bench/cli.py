@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .allocator import keep_freed_memory
 from .config import load_config
 from .errors import VbbError
 from .registry import load_registry
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # ~2.5x faster image encoding on CPU, same numbers (allocator.py)
     try:
         return args.func(args)
     except VbbError as exc:
