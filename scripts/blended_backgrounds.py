@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlmbackdoor_bench.allocator import keep_freed_memory
 from vlmbackdoor_bench.config import load_config
 from vlmbackdoor_bench.data.world import load_scenes
 from vlmbackdoor_bench.grid.cells import resolve_params
@@ -60,6 +61,7 @@ def main() -> int:
     parser.add_argument("--direction-images", type=int, default=500,
                         help="training images, spread evenly, whose mean shift is the trigger direction")
     args = parser.parse_args()
+    keep_freed_memory()  # it encodes images, as `vbb` does
     config = load_config(args.config)
     runner = GridRunner(config, load_registry(config.plugin_dirs))
     results = [json.loads(p.read_text()) for p in sorted((config.results_dir / config.profile).glob("*__blended__none__*.json"))]
