@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import csv
 import math
-import statistics
 import os
+import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -489,7 +489,8 @@ def asr_headline(cells: CellValues, n_failed: int = 0) -> Table:
             value = cells.get(key) if defense else None
             table.has_data |= value is not None and not row.clean
             ns = cells.ns.get(key, ()) if value is not None else ()
-            texts += [cells.text(key) if defense else MISSING, "/".join(str(n) for n in ns) if ns else MISSING]
+            texts += [cells.text(key) if defense else MISSING,
+                      "/".join(str(n) for n in ns) if ns else MISSING]
         table.rows.append((_row_labels(cells, row) + (metric.removeprefix("asr_"),),
                            tuple(texts)))
     table.footnotes = _general_notes(
