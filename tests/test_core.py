@@ -217,6 +217,45 @@ def test_detection_scores_what_was_removed_and_what_was_only_suspected():
     assert nothing["precision"] is None and nothing["recall"] == 0.0 and "candidates" not in nothing
 
 
+RACING_BUILD = """
+import os, sys, time
+from pathlib import Path
+from vlmbackdoor_bench.grid.store import Store
+root = Path(sys.argv[1])
+def build(directory):
+    with open(root / "builds.log", "a") as log:
+        log.write(f"{os.getpid()}\\n")
+    while not (root / "release").exists():  # hold the entry's lock until the test says so
+        time.sleep(0.05)
+    (directory / "out.txt").write_text(str(os.getpid()))
+entry = Store(root / "store", log=lambda m: print(m, flush=True)).get_or_build("stage", {"a": 1}, build)
+print("cached" if entry.cached else "built", (entry.path / "out.txt").read_text(), flush=True)
+"""
+
+
+def test_store_builds_an_entry_once_when_processes_race(tmp_path):
+    import time
+
+    def launch():
+        return subprocess.Popen([sys.executable, "-c", RACING_BUILD, str(tmp_path)],
+                                stdout=subprocess.PIPE, text=True)
+
+    first = launch()
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "builds.log").exists():  # the first process is inside its build
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.05)
+    second = launch()
+    waiting = second.stdout.readline()
+    assert "another process is building stage" in waiting and "waiting" in waiting
+    (tmp_path / "release").touch()
+    out_first, out_second = first.communicate(timeout=120)[0], second.communicate(timeout=120)[0]
+    builder = (tmp_path / "builds.log").read_text().split()
+    assert builder == [str(first.pid)]  # built once, by the process that took the lock
+    assert out_first.split() == ["built", str(first.pid)]
+    assert out_second.split() == ["cached", str(first.pid)]  # the waiter read the builder's entry
+
+
 def test_store_sweeps_half_built_entries_of_dead_processes_only(tmp_path):
     import os
     import socket

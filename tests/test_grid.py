@@ -188,3 +188,50 @@ def test_cli_errors_are_one_clear_message(tmp_path):
     out = subprocess.run([sys.executable, "-m", "vlmbackdoor_bench.cli", "--config",
                           str(tmp_path / "of.toml"), "run"], capture_output=True, text=True)
     assert out.returncode == 2 and "clip_vit_l14_dir" in out.stderr and "Traceback" not in out.stderr
+
+
+CRASHING_ATTACK = '''
+import os, signal
+from vlmbackdoor_bench import hookspecs
+from vlmbackdoor_bench_plugins.attacks.badnet import BadNet
+
+class Crashing(BadNet):
+    name = "crashing"
+    version = "0.0.1"
+    def poison(self, train, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+
+@hookspecs.hookimpl
+def register_attacks(register):
+    register(Crashing())
+'''
+
+
+def test_parallel_workers_share_the_store_and_survive_a_killed_worker(grid, tmp_path):
+    """`--jobs 2` on a copy of the grid's store, with Blended new and an attack that kills its
+    worker: the store's cells are reused, Blended's backdoor is built once for both datasets,
+    the killed cells fail with the reason and a new worker runs the rest."""
+    root, config, _, _ = grid
+    before = results(config)
+    shutil.copytree(root / "cache", tmp_path / "cache", ignore=shutil.ignore_patterns("results"))
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "crashing.py").write_text(CRASHING_ATTACK)
+    (tmp_path / "benchmark.toml").write_text(CONFIG.replace(
+        'attacks = ["badnet", "vl_trojan", "exploding"]', 'attacks = ["badnet", "blended", "crashing"]'))
+    parallel = load_config(tmp_path / "benchmark.toml")
+    summary = GridRunner(parallel, load_registry(parallel.plugin_dirs), log=lambda m: None).run(jobs=2)
+    assert set(summary.failed) == {"coco__crashing__none__rate0.1__seed0",
+                                   "flickr30k__crashing__none__rate0.1__seed0"}
+    assert "worker process running this cell died (exit code -9" in summary.failed[
+        "coco__crashing__none__rate0.1__seed0"]
+    assert len(summary.ok) == 10  # badnet and blended x 2 datasets + 6 clean-model rows
+    after = results(parallel)
+    assert after["coco__crashing__none__rate0.1__seed0"]["status"] == "failed"
+    badnet = after["coco__badnet__none__rate0.1__seed0"]
+    assert badnet["timings"]["backdoor"]["cached"]
+    assert badnet["metrics"] == before["coco__badnet__none__rate0.1__seed0"]["metrics"]
+    blended = [after[f"{d}__blended__none__rate0.1__seed0"] for d in ("coco", "flickr30k")]
+    assert all(cell["status"] == "ok" for cell in blended)
+    assert sorted(cell["timings"]["backdoor"]["cached"] for cell in blended) == [False, True]
+    assert blended[0]["provenance"]["stage_keys"]["backdoor"] == blended[1]["provenance"]["stage_keys"]["backdoor"]
+    assert len(list((parallel.store_dir / "backdoor").iterdir())) == 3  # badnet, vl_trojan, blended

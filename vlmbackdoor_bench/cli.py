@@ -46,7 +46,7 @@ def cmd_run(args) -> int:
     if args.cells:
         wanted = set(args.cells)
         only = lambda cell: cell.cell_id in wanted or cell.attack in wanted or cell.defense in wanted
-    summary = runner.run(only)
+    summary = runner.run(only, jobs=args.jobs)
     print(f"grid: {len(summary.ok)} cells ok, {len(summary.failed)} failed "
           f"in {summary.seconds:.1f} s; results in {config.results_dir / config.profile}")
     for cell_id, message in summary.failed.items():
@@ -120,6 +120,16 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vbb", description=__doc__)
     parser.add_argument("--config", type=Path, default=None,
@@ -130,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the grid (cached), then rebuild the leaderboard")
     run.add_argument("--cells", nargs="*", help="only these cell ids, attacks or defenses")
     run.add_argument("--no-report", action="store_true", help="skip rebuilding the leaderboard")
+    run.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                     help="run cells in N worker processes sharing the store, each with "
+                          "cores/N threads (default 1: this process)")
     run.set_defaults(func=cmd_run)
     report = sub.add_parser("report", help="rebuild leaderboards from stored results only")
     report.add_argument("--out", help="output directory (default leaderboards/<profile>/)")

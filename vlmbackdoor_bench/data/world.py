@@ -15,7 +15,6 @@ into place when complete; ``world.json`` records version, seed, sizes, counts an
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 from ..errors import VbbError
+from ..filelock import exclusive
 from . import world_draw as wd
 from .karpathy import KarpathyRecord, adopt_cache_file, pool_context, write_karpathy
 from .world_captions import NOUNS, alt_text, reference_captions
@@ -327,25 +327,10 @@ def generate_world(root: Path, *, seed: int = 0, sizes: WorldSizes | None = None
     if _complete(world, seed, sizes):
         return world
     root.mkdir(parents=True, exist_ok=True)
-    with _lock(root / f".{world.name}.lock"):  # a second process waits, then reuses the world
+    with exclusive(root / f".{world.name}.lock"):  # a second process waits, then reuses the world
         if _complete(world, seed, sizes):
             return world
         return _generate(root, world, seed, sizes, workers, progress, chunk)
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: concurrent generations stay safe (atomic rename), just wasteful
-        yield
-        return
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _generate(root: Path, world: Path, seed: int, sizes: WorldSizes, workers: int,

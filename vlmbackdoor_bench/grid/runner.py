@@ -38,6 +38,12 @@ class RunSummary:
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
+    def record(self, cell: Cell, error: str | None) -> None:
+        if error is None:
+            self.ok.append(cell.cell_id)
+        else:
+            self.failed[cell.cell_id] = error
+
 
 def git_commit() -> str:
     try:
@@ -60,7 +66,7 @@ class GridRunner:
         self.config = config
         self.registry = registry
         self.log = log
-        self.store = Store(config.store_dir)
+        self.store = Store(config.store_dir, log=log)
         self.profile = registry.victim(config.profile)
         self.profile_params = self.profile.params(config.profile_params)
         self.context = StageContext(cache_dir=config.cache_dir, config=self._data_config())
@@ -369,7 +375,9 @@ class GridRunner:
             },
         }
 
-    def run(self, only: Callable[[Cell], bool] | None = None) -> RunSummary:
+    def run(self, only: Callable[[Cell], bool] | None = None, jobs: int = 1) -> RunSummary:
+        """Every cell of the grid (those ``only`` accepts), in this process or, with ``jobs`` > 1,
+        in that many worker processes sharing the store (grid.parallel)."""
         started = time.perf_counter()
         validate_plugins(self.config, self.registry)
         self.profile.check_available(self.profile_params)
@@ -377,22 +385,35 @@ class GridRunner:
         stale = self.store.sweep_stale()
         if stale:
             self.log(f"store: removed {len(stale)} half-built entries of killed runs")
-        summary = RunSummary()
-        out_dir = self.config.results_dir / self.config.profile
-        for cell in tqdm(cells, desc="grid", unit="cell"):
-            cell_started = time.perf_counter()
-            try:
-                result = self.run_cell(cell)
-            except Exception as exc:  # one failing cell never stops the grid (DESIGN.md §8)
-                message = str(exc) if isinstance(exc, VbbError) else f"{type(exc).__name__}: {exc}"
-                self.log(f"cell {cell.cell_id} FAILED: {message}")
-                result = {"schema": 1, **cell.to_dict(), "status": "failed", "error": message,
-                          "traceback": traceback.format_exc(limit=8), "metrics": {},
-                          "provenance": {"git_commit": git_commit(), "versions": _versions()}}
-                summary.failed[cell.cell_id] = message
-            else:
-                summary.ok.append(cell.cell_id)
-            result["timings"] = {**result.get("timings", {}), "cell_wall": time.perf_counter() - cell_started}
-            write_json_atomic(out_dir / f"{cell.cell_id}.json", result)
+        if jobs > 1:
+            from .parallel import run_in_workers
+            summary = run_in_workers(self.config, cells, jobs, self.log)
+        else:
+            summary = RunSummary()
+            for cell in tqdm(cells, desc="grid", unit="cell"):
+                summary.record(cell, self.run_and_save(cell))
         summary.seconds = time.perf_counter() - started
         return summary
+
+    def run_and_save(self, cell: Cell) -> str | None:
+        """Run one cell and write its result file; returns None, or the error of a failed cell."""
+        cell_started = time.perf_counter()
+        error = None
+        try:
+            result = self.run_cell(cell)
+        except Exception as exc:  # one failing cell never stops the grid (DESIGN.md §8)
+            error = str(exc) if isinstance(exc, VbbError) else f"{type(exc).__name__}: {exc}"
+            self.log(f"cell {cell.cell_id} FAILED: {error}")
+            result = failed_result(cell, error, traceback.format_exc(limit=8))
+        result["timings"] = {**result.get("timings", {}), "cell_wall": time.perf_counter() - cell_started}
+        write_json_atomic(result_path(self.config, cell), result)
+        return error
+
+
+def result_path(config: BenchmarkConfig, cell: Cell) -> Path:
+    return config.results_dir / config.profile / f"{cell.cell_id}.json"
+
+
+def failed_result(cell: Cell, error: str, trace: str = "") -> dict:
+    return {"schema": 1, **cell.to_dict(), "status": "failed", "error": error, "traceback": trace,
+            "metrics": {}, "provenance": {"git_commit": git_commit(), "versions": _versions()}}

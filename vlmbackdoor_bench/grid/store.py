@@ -3,8 +3,10 @@
 A stage output lives in ``<root>/<stage>/<key>/`` where key = sha256 of the canonical JSON of
 everything that determines it (stage, plugin name + version, resolved parameters, upstream keys,
 split manifests). Outputs are built in a temporary sibling directory and renamed into place, so
-a killed run leaves no half-written entry and a rerun skips whatever exists. A run killed
-outright (SIGKILL, out of memory) cannot remove its temporary directory; the next grid run
+a killed run leaves no half-written entry and a rerun skips whatever exists. Processes that
+share a store (``vbb run --jobs N``) build each entry once: the first holds the entry's lock
+(``.locks/<stage>-<key>.lock``) while it builds, the others wait for it and then read the entry.
+A run killed outright (SIGKILL, out of memory) cannot remove its temporary directory; the next grid run
 sweeps those of dead processes on this host (``Store.sweep_stale``).
 """
 
@@ -19,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from ..filelock import exclusive
 
 META = "meta.json"
 # A build's temporary sibling: ``.<key>.<host>-<pid>.tmp``; the host and pid say whose it is.
@@ -64,8 +68,9 @@ class Entry:
 
 
 class Store:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, log: Callable[[str], None] | None = None):
         self.root = Path(root)
+        self.log = log or (lambda message: None)
 
     def sweep_stale(self) -> list[Path]:
         """Remove the temporary build directories of processes of this host that no longer
@@ -103,6 +108,16 @@ class Store:
         existing = self.get(stage, key)
         if existing is not None:
             return existing
+        lock = self.root / ".locks" / f"{stage}-{key}.lock"
+        with exclusive(lock, on_wait=lambda: self.log(
+                f"store: another process is building {stage} {key[:12]}; waiting for it")):
+            existing = self.get(stage, key)  # built by the process that held the lock
+            if existing is not None:
+                return existing
+            return self._build(stage, key, payload, build)
+
+    def _build(self, stage: str, key: str, payload: dict[str, Any],
+               build: Callable[[Path], dict[str, Any] | None]) -> Entry:
         final = self.path(stage, key)
         tmp = final.with_name(f".{key}.{_host()}-{os.getpid()}{TMP_SUFFIX}")
         if tmp.exists():
@@ -117,7 +132,7 @@ class Store:
         meta = {"stage": stage, "key": key, "payload": payload,
                 "seconds": time.perf_counter() - started, **extra}
         write_json_atomic(tmp / META, meta)
-        if final.exists():  # a concurrent run finished first: keep its entry
+        if final.exists():  # another host sharing the store finished first: keep its entry
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             os.replace(tmp, final)

@@ -1,7 +1,8 @@
 """Attack-independent SRD stages cached under ``context.stage.cache_dir/srd`` (spec/srd.md §0:
 the surrogate and the policy are built once per (dataset, seed, preset) and reused for every
 attack cell). Keys hash the parameters, the defender-data fingerprint, the seed and the base
-model's identity; entries are written to a temporary directory and renamed into place."""
+model's identity; entries are written to a temporary directory and renamed into place, under a
+lock, so that grid workers sharing the cache (``vbb run --jobs N``) build each one once."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from vlmbackdoor_bench.filelock import exclusive
 
 CACHE_FORMAT = 1  # bump when a cached entry's meaning changes
 
@@ -40,17 +43,19 @@ def get_or_build(root: Path, kind: str, key: str, build: Callable[[Path], dict])
     final = Path(root) / f"{kind}-{key}"
     if (final / "meta.json").is_file():
         return final, json.loads((final / "meta.json").read_text()), True
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}.", dir=final.parent))
-    try:
-        meta = build(tmp)
-        (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+    with exclusive(final.parent / ".locks" / f"{kind}-{key}.lock"):
+        if (final / "meta.json").is_file():  # built by the process that held the lock
+            return final, json.loads((final / "meta.json").read_text()), True
+        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}.", dir=final.parent))
         try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: keep its entry
-            if not (final / "meta.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            meta = build(tmp)
+            (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another host sharing the cache finished first: keep its entry
+                if not (final / "meta.json").is_file():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return final, json.loads((final / "meta.json").read_text()), False
