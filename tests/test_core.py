@@ -144,6 +144,18 @@ def test_expand_adds_clean_model_rows():
     assert len({c.cell_id for c in cells}) == len(cells)
 
 
+def test_parallel_order_starts_different_backdoors_first():
+    from vlmbackdoor_bench.grid.parallel import parallel_order
+    config = parse_config({"benchmark": {"attacks": ["badnet", "blended"], "defenses": ["none", "srd"],
+                                         "datasets": ["coco", "flickr30k"], "seeds": [0]}})
+    cells = expand(config)
+    order = [(c.defense, c.dataset, c.attack) for c in parallel_order(cells)]
+    assert sorted(order) == sorted((c.defense, c.dataset, c.attack) for c in cells)
+    assert order[:4] == [("none", "coco", "badnet"), ("none", "coco", "blended"),
+                         ("none", "flickr30k", "badnet"), ("none", "flickr30k", "blended")]
+    assert order[4][0] == "srd" and {d for d, _, _ in order[-4:]} == {CLEAN_MODEL}
+
+
 def test_store_is_content_addressed_atomic_and_skips_existing(tmp_path):
     store = Store(tmp_path)
     calls = []

@@ -80,6 +80,7 @@ def _worker(config: BenchmarkConfig, cells: list[Cell], tasks, events, threads: 
     runner = GridRunner(config, load_registry(config.plugin_dirs), log=log)
     while (index := tasks.get()) is not None:
         events.put(("start", job, index, None))
+        log(f"{cells[index].cell_id}: started")
         started = time.perf_counter()
         error = runner.run_and_save(cells[index])
         log(f"{cells[index].cell_id}: {'ok' if error is None else 'FAILED'} "
