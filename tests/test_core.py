@@ -264,7 +264,8 @@ def test_store_builds_an_entry_once_when_processes_race(tmp_path):
     out_first, out_second = first.communicate(timeout=120)[0], second.communicate(timeout=120)[0]
     builder = (tmp_path / "builds.log").read_text().split()
     assert builder == [str(first.pid)]  # built once, by the process that took the lock
-    assert out_first.split() == ["built", str(first.pid)]
+    assert out_first.splitlines()[0].startswith("store: building stage")  # the store says what it builds
+    assert out_first.splitlines()[-1].split() == ["built", str(first.pid)]
     assert out_second.split() == ["cached", str(first.pid)]  # the waiter read the builder's entry
 
 
@@ -290,3 +291,24 @@ def test_store_sweeps_half_built_entries_of_dead_processes_only(tmp_path):
     seen = []
     store.get_or_build("stage", {"a": 1}, lambda directory: seen.append(directory.name))
     assert seen[0].endswith(f".{host}-{os.getpid()}.tmp")
+
+
+def test_cells_are_recorded_not_run_when_every_worker_exits(tmp_path):
+    """Workers that cannot start (here a local plugin exits any process named like a grid
+    worker) leave every cell with a result that says so; nothing hangs."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "no_workers.py").write_text(
+        "import multiprocessing, os\n"
+        "if multiprocessing.current_process().name.startswith('vbb-job'):\n"
+        "    os._exit(3)\n")
+    (tmp_path / "benchmark.toml").write_text(
+        '[benchmark]\nattacks = ["badnet"]\ndefenses = ["none"]\ncache_dir = "cache"\n'
+        'plugin_dirs = ["plugins"]\n')
+    from vlmbackdoor_bench.grid.runner import GridRunner
+    config = load_config(tmp_path / "benchmark.toml")
+    summary = GridRunner(config, load_registry(config.plugin_dirs), log=lambda m: None).run(jobs=2)
+    assert not summary.ok and len(summary.failed) == 4  # 2 datasets x (none, clean-model)
+    assert all(e.startswith("not run: every worker process exited") for e in summary.failed.values())
+    written = json.loads((config.results_dir / "tiny" / "coco__badnet__none__rate0.1__seed0.json").read_text())
+    assert written["status"] == "failed" and written["error"].startswith("not run")

@@ -42,7 +42,8 @@ def cmd_run(args) -> int:
     config = load_config(args.config)
     registry = _registry(args, config)
     from .grid.runner import GridRunner
-    runner = GridRunner(config, registry, log=lambda m: print(m, file=sys.stderr))
+    from tqdm.auto import tqdm
+    runner = GridRunner(config, registry, log=lambda m: tqdm.write(m, file=sys.stderr))  # keeps bars whole
     only = None
     if args.cells:
         wanted = set(args.cells)

@@ -1,24 +1,27 @@
 """`vbb run --jobs N`: the grid's cells in N worker processes that share one store (DESIGN.md §6).
 
-Why processes: the tiny profile's tensors are small, so PyTorch's threads scale poorly (on 2 cores
-a fine-tuning step is only ~1.5x faster with 2 threads than with 1), while independent cells,
-another attack's backdoor or another defense, can run side by side. Each worker is a fresh
-(spawned) process with its own GridRunner and cores // N threads. The store's per-entry lock
-builds a stage that several cells need once while the others wait for it (grid.store), and cells
-are handed out so that consecutive ones need different backdoored models.
+Why processes: a tiny-profile step is small (64 captions x ~34 tokens x 128 dimensions), so more
+PyTorch threads stop paying well before a many-core machine is busy, while independent cells,
+another attack's backdoor or another defense, can run side by side (on 2 cores there is nothing to
+gain: README "Running cells in parallel"). Each worker is a fresh (spawned) process with its own
+GridRunner and cores // N threads. The store's per-entry lock builds a stage that several cells
+need once while the others wait for it (grid.store), and cells are handed out so that consecutive
+ones need different backdoored models.
 
-A worker that dies (out of memory, a plugin that kills its process) fails only the cell it was
-running; a new worker takes over the rest of the queue.
+Each worker talks to the parent over its own pipe, and the parent hands out one cell at a time:
+nothing is shared between workers but the store, so a worker that dies (the out-of-memory
+killer, a plugin that kills its process) fails only the cell it was running, and a new worker
+takes over the rest.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
-import queue
-import sys
 import time
 from typing import Callable, Iterator
 
@@ -64,7 +67,8 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _worker(config: BenchmarkConfig, cells: list[Cell], tasks, events, threads: int, job: int) -> None:
+def _worker(config: BenchmarkConfig, cells: list[Cell], connection, threads: int) -> None:
+    """Run the cells the parent sends (indices into ``cells``) until it sends None."""
     import torch
 
     from ..allocator import keep_freed_memory
@@ -74,18 +78,15 @@ def _worker(config: BenchmarkConfig, cells: list[Cell], tasks, events, threads: 
     torch.set_num_threads(threads)
     keep_freed_memory()
 
-    def log(message: str) -> None:
-        print(f"[job {job}] {message}", file=sys.stderr, flush=True)
+    def log(message: str) -> None:  # the parent prints it, so lines never cut into its progress bar
+        connection.send(("log", message))
 
     runner = GridRunner(config, load_registry(config.plugin_dirs), log=log)
-    while (index := tasks.get()) is not None:
-        events.put(("start", job, index, None))
-        log(f"{cells[index].cell_id}: started")
+    connection.send(("ready", None))
+    while (index := connection.recv()) is not None:
         started = time.perf_counter()
         error = runner.run_and_save(cells[index])
-        log(f"{cells[index].cell_id}: {'ok' if error is None else 'FAILED'} "
-            f"in {time.perf_counter() - started:.0f} s")
-        events.put(("done", job, index, error))
+        connection.send(("done", (index, error, time.perf_counter() - started)))
 
 
 def run_in_workers(config: BenchmarkConfig, cells: list[Cell], jobs: int,
@@ -96,80 +97,107 @@ def run_in_workers(config: BenchmarkConfig, cells: list[Cell], jobs: int,
     jobs = max(1, min(jobs, len(order)))
     threads = max(1, available_cores() // jobs)
     context = multiprocessing.get_context("spawn")  # no fork of a process with live thread pools
-    tasks, events = context.Queue(), context.Queue()
-    for index in range(len(order)):
-        tasks.put(index)
-    for _ in range(jobs):
-        tasks.put(None)  # one stop sign per worker; a worker that dies mid-cell leaves its own
+    pending = collections.deque(range(len(order)))
     summary = RunSummary()
-    workers: dict[int, multiprocessing.process.BaseProcess] = {}
-    running: dict[int, tuple[int, float]] = {}  # job -> (cell index, wall time it started)
+    workers: dict[int, tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = {}
+    started_up: set[int] = set()  # jobs whose current worker got as far as its first cell
+    running: dict[int, tuple[int, float]] = {}  # job -> (cell index, wall time it was handed out)
     finished: set[int] = set()
-    bar = tqdm(total=len(order), desc="grid", unit="cell")
 
     def start(job: int) -> None:
+        ours, theirs = context.Pipe()
         process = context.Process(target=_worker, name=f"vbb-job-{job}",
-                                  args=(config, order, tasks, events, threads, job))
-        # Interleaved progress bars of several processes are unreadable: workers log a line per cell.
+                                  args=(config, order, theirs, threads))
+        # Several processes' progress bars would overwrite each other: workers send log lines instead.
         with _environment(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                           TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false"):
             process.start()
-        workers[job] = process
+        theirs.close()  # only the worker holds that end now: our recv ends in EOFError once it exits
+        workers[job] = (process, ours)
+        started_up.discard(job)
 
     def finish(index: int, error: str | None) -> None:
         finished.add(index)
         summary.record(order[index], error)
         bar.update(1)
 
-    def handle(event: tuple) -> None:
-        kind, job, index, error = event
-        if kind == "start":
-            running[job] = (index, time.time())
-        else:
-            running.pop(job, None)
-            finish(index, error)
-
-    def bury(job: int, exitcode: int) -> None:
-        """A worker exited: its running cell (if any) failed, unless it wrote the result first."""
-        del workers[job]
-        if job not in running:
+    def assign(job: int) -> None:
+        index = pending.popleft() if pending else None
+        try:
+            workers[job][1].send(index)
+        except OSError:  # it died meanwhile: the cell goes back to the queue
+            if index is not None:
+                pending.appendleft(index)
             return
-        index, since = running.pop(job)
-        path = result_path(config, order[index])
-        if path.is_file() and path.stat().st_mtime >= since:  # died after writing its result
-            result = json.loads(path.read_text())
-            finish(index, None if result.get("status") == "ok" else result.get("error", "failed"))
+        if index is not None:
+            running[job] = (index, time.time())
+            log(f"[job {job}] {order[index].cell_id}: started")
+
+    def receive(job: int) -> bool:
+        """Handle one message from ``job``'s worker; False once its end of the pipe has closed."""
+        try:
+            kind, payload = workers[job][1].recv()
+        except (EOFError, OSError):
+            return False
+        if kind == "log":
+            log(f"[job {job}] {payload}")
+        elif kind == "ready":
+            started_up.add(job)
+            assign(job)
         else:
-            error = (f"the worker process running this cell died (exit code {exitcode}; -9 is "
-                     "usually the out-of-memory killer): rerun the cell alone or with fewer --jobs")
-            log(f"cell {order[index].cell_id} FAILED: {error}")
-            write_json_atomic(path, failed_result(order[index], error))
+            index, error, seconds = payload
+            running.pop(job, None)
+            log(f"[job {job}] {order[index].cell_id}: {'ok' if error is None else 'FAILED'} in {seconds:.0f} s")
             finish(index, error)
-        if len(finished) < len(order):
-            start(job)  # the rest of the queue still needs this worker
+            assign(job)
+        return True
+
+    def bury(job: int) -> None:
+        """``job``'s worker exited: its running cell failed, unless it wrote the result first;
+        a worker that had started up is replaced while cells are left."""
+        process, connection = workers.pop(job)
+        process.join()
+        connection.close()
+        if job in running:
+            index, since = running.pop(job)
+            path = result_path(config, order[index])
+            if path.is_file() and path.stat().st_mtime >= since:  # died after writing its result
+                result = json.loads(path.read_text())
+                finish(index, None if result.get("status") == "ok" else result.get("error", "failed"))
+            else:
+                error = (f"the worker process running this cell died (exit code {process.exitcode}; -9 is "
+                         "usually the out-of-memory killer): rerun the cell alone or with fewer --jobs")
+                log(f"cell {order[index].cell_id} FAILED: {error}")
+                write_json_atomic(path, failed_result(order[index], error))
+                finish(index, error)
+        if pending and job in started_up:  # one that never started up would fail again
+            start(job)
 
     log(f"grid: {len(order)} cells in {jobs} worker processes with {threads} thread(s) each")
+    bar = tqdm(total=len(order), desc="grid", unit="cell")
     try:
         for job in range(jobs):
             start(job)
-        while workers and len(finished) < len(order):
-            with contextlib.suppress(queue.Empty):
-                handle(events.get(timeout=POLL_SECONDS))
-            for job, process in list(workers.items()):
-                if process.exitcode is None:
+        while workers:
+            by_handle = {}
+            for job, (process, connection) in workers.items():
+                by_handle[connection] = by_handle[process.sentinel] = job
+            for handle in multiprocessing.connection.wait(list(by_handle), timeout=POLL_SECONDS):
+                job = by_handle[handle]
+                process, connection = workers.get(job, (None, None))
+                if process is None or handle not in (connection, process.sentinel):
+                    continue  # that worker was already buried (and maybe replaced) in this round
+                if handle is connection and receive(job):
                     continue
-                with contextlib.suppress(queue.Empty):  # read what it sent before it exited
-                    while True:
-                        handle(events.get_nowait())
-                bury(job, process.exitcode)
+                while connection.poll() and receive(job):  # what it sent before it exited
+                    pass
+                bury(job)
     except BaseException:
-        for process in workers.values():
+        for process, _ in workers.values():
             process.terminate()
         raise
     finally:
         bar.close()
-    for process in workers.values():
-        process.join()
     for index in sorted(set(range(len(order))) - finished):
         error = "not run: every worker process exited before it (see the messages above)"
         write_json_atomic(result_path(config, order[index]), failed_result(order[index], error))

@@ -111,7 +111,6 @@ class GridRunner:
                    "manifests": [s.manifest.to_dict() for s in (pretrain, train) if s is not None]}
 
         def build(tmp: Path) -> dict:
-            self.log("stage base: pretraining the base victim")
             victim, log = self.profile.build_base(self.context, self.profile_params, pretrain, train)
             victim.save_full(tmp)
             return {"log": log}

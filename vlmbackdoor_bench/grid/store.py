@@ -123,6 +123,7 @@ class Store:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
+        self.log(f"store: building {stage} {key[:12]}")
         started = time.perf_counter()
         try:
             extra = build(tmp) or {}
@@ -132,6 +133,7 @@ class Store:
         meta = {"stage": stage, "key": key, "payload": payload,
                 "seconds": time.perf_counter() - started, **extra}
         write_json_atomic(tmp / META, meta)
+        self.log(f"store: built {stage} {key[:12]} in {meta['seconds']:.0f} s")
         if final.exists():  # another host sharing the store finished first: keep its entry
             shutil.rmtree(tmp, ignore_errors=True)
         else:
