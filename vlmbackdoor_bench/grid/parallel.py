@@ -102,7 +102,6 @@ def run_in_workers(config: BenchmarkConfig, cells: list[Cell], jobs: int,
     workers: dict[int, tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = {}
     started_up: set[int] = set()  # jobs whose current worker got as far as its first cell
     running: dict[int, tuple[int, float]] = {}  # job -> (cell index, wall time it was handed out)
-    finished: set[int] = set()
 
     def start(job: int) -> None:
         ours, theirs = context.Pipe()
@@ -117,7 +116,6 @@ def run_in_workers(config: BenchmarkConfig, cells: list[Cell], jobs: int,
         started_up.discard(job)
 
     def finish(index: int, error: str | None) -> None:
-        finished.add(index)
         summary.record(order[index], error)
         bar.update(1)
 
@@ -198,7 +196,8 @@ def run_in_workers(config: BenchmarkConfig, cells: list[Cell], jobs: int,
         raise
     finally:
         bar.close()
-    for index in sorted(set(range(len(order))) - finished):
+    while pending:  # a cell handed out is finished by its worker or by bury; these never were
+        index = pending.popleft()
         error = "not run: every worker process exited before it (see the messages above)"
         write_json_atomic(result_path(config, order[index]), failed_result(order[index], error))
         finish(index, error)
