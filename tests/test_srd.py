@@ -355,6 +355,11 @@ def test_defense_trains_once_cleans_every_instance_and_refinetunes(tmp_path, nam
         assert outcome.report.mask_boxes[e.sample_id] == [rows.min(), rows.max() + 1, cols.min(), cols.max() + 1]
     top, left = details["state_set"]["trigger_top_left"]
     assert details["surrogate"]["cached"] is False and details["policy"]["cached"] is False
+    # both live in the harness's Store layout, <cache_dir>/srd/<stage>/<key>, with their payload
+    policy_dir = Path(details["policy"]["path"])
+    assert policy_dir.parent.name == f"policy-{details['algorithm']}" and policy_dir.name == details["policy"]["key"]
+    stored = json.loads((policy_dir / "meta.json").read_text())["payload"]
+    assert stored["surrogate"] == details["surrogate"]["key"] and stored["seed"] == context.seed
     assert details["policy"]["train"]["timesteps"] == 48 and details["defender_data"] == "training_set_base_rows"
     for artifact in ("mask_heatmap", "before_after", "reward_curve", "cleaning_actions"):
         assert (context.workdir / outcome.report.artifacts[artifact]).is_file()

@@ -1,29 +1,21 @@
-"""Attack-independent SRD stages cached under ``context.stage.cache_dir/srd`` (spec/srd.md §0:
-the surrogate and the policy are built once per (dataset, seed, preset) and reused for every
-attack cell). Keys hash the parameters, the defender-data fingerprint, the seed and the base
-model's identity; entries are written to a temporary directory and renamed into place, under a
-lock, so that grid workers sharing the cache (``vbb run --jobs N``) build each one once."""
+"""Attack-independent SRD stages (spec/srd.md §0: the surrogate and the policy are built once per
+(dataset, seed, preset) and reused for every attack cell), kept in the harness's content-addressed
+store under ``context.stage.cache_dir/srd``. Payloads name the parameters, the defender-data
+fingerprint, the seed and the base model's identity; the store's lock makes grid workers sharing
+the cache (``vbb run --jobs N``) build each entry once."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import tempfile
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from vlmbackdoor_bench.filelock import exclusive
+from vlmbackdoor_bench.grid.store import Entry, Store
 
-CACHE_FORMAT = 1  # bump when a cached entry's meaning changes
-
-
-def key_of(payload: Any) -> str:
-    text = json.dumps({"format": CACHE_FORMAT, "payload": payload}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+CACHE_FORMAT = 2  # bump when a cached entry's meaning changes (2: entries moved into the Store layout)
 
 
 def victim_identity(victim) -> str:
@@ -38,24 +30,11 @@ def victim_identity(victim) -> str:
     return h.hexdigest()[:24]
 
 
-def get_or_build(root: Path, kind: str, key: str, build: Callable[[Path], dict]) -> tuple[Path, dict, bool]:
-    """``root/kind-key``: built by ``build(tmp_dir) -> meta`` unless it exists; atomic rename."""
-    final = Path(root) / f"{kind}-{key}"
-    if (final / "meta.json").is_file():
-        return final, json.loads((final / "meta.json").read_text()), True
-    with exclusive(final.parent / ".locks" / f"{kind}-{key}.lock"):
-        if (final / "meta.json").is_file():  # built by the process that held the lock
-            return final, json.loads((final / "meta.json").read_text()), True
-        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}.", dir=final.parent))
-        try:
-            meta = build(tmp)
-            (tmp / "meta.json").write_text(json.dumps(meta, default=str))
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another host sharing the cache finished first: keep its entry
-                if not (final / "meta.json").is_file():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final, json.loads((final / "meta.json").read_text()), False
+def cached_stage(root: Path, stage: str, payload: dict, build: Callable[[Path], dict]) -> tuple[Entry, dict]:
+    """The store entry ``root/stage/<key of payload>``, built by ``build(tmp_dir) -> meta`` when
+    missing, and its summary for the defense report (key, cached, path, build metadata)."""
+    store = Store(root, log=lambda message: print(f"srd {message}", file=sys.stderr, flush=True))
+    store.sweep_stale()  # a killed build's temporary directory (the grid sweeps only its own store)
+    entry = store.get_or_build(stage, {"format": CACHE_FORMAT, **payload}, build)
+    meta = {k: v for k, v in entry.meta.items() if k not in ("stage", "key", "payload")}
+    return entry, {"key": entry.key, "cached": entry.cached, "path": str(entry.path), **meta}

@@ -20,7 +20,7 @@ from vlmbackdoor_bench.hookspecs import DefenseContext, DefenseOutcome
 from vlmbackdoor_bench.types import DefenseReport
 
 from . import artifacts, dqn
-from .cache import get_or_build, key_of, victim_identity
+from .cache import cached_stage, victim_identity
 from .cleaning import UniformPolicy, clean_training_set
 from .env import MaskingVectorEnv, MaskRewarder
 from .geometry import mask_box, n_actions
@@ -176,8 +176,9 @@ def obtain_surrogate(context, p, surrogate_set, data, base_id, recipe, cache_roo
     given = context.extras.get("srd_code_surrogate") if p["surrogate"] == "trojvlm-cell" else None
     if given is not None:
         return given, {"source": "grid: TrojVLM srd-code cell model"}
-    key = key_of(["surrogate", STATE_SET_VERSION, p["state_set_size"], p["max_state_fraction"],
-                  data.fingerprint, context.seed, base_id, recipe.to_dict() if recipe is not None else None])
+    payload = {"state_set_version": STATE_SET_VERSION, "state_set_size": p["state_set_size"],
+               "max_state_fraction": p["max_state_fraction"], "defender_data": data.fingerprint,
+               "seed": context.seed, "base": base_id, "recipe": recipe.to_dict() if recipe is not None else None}
 
     def build(tmp: Path) -> dict:
         victim = context.base_victim.clone()
@@ -185,13 +186,13 @@ def obtain_surrogate(context, p, surrogate_set, data, base_id, recipe, cache_roo
         victim.save(tmp)
         return {"loss_per_epoch": log.get("loss_per_epoch"), "steps": log.get("steps")}
 
-    path, meta, cached = get_or_build(cache_root, "surrogate", key, build)
+    entry, info = cached_stage(cache_root, "surrogate", payload, build)
     victim = context.base_victim.clone()
-    victim.load_trainable(path)
+    victim.load_trainable(entry.path)
     source = "custom poisoned set (defender-owned)"
     if p["surrogate"] == "trojvlm-cell":
         source += "; the TrojVLM srd-code cell model is not in DefenseContext.extras"
-    return victim, {"source": source, "key": key, "cached": cached, "path": str(path), **meta}
+    return victim, {"source": source, **info}
 
 
 def obtain_policy(context, p, algorithm, states, surrogate, surrogate_info, reference_victim, fidelity,
@@ -200,10 +201,13 @@ def obtain_policy(context, p, algorithm, states, surrogate, surrogate_info, refe
     module = algorithms()[algorithm]
     config = module.config_from(p, context.seed)
     n_act = n_actions(p["mask_sizes"])
-    key = key_of(["policy", algorithm, asdict(config), surrogate_info.get("key", surrogate_info["source"]),
-                  {k: p[k] for k in ("mask_sizes", "reward_table", "clip_scores", "state_set", "state_set_size",
-                                     "max_state_fraction", "reference", "prompt", "episode_length", "n_envs")},
-                  data.fingerprint, context.seed, base_id, victim_identity(reference_victim)])
+    payload = {"algorithm": algorithm, "config": asdict(config),
+               "surrogate": surrogate_info.get("key", surrogate_info["source"]),
+               "params": {k: p[k] for k in ("mask_sizes", "reward_table", "clip_scores", "state_set",
+                                            "state_set_size", "max_state_fraction", "reference", "prompt",
+                                            "episode_length", "n_envs")},
+               "defender_data": data.fingerprint, "seed": context.seed, "base": base_id,
+               "reference_captioner": victim_identity(reference_victim)}
 
     def build(tmp: Path) -> dict:
         rewarder = MaskRewarder(surrogate, reference_victim, fidelity, p["reward_table"], p["mask_sizes"])
@@ -224,13 +228,13 @@ def obtain_policy(context, p, algorithm, states, surrogate, surrogate_info, refe
         return {"algorithm": algorithm, "timesteps": log["timesteps"], "seconds": log["seconds"],
                 "steps_per_second": log["steps_per_second"], "generations": rewarder.generations}
 
-    path, meta, cached = get_or_build(cache_root, f"policy-{algorithm}", key, build)
+    entry, info = cached_stage(cache_root, f"policy-{algorithm}", payload, build)
     model = module.make_model(config.obs_size, n_act)
-    model.load_state_dict(load_file(str(path / "policy.safetensors")))
-    log = json.loads((path / "train_log.json").read_text())
+    model.load_state_dict(load_file(str(entry.path / "policy.safetensors")))
+    log = json.loads((entry.path / "train_log.json").read_text())
     policy = module.make_policy(model, config, p)
     summary = {k: v for k, v in log.items() if k not in ("step_rewards", "episode_returns", "losses", "actions")}
-    return policy, log, {"key": key, "cached": cached, "path": str(path), **meta, "train": summary}
+    return policy, log, {**info, "train": summary}
 
 
 def example_picks(examples, rewards: dict, n: int) -> list[int]:
