@@ -200,5 +200,5 @@ def run_in_workers(config: BenchmarkConfig, cells: list[Cell], jobs: int,
         index = pending.popleft()
         error = "not run: every worker process exited before it (see the messages above)"
         write_json_atomic(result_path(config, order[index]), failed_result(order[index], error))
-        finish(index, error)
+        summary.record(order[index], error)  # the grid bar is closed by now: no bar.update
     return summary
