@@ -190,15 +190,15 @@ def run_in_workers(config: BenchmarkConfig, cells: list[Cell], jobs: int,
                 while connection.poll() and receive(job):  # what it sent before it exited
                     pass
                 bury(job)
+        while pending:  # a cell handed out is finished by its worker or by bury; these never were
+            index = pending.popleft()
+            error = "not run: every worker process exited before it (see the messages above)"
+            write_json_atomic(result_path(config, order[index]), failed_result(order[index], error))
+            finish(index, error)
     except BaseException:
         for process, _ in workers.values():
             process.terminate()
         raise
     finally:
         bar.close()
-    while pending:  # a cell handed out is finished by its worker or by bury; these never were
-        index = pending.popleft()
-        error = "not run: every worker process exited before it (see the messages above)"
-        write_json_atomic(result_path(config, order[index]), failed_result(order[index], error))
-        summary.record(order[index], error)  # the grid bar is closed by now: no bar.update
     return summary
