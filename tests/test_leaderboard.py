@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -105,7 +106,10 @@ def test_long_form_rows_and_columns(results: Path) -> None:
     frame = long_form(records)
     assert list(frame.columns) == list(LONG_FORM_COLUMNS)
     ok = frame[frame["status"] == "ok"]
-    assert len(ok) == 15 * (len(TRIGGERED) + 1 + len(CLEAN))
+    # each ok cell: its metrics, then the defend stage's seconds (split "defense")
+    assert len(ok) == 15 * (len(TRIGGERED) + 1 + len(CLEAN) + 1)
+    seconds = ok[ok["split"] == "defense"]
+    assert set(seconds["metric"]) == {"seconds"} and set(seconds["value"]) == {0.5}
     failed = frame[frame["status"] == "failed"]
     assert len(failed) == 1
     row = failed.iloc[0]
@@ -510,3 +514,107 @@ def test_defense_report_rows_detection_and_before_after(tmp_path: Path) -> None:
     assert srd[3:8] == ("–", "0.0", "0 / 800", "–", "12.2")  # flags nothing; masks 12.25 % of the trigger
     labels = [labels for labels, _ in report.rows]
     assert labels[0][3] == "strict" and ("Flickr30k", "Shadowcast", "SRD", "concept") in labels
+
+
+# ----------------------------------------------------------------------------- merging boards
+def _with_detection(records: list[dict]) -> list[dict]:
+    for r in records:
+        if r["defense"] == "abl" and r["status"] == "ok":
+            r["detection"] = {"precision": 80.123456789, "recall": 25.0, "n_flagged": 250,
+                              "n_poisoned": 800, "candidates": {"precision": 97.5, "recall": 88.0}}
+        if r["defense"] == "srd" and r["status"] == "ok":
+            r["detection"] = {"precision": None, "recall": 0.0, "n_flagged": 0, "n_poisoned": 800,
+                              "trigger_coverage": {"mean_coverage": 12.25}}
+        r["timings"]["defend"] = {"seconds": 61.4, "cached": True}
+    return records
+
+
+def test_results_csv_alone_rebuilds_every_table(tmp_path: Path) -> None:
+    """A board's results.csv read back gives the same long form and byte-identical tables
+    (the defense report's detection and time included), with no store at all."""
+    from vlmbackdoor_bench.leaderboard.merge import read_long_form
+
+    store = write_results(tmp_path / "results", _with_detection(all_records()))
+    build_leaderboards(store, PROFILE, tmp_path / "a", paper_dir=tmp_path)
+    records = read_long_form(tmp_path / "a" / PROFILE / "results.csv", PROFILE, source="board-a")
+    assert len(records) == 16 and sum(r["status"] == "failed" for r in records) == 1
+    assert {r["provenance"]["imported_from"] for r in records} == {"board-a"}
+    abl = next(r for r in records if (r["dataset"], r["attack"], r["defense"]) == ("coco", "badnet", "abl"))
+    assert abl["detection"]["precision"] == 80.123456789  # full precision, not the table's 80.1
+    assert abl["metric_details"]["triggered"]["asr_strict"] == {"n": 990}
+    assert long_form(records).equals(long_form(load_results(store, PROFILE)))
+    empty = tmp_path / "no-store"
+    build_leaderboards(empty, PROFILE, tmp_path / "b", paper_dir=tmp_path, records=records)
+    for name in ("results.csv", "table1.md", "table2.csv", "defense_report.md", "asr_headline.tex"):
+        assert (tmp_path / "b" / PROFILE / name).read_text() == \
+            (tmp_path / "a" / PROFILE / name).read_text(), name
+    readme = (tmp_path / "b" / PROFILE / "README.md").read_text()
+    assert "16 cell results, 0 stored and 16 merged from earlier boards" in readme
+    assert "16 cells from `board-a`" in readme
+
+
+def test_merge_keeps_stored_cells_and_fills_the_rest(tmp_path: Path) -> None:
+    """The store wins for a cell both hold; the file's other cells fill the board's gaps."""
+    from vlmbackdoor_bench.leaderboard.merge import merge_records, read_long_form
+
+    published = write_results(tmp_path / "published", all_records())
+    build_leaderboards(published, PROFILE, tmp_path / "board", paper_dir=tmp_path)
+    board_csv = tmp_path / "board" / PROFILE / "results.csv"
+    mine = record("coco", "badnet", "srd")
+    mine["metrics"]["triggered"]["cider"] = 77.75  # a recomputed cell
+    new_defense = record("coco", "badnet", "srd")
+    new_defense.update(defense="mydefense", defense_version="0.1")
+    stored = [mine, new_defense]
+    merged = merge_records(stored, read_long_form(board_csv, PROFILE))
+    assert len(merged) == 16 + 1
+    cells = {(r["dataset"], r["attack"], r["defense"]): r for r in merged}
+    assert cells[("coco", "badnet", "srd")] is mine
+    assert cells[("coco", "badnet", "mydefense")] is new_defense
+    assert cells[("flickr30k", "shadowcast", "abl")]["status"] == "failed"
+    assert "out of memory" in cells[("flickr30k", "shadowcast", "abl")]["error"]
+    imported = cells[("flickr30k", "badnet", "none")]
+    assert imported["metrics"]["clean"]["cider"] == value("flickr30k", "badnet", "none", "clean", "cider")
+    # a second file never overrides the first, nor the store
+    again = merge_records(merged, read_long_form(board_csv, PROFILE, source="other"))
+    assert again == merged
+
+
+def test_report_cli_merges_a_board(tmp_path: Path, capsys) -> None:
+    from vlmbackdoor_bench.cli import main
+
+    published = write_results(tmp_path / "published", all_records())
+    build_leaderboards(published, PROFILE, tmp_path / "board", paper_dir=tmp_path)
+    board_csv = tmp_path / "board" / PROFILE / "results.csv"
+    config = tmp_path / "benchmark.toml"
+    config.write_text('[benchmark]\nattacks = ["badnet"]\ndefenses = ["none", "srd"]\n'
+                      f'cache_dir = "{(tmp_path / "empty-cache").as_posix()}"\n')
+    assert main(["--config", str(config), "report", "--merge", str(board_csv),
+                 "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "16 cells merged from" in err
+    table = (tmp_path / "out" / PROFILE / "table2.csv").read_text()
+    assert f"{value('coco', 'shadowcast', 'abl', 'triggered', 'cider'):.1f}" in table
+    assert main(["--config", str(config), "report", "--out", str(tmp_path / "out")]) == 2
+    assert "no results for profile" in capsys.readouterr().err  # without --merge: a store is needed
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "does not exist"),
+    ("a,b\n1,2\n", "lacks the column(s) dataset"),
+    ("HEADER\ncoco,badnet,none,triggered,cider,lots,tiny,srd-code,default,0.1,0,1000,ok,k,c,1,1,,\n",
+     "line 2: value is 'lots', not a finite number"),
+    ("HEADER\ncoco,badnet,none,triggered,cider,3.5,other,srd-code,default,0.1,0,1000,ok,k,c,1,1,,\n",
+     "a cell of profile 'other'"),
+    ("HEADER\ncoco,badnet,none,defense,speed,3.5,tiny,srd-code,default,0.1,0,,ok,k,c,1,1,,\n",
+     "unknown 'defense' number 'speed'"),
+    ("HEADER\ncoco,badnet,none,triggered,cider,3.5,tiny,srd-code,default,0.1,0.5,1000,ok,k,c,1,1,,\n",
+     "seed is '0.5', not a whole number"),
+])
+def test_bad_merge_file_is_one_clear_error(tmp_path: Path, content: str | None, needle: str) -> None:
+    from vlmbackdoor_bench.leaderboard.merge import read_long_form
+
+    path = tmp_path / "results.csv"
+    if content is not None:
+        path.write_text(content.replace("HEADER", ",".join(LONG_FORM_COLUMNS)))
+    with pytest.raises(VbbError, match=re.escape(needle)):
+        read_long_form(path, PROFILE)

@@ -43,6 +43,10 @@ def cmd_run(args) -> int:
     registry = _registry(args, config)
     from .grid.runner import GridRunner
     from tqdm.auto import tqdm
+    if args.merge and not args.no_report:  # a bad merge file fails now, not after the grid
+        from .leaderboard.merge import read_long_form
+        for path in args.merge:
+            read_long_form(path, config.profile)
     runner = GridRunner(config, registry, log=lambda m: tqdm.write(m, file=sys.stderr))  # keeps bars whole
     only = None
     if args.cells:
@@ -54,19 +58,31 @@ def cmd_run(args) -> int:
     for cell_id, message in summary.failed.items():
         print(f"  FAILED {cell_id}: {message}")
     if not args.no_report:
-        _report(config)
+        _report(config, merge=args.merge)
     return 1 if summary.failed else 0
 
 
-def _report(config, out_dir: Path | None = None) -> list[Path]:
+def _report(config, out_dir: Path | None = None, merge: list[Path] | None = None) -> list[Path]:
     from .grid.cells import expand
     from .leaderboard import build_leaderboards, load_results, missing_cells, profile_dir
+    from .leaderboard.merge import merge_records, read_long_form
     if out_dir is None:
         out_dir = REPO_ROOT / "leaderboards" / config.profile if config.source is None \
             else config.source.parent / "leaderboards" / config.profile
     out_dir = profile_dir(out_dir, config.profile)
     declared = sorted({c.coordinates for c in expand(config)})
-    records = load_results(config.results_dir, config.profile)
+    # every merge file is read before anything is written: it may be the board being rebuilt
+    imported = [r for path in merge or [] for r in read_long_form(path, config.profile)]
+    if imported and not (config.results_dir / config.profile).is_dir():
+        records = []  # re-rendering a published board needs no store
+    else:
+        records = load_results(config.results_dir, config.profile)
+    stored = len(records)
+    records = merge_records(records, imported)
+    if imported:
+        added = len(records) - stored
+        print(f"leaderboard: {added} cells merged from {', '.join(map(str, merge))}; "
+              f"{len(imported) - added} of theirs have a stored result, which wins", file=sys.stderr)
     written = build_leaderboards(config.results_dir, config.profile, out_dir, declared=declared,
                                  records=records)
     print(f"leaderboard: {out_dir} ({len(written)} files)")
@@ -82,7 +98,7 @@ def _report(config, out_dir: Path | None = None) -> list[Path]:
 
 def cmd_report(args) -> int:
     config = load_config(args.config)
-    _report(config, Path(args.out) if args.out else None)
+    _report(config, Path(args.out) if args.out else None, merge=args.merge)
     return 0
 
 
@@ -145,9 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                      help="run cells in N worker processes sharing the store, each with "
                           "cores/N threads (default 1: this process)")
+    merge_help = ("also a results.csv of an earlier board (repeatable): its cells that the store "
+                  "lacks are kept, e.g. --merge leaderboards/tiny/results.csv")
+    run.add_argument("--merge", type=Path, action="append", metavar="CSV", help=merge_help)
     run.set_defaults(func=cmd_run)
-    report = sub.add_parser("report", help="rebuild leaderboards from stored results only")
+    report = sub.add_parser("report", help="rebuild leaderboards from stored results (and --merge files)")
     report.add_argument("--out", help="output directory (default leaderboards/<profile>/)")
+    report.add_argument("--merge", type=Path, action="append", metavar="CSV", help=merge_help)
     report.set_defaults(func=cmd_report)
     check = sub.add_parser("check", help="exit non-zero when a metric moved beyond its tolerance")
     check.add_argument("--baseline", required=True)

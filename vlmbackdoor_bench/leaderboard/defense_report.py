@@ -15,7 +15,9 @@ import math
 from collections import defaultdict
 from typing import Mapping, Sequence
 
-from .results import CLEAN_MODEL, attack_rank, dataset_rank, defense_rank, finite_number, label
+from .results import (
+    CLEAN_MODEL, attack_rank, dataset_rank, defense_rank, defense_values, finite_number, label,
+)
 from .tables import MISSING, ColumnGroup, Table, fmt, headline_metric
 
 COLUMNS = ("ASR before ↓", "ASR after ↓", "clean C ↑", "precision ↑", "recall ↑",
@@ -24,12 +26,6 @@ COLUMNS = ("ASR before ↓", "ASR after ↓", "clean C ↑", "precision ↑", "r
 
 def _mean(values: Sequence[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
-
-
-def _defense_seconds(record: Mapping) -> float | None:
-    """The seconds the defend stage took when it was computed (cached runs keep that figure)."""
-    entry = (record.get("timings") or {}).get("defend")
-    return finite_number(entry.get("seconds") if isinstance(entry, Mapping) else entry)
 
 
 def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Table:
@@ -42,21 +38,11 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Tab
         metric = headline_metric(r["attack"])
         metrics = r.get("metrics") or {}
         for name, value in (("asr", (metrics.get("triggered") or {}).get(metric)),
-                            ("cider", (metrics.get("clean") or {}).get("cider")),
-                            ("seconds", _defense_seconds(r))):
+                            ("cider", (metrics.get("clean") or {}).get("cider"))):
             if finite_number(value) is not None:
                 values[key + (name,)].append(float(value))
-        detection = r.get("detection") or {}
-        for name in ("precision", "recall", "n_flagged", "n_poisoned"):
-            if finite_number(detection.get(name)) is not None:
-                values[key + (name,)].append(float(detection[name]))
-        candidates = detection.get("candidates") or {}
-        for name in ("precision", "recall"):
-            if finite_number(candidates.get(name)) is not None:
-                values[key + ("candidates_" + name,)].append(float(candidates[name]))
-        coverage = detection.get("trigger_coverage") or {}
-        if finite_number(coverage.get("mean_coverage")) is not None:
-            values[key + ("trigger_masked",)].append(float(coverage["mean_coverage"]))
+        for name, value in defense_values(r).items():
+            values[key + (name,)].append(value)
 
     table = Table(key="defense_report", title="Defense report: ASR before/after, detection, time",
                   index=("Dataset", "Attack", "Defense", "ASR rule"),
@@ -71,9 +57,9 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Tab
         counts = (f"{flagged:.0f} / {poisoned:.0f}" if flagged is not None and poisoned is not None
                   else MISSING)
         seconds = get("seconds")
-        suspected_recall = get("candidates_recall")
+        suspected_recall = get("suspected_recall")
         suspected = MISSING if suspected_recall is None else \
-            f"{fmt(get('candidates_precision'))} / {fmt(suspected_recall)}"
+            f"{fmt(get('suspected_precision'))} / {fmt(suspected_recall)}"
         texts = (fmt(get("asr", "none")), fmt(get("asr")), fmt(get("cider")), fmt(get("precision")),
                  fmt(get("recall")), counts, suspected, fmt(get("trigger_masked")),
                  MISSING if seconds is None else f"{seconds:.0f}")

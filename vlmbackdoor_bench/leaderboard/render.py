@@ -221,8 +221,8 @@ def _provenance_section(records: Sequence[Mapping], newest_mtime: float | None) 
             for detail in split_details.values():
                 if isinstance(detail, Mapping) and isinstance(detail.get("scorer"), str):
                     scorers.add(detail["scorer"])
-    when = ("(no result files)" if newest_mtime is None else
-            datetime.fromtimestamp(newest_mtime, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
+    when = None if newest_mtime is None else \
+        datetime.fromtimestamp(newest_mtime, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     lines = ["---", "", "## Provenance", "",
              f"- Cells: {ok} ok, {len(records) - ok} failed.",
              f"- Git commits: {_counted(commits)}.",
@@ -230,10 +230,20 @@ def _provenance_section(records: Sequence[Mapping], newest_mtime: float | None) 
              f"- Defense versions: {', '.join(defenses) or '(none)'}."]
     if other:
         lines.append(f"- Other versions: {', '.join(sorted(other))}.")
+    imported = Counter(str((r.get("provenance") or {}).get("imported_from"))
+                       for r in records if (r.get("provenance") or {}).get("imported_from"))
+    if imported:
+        lines.append("- Merged from earlier boards (`vbb report --merge`): "
+                     + ", ".join(f"{n} cells from `{source}`" for source, n in sorted(imported.items()))
+                     + "; a merged cell carries its numbers, n, scorers, plugin versions and commit, "
+                     "not library versions, per-image details, artifacts or timings other than "
+                     "the defend stage's.")
     lines += [f"- Scorers: {', '.join(f'`{s}`' for s in sorted(scorers)) or '(not recorded)'}.",
               f"- Report code: vlmbackdoor-bench {__version__}.",
               f"- Results as of {when} (the newest result file; the build time is not recorded, "
-              "so rebuilds are byte-identical)."]
+              "so rebuilds are byte-identical)." if when else
+              "- No stored result file (merged cells keep no date; the build time is not "
+              "recorded, so rebuilds are byte-identical)."]
     return lines
 
 
@@ -242,9 +252,13 @@ def readme(profile: str, records: Sequence[Mapping], table_set: TableSet,
     """The index page: every table embedded, failed cells, the declared cells without a result
     (when ``declared`` is given), paper tables, provenance footer."""
     ok = sum(1 for r in records if r.get("status") == "ok")
+    merged = sum(1 for r in records if (r.get("provenance") or {}).get("imported_from"))
+    counts = f"{ok} ok, {len(records) - ok} failed"
+    source = (f"{len(records)} stored cell results ({counts})" if not merged else
+              f"{len(records)} cell results, {len(records) - merged} stored and {merged} merged "
+              f"from earlier boards (Provenance names them); {counts}")
     lines = [f"# Leaderboards: profile `{profile}`", "",
-             f"Rebuilt by `vbb report` from {len(records)} stored cell results ({ok} ok, "
-             f"{len(records) - ok} failed); do not edit by hand.",
+             f"Rebuilt by `vbb report` from {source}; do not edit by hand.",
              "Each table is also written as CSV, LaTeX (`.tex`) and HTML next to this file; "
              "`results.csv` holds every number at full precision with its provenance.", ""]
     if profile != PAPER_PROFILE and not table_set.paper_tables:

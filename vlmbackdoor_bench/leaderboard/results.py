@@ -49,6 +49,21 @@ METRIC_LABELS: dict[str, str] = {
     "bleu4": "B@4", "cider": "C", "sc": "SC", "lf": "LF", "sfs": "SFS", "asr_srd": "ASR",
 }
 
+#: The long form's split for numbers about the defend stage rather than a test split: what the
+#: defense report shows, so that a ``results.csv`` alone rebuilds every table (``vbb report --merge``).
+DEFENSE_SPLIT = "defense"
+#: Its metrics and where each lives in a cell record (docs/CONTRACTS.md).
+DEFENSE_VALUES: dict[str, tuple[str, ...]] = {
+    "precision": ("detection", "precision"),
+    "recall": ("detection", "recall"),
+    "n_flagged": ("detection", "n_flagged"),
+    "n_poisoned": ("detection", "n_poisoned"),
+    "suspected_precision": ("detection", "candidates", "precision"),
+    "suspected_recall": ("detection", "candidates", "recall"),
+    "trigger_masked": ("detection", "trigger_coverage", "mean_coverage"),
+    "seconds": ("timings", "defend"),  # the defend stage's wall time when it was computed
+}
+
 #: Columns of :func:`long_form`, in order. The first six identify a number; the rest are provenance.
 LONG_FORM_COLUMNS: tuple[str, ...] = (
     "dataset", "attack", "defense", "split", "metric", "value",
@@ -206,6 +221,23 @@ def metric_values(record: Mapping) -> Iterator[tuple[str, str, float]]:
                 yield str(split), str(metric), value
 
 
+def defense_values(record: Mapping) -> dict[str, float]:
+    """The finite :data:`DEFENSE_VALUES` of an ok record."""
+    if record.get("status") != "ok":
+        return {}
+    found: dict[str, float] = {}
+    for name, path in DEFENSE_VALUES.items():
+        node: Any = record
+        for key in path:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping):  # a timing entry {"seconds", "cached"}
+            node = node.get("seconds")
+        value = finite_number(node)
+        if value is not None:
+            found[name] = value
+    return found
+
+
 def _int_or_none(value: Any) -> int | None:
     number = finite_number(value)
     return int(number) if number is not None and number == int(number) else None
@@ -274,7 +306,8 @@ def row_sort_key(row: Mapping[str, Any]) -> tuple:
 
 
 def long_form(records: Iterable[Mapping]) -> pd.DataFrame:
-    """One row per stored number, columns :data:`LONG_FORM_COLUMNS`, sorted deterministically.
+    """One row per stored number, columns :data:`LONG_FORM_COLUMNS`, sorted deterministically:
+    the test splits' metrics, then the defend stage's numbers (split :data:`DEFENSE_SPLIT`).
 
     A failed cell contributes a single row with status ``"failed"``, empty split/metric/value and
     its error message, so it is still listed; a value that is not a finite number is left out.
@@ -291,6 +324,9 @@ def long_form(records: Iterable[Mapping]) -> pd.DataFrame:
             rows.append({**base, "split": split, "metric": metric, "value": value,
                          "n": metric_n(record, split, metric),
                          "scorer": metric_scorer(record, split, metric)})
+        for metric, value in defense_values(record).items():
+            rows.append({**base, "split": DEFENSE_SPLIT, "metric": metric, "value": value,
+                         "n": None, "scorer": None})
     rows.sort(key=row_sort_key)
     frame = pd.DataFrame(rows, columns=list(LONG_FORM_COLUMNS))
     frame["value"] = frame["value"].astype("float64")
