@@ -618,3 +618,19 @@ def test_bad_merge_file_is_one_clear_error(tmp_path: Path, content: str | None, 
         path.write_text(content.replace("HEADER", ",".join(LONG_FORM_COLUMNS)))
     with pytest.raises(VbbError, match=re.escape(needle)):
         read_long_form(path, PROFILE)
+
+
+@pytest.mark.skipif(not SHARED_PAPER.is_dir(), reason="shared/paper_tables not present")
+def test_committed_board_is_its_results_csv(tmp_path: Path) -> None:
+    """Every committed table of leaderboards/tiny/ is what its results.csv renders to: the board
+    is in step with the code, and `vbb report --merge` can extend it without its store."""
+    from vlmbackdoor_bench.leaderboard.merge import read_long_form
+
+    board = Path(__file__).resolve().parents[1] / "leaderboards" / PROFILE
+    records = read_long_form(board / "results.csv", PROFILE)
+    written = build_leaderboards(tmp_path / "no-store", PROFILE, tmp_path / "lb",
+                                 paper_dir=SHARED_PAPER, records=records)
+    tables = [p for p in written if p.name != "README.md"]
+    assert len(tables) > 20
+    for path in tables:
+        assert path.read_bytes() == (board / path.name).read_bytes(), path.name
