@@ -596,6 +596,9 @@ def test_report_cli_merges_a_board(tmp_path: Path, capsys) -> None:
     assert f"{value('coco', 'shadowcast', 'abl', 'triggered', 'cider'):.1f}" in table
     assert main(["--config", str(config), "report", "--out", str(tmp_path / "out")]) == 2
     assert "no results for profile" in capsys.readouterr().err  # without --merge: a store is needed
+    # `vbb run` reads its merge files before the grid: a bad one costs no computation
+    assert main(["--config", str(config), "run", "--merge", str(tmp_path / "typo.csv")]) == 2
+    assert "merge file" in capsys.readouterr().err and not (tmp_path / "empty-cache").exists()
 
 
 @pytest.mark.parametrize("content, needle", [
