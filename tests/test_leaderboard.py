@@ -596,6 +596,16 @@ def test_report_cli_merges_a_board(tmp_path: Path, capsys) -> None:
     assert f"{value('coco', 'shadowcast', 'abl', 'triggered', 'cider'):.1f}" in table
     assert main(["--config", str(config), "report", "--out", str(tmp_path / "out")]) == 2
     assert "no results for profile" in capsys.readouterr().err  # without --merge: a store is needed
+    # the regression gate reads the same records: a baseline written from the merged board is
+    # the one its store would give, and the merged board passes it
+    baseline = tmp_path / "baseline.json"
+    assert main(["--config", str(config), "check", "--write", "--merge", str(board_csv),
+                 "--baseline", str(baseline)]) == 0
+    write_baseline(published, PROFILE, tmp_path / "from-store.json")
+    assert baseline.read_text() == (tmp_path / "from-store.json").read_text()
+    assert main(["--config", str(config), "check", "--merge", str(board_csv),
+                 "--baseline", str(baseline)]) == 0
+    capsys.readouterr()
     # `vbb run` reads its merge files before the grid: a bad one costs no computation
     assert main(["--config", str(config), "run", "--merge", str(tmp_path / "typo.csv")]) == 2
     assert "merge file" in capsys.readouterr().err and not (tmp_path / "empty-cache").exists()

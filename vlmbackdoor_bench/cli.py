@@ -62,15 +62,10 @@ def cmd_run(args) -> int:
     return 1 if summary.failed else 0
 
 
-def _report(config, out_dir: Path | None = None, merge: list[Path] | None = None) -> list[Path]:
-    from .grid.cells import expand
-    from .leaderboard import build_leaderboards, load_results, missing_cells, profile_dir
+def _records(config, merge: list[Path] | None) -> list[dict]:
+    """The store's cell records, plus those of the ``merge`` files that the store lacks."""
+    from .leaderboard import load_results
     from .leaderboard.merge import merge_records, read_long_form
-    if out_dir is None:
-        out_dir = REPO_ROOT / "leaderboards" / config.profile if config.source is None \
-            else config.source.parent / "leaderboards" / config.profile
-    out_dir = profile_dir(out_dir, config.profile)
-    declared = sorted({c.coordinates for c in expand(config)})
     # every merge file is read before anything is written: it may be the board being rebuilt
     imported = [r for path in merge or [] for r in read_long_form(path, config.profile)]
     if imported and not (config.results_dir / config.profile).is_dir():
@@ -83,6 +78,18 @@ def _report(config, out_dir: Path | None = None, merge: list[Path] | None = None
         added = len(records) - stored
         print(f"leaderboard: {added} cells merged from {', '.join(map(str, merge))}; "
               f"{len(imported) - added} of theirs have a stored result, which wins", file=sys.stderr)
+    return records
+
+
+def _report(config, out_dir: Path | None = None, merge: list[Path] | None = None) -> list[Path]:
+    from .grid.cells import expand
+    from .leaderboard import build_leaderboards, missing_cells, profile_dir
+    if out_dir is None:
+        out_dir = REPO_ROOT / "leaderboards" / config.profile if config.source is None \
+            else config.source.parent / "leaderboards" / config.profile
+    out_dir = profile_dir(out_dir, config.profile)
+    declared = sorted({c.coordinates for c in expand(config)})
+    records = _records(config, merge)
     written = build_leaderboards(config.results_dir, config.profile, out_dir, declared=declared,
                                  records=records)
     print(f"leaderboard: {out_dir} ({len(written)} files)")
@@ -105,11 +112,13 @@ def cmd_report(args) -> int:
 def cmd_check(args) -> int:
     config = load_config(args.config)
     from .leaderboard import check_against_baseline, write_baseline
+    records = _records(config, args.merge)
     if args.write:
-        write_baseline(config.results_dir, config.profile, Path(args.baseline))
+        write_baseline(config.results_dir, config.profile, Path(args.baseline), records=records)
         print(f"baseline written to {args.baseline}")
         return 0
-    regressions = check_against_baseline(config.results_dir, config.profile, Path(args.baseline))
+    regressions = check_against_baseline(config.results_dir, config.profile, Path(args.baseline),
+                                         records=records)
     if regressions:
         print(f"{len(regressions)} regression(s) against {args.baseline}:")
         for r in regressions:
@@ -172,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="exit non-zero when a metric moved beyond its tolerance")
     check.add_argument("--baseline", required=True)
     check.add_argument("--write", action="store_true", help="write the baseline from current results")
+    check.add_argument("--merge", type=Path, action="append", metavar="CSV", help=merge_help)
     check.set_defaults(func=cmd_check)
     score = sub.add_parser("score", help="score a COCO-format captions file")
     score.add_argument("--captions", required=True, help='results JSON: [{"image_id", "caption"}]')

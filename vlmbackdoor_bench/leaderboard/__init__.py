@@ -76,18 +76,22 @@ def _check_profile(baseline: Mapping, profile: str, path: Path) -> None:
                        f"{baseline['profile']!r}")
 
 
-def check_against_baseline(results_dir: Path, profile: str,
-                           baseline_path: Path) -> list[Regression]:
-    """Regressions of the stored results of ``profile`` against the baseline file (empty: pass)."""
+def check_against_baseline(results_dir: Path, profile: str, baseline_path: Path,
+                           records: Sequence[Mapping] | None = None) -> list[Regression]:
+    """Regressions of the stored results of ``profile`` (or of ``records``, e.g. a merged board)
+    against the baseline file (empty: pass)."""
     baseline = load_baseline(Path(baseline_path))
     _check_profile(baseline, profile, Path(baseline_path))
-    return check(load_results(Path(results_dir), profile), baseline)
+    return check(load_results(Path(results_dir), profile) if records is None else records, baseline)
 
 
 def write_baseline(results_dir: Path, profile: str, path: Path,
-                   tolerances: Mapping[str, float] | None = None) -> Path:
-    """Record the current results of ``profile`` as the baseline at ``path`` (sorted, stable)."""
-    records = load_results(Path(results_dir), profile)
+                   tolerances: Mapping[str, float] | None = None,
+                   records: Sequence[Mapping] | None = None) -> Path:
+    """Record the current results of ``profile`` (or ``records``) as the baseline at ``path``
+    (sorted, stable)."""
+    if records is None:
+        records = load_results(Path(results_dir), profile)
     baseline = make_baseline(records, dict(tolerances or DEFAULT_TOLERANCES))
     baseline["profile"] = profile
     validate_baseline(baseline, str(path))
