@@ -43,10 +43,8 @@ def cmd_run(args) -> int:
     registry = _registry(args, config)
     from .grid.runner import GridRunner
     from tqdm.auto import tqdm
-    if args.merge and not args.no_report:  # a bad merge file fails now, not after the grid
-        from .leaderboard.merge import read_long_form
-        for path in args.merge:
-            read_long_form(path, config.profile)
+    # a bad merge file fails now, not after the grid
+    imported = _read_merge(config, args.merge) if not args.no_report else []
     runner = GridRunner(config, registry, log=lambda m: tqdm.write(m, file=sys.stderr))  # keeps bars whole
     only = None
     if args.cells:
@@ -58,16 +56,24 @@ def cmd_run(args) -> int:
     for cell_id, message in summary.failed.items():
         print(f"  FAILED {cell_id}: {message}")
     if not args.no_report:
-        _report(config, merge=args.merge)
+        _report(config, merge=args.merge, imported=imported)
     return 1 if summary.failed else 0
 
 
-def _records(config, merge: list[Path] | None) -> list[dict]:
-    """The store's cell records, plus those of the ``merge`` files that the store lacks."""
+def _read_merge(config, merge: list[Path] | None) -> list[dict]:
+    """The cell records of the ``merge`` files, in order (a bad file raises its VbbError)."""
+    from .leaderboard.merge import read_long_form
+    return [r for path in merge or [] for r in read_long_form(path, config.profile)]
+
+
+def _records(config, merge: list[Path] | None, imported: list[dict] | None = None) -> list[dict]:
+    """The store's cell records, plus those of the ``merge`` files (already read: ``imported``)
+    that the store lacks."""
     from .leaderboard import load_results
-    from .leaderboard.merge import merge_records, read_long_form
+    from .leaderboard.merge import merge_records
     # every merge file is read before anything is written: it may be the board being rebuilt
-    imported = [r for path in merge or [] for r in read_long_form(path, config.profile)]
+    if imported is None:
+        imported = _read_merge(config, merge)
     if imported and not (config.results_dir / config.profile).is_dir():
         records = []  # re-rendering a published board needs no store
     else:
@@ -81,7 +87,8 @@ def _records(config, merge: list[Path] | None) -> list[dict]:
     return records
 
 
-def _report(config, out_dir: Path | None = None, merge: list[Path] | None = None) -> list[Path]:
+def _report(config, out_dir: Path | None = None, merge: list[Path] | None = None,
+            imported: list[dict] | None = None) -> list[Path]:
     from .grid.cells import expand
     from .leaderboard import build_leaderboards, missing_cells, profile_dir
     if out_dir is None:
@@ -89,7 +96,7 @@ def _report(config, out_dir: Path | None = None, merge: list[Path] | None = None
             else config.source.parent / "leaderboards" / config.profile
     out_dir = profile_dir(out_dir, config.profile)
     declared = sorted({c.coordinates for c in expand(config)})
-    records = _records(config, merge)
+    records = _records(config, merge, imported)
     written = build_leaderboards(config.results_dir, config.profile, out_dir, declared=declared,
                                  records=records)
     print(f"leaderboard: {out_dir} ({len(written)} files)")

@@ -18,7 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from ..errors import VbbError
-from .results import DEFENSE_SPLIT, DEFENSE_VALUES, LONG_FORM_COLUMNS, SCHEMA_VERSION
+from .results import (DEFENSE_SPLIT, DEFENSE_VALUES, LONG_FORM_COLUMNS, SCHEMA_VERSION,
+                      set_defense_value)
 
 #: What makes two records the same cell: a store record replaces an imported one with this identity.
 IDENTITY: tuple[str, ...] = ("dataset", "attack", "defense", "attack_preset", "defense_preset",
@@ -114,11 +115,7 @@ def _add_number(record: dict, row: Mapping[str, str], path: Path, line: int) -> 
         if metric not in DEFENSE_VALUES:
             raise VbbError(f"{path} line {line}: unknown {DEFENSE_SPLIT!r} number {metric!r}",
                            f"known: {', '.join(DEFENSE_VALUES)}")
-        node: dict[str, Any] = record
-        *parents, leaf = DEFENSE_VALUES[metric]
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = {"seconds": value} if metric == "seconds" else value
+        set_defense_value(record, metric, value)
         return
     record["metrics"].setdefault(split, {})[metric] = value
     detail: dict[str, Any] = {}

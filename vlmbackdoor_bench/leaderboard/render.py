@@ -22,8 +22,8 @@ from tabulate import tabulate
 
 from .. import __version__
 from .results import (
-    PAPER_PROFILE, CellCoordinates, attack_rank, dataset_rank, defense_rank, failed_cells, label,
-    long_form, missing_cells,
+    PAPER_PROFILE, CellCoordinates, attack_rank, dataset_rank, defense_rank, failed_cells,
+    imported_from, label, long_form, missing_cells,
 )
 from .tables import MISSING, Table, TableSet
 
@@ -230,8 +230,7 @@ def _provenance_section(records: Sequence[Mapping], newest_mtime: float | None) 
              f"- Defense versions: {', '.join(defenses) or '(none)'}."]
     if other:
         lines.append(f"- Other versions: {', '.join(sorted(other))}.")
-    imported = Counter(str((r.get("provenance") or {}).get("imported_from"))
-                       for r in records if (r.get("provenance") or {}).get("imported_from"))
+    imported = Counter(imported_from(r) for r in records if imported_from(r))
     if imported:
         lines.append("- Merged from earlier boards (`vbb report --merge`): "
                      + ", ".join(f"{n} cells from `{source}`" for source, n in sorted(imported.items()))
@@ -252,7 +251,7 @@ def readme(profile: str, records: Sequence[Mapping], table_set: TableSet,
     """The index page: every table embedded, failed cells, the declared cells without a result
     (when ``declared`` is given), paper tables, provenance footer."""
     ok = sum(1 for r in records if r.get("status") == "ok")
-    merged = sum(1 for r in records if (r.get("provenance") or {}).get("imported_from"))
+    merged = sum(1 for r in records if imported_from(r))
     counts = f"{ok} ok, {len(records) - ok} failed"
     source = (f"{len(records)} stored cell results ({counts})" if not merged else
               f"{len(records)} cell results, {len(records) - merged} stored and {merged} merged "

@@ -238,6 +238,22 @@ def defense_values(record: Mapping) -> dict[str, float]:
     return found
 
 
+def set_defense_value(record: dict, name: str, value: float) -> None:
+    """Put one :data:`DEFENSE_VALUES` number where :func:`defense_values` reads it (what a
+    ``results.csv`` row restores); a timing entry becomes ``{"seconds": value}``."""
+    *parents, leaf = DEFENSE_VALUES[name]
+    node = record
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = {"seconds": value} if parents == ["timings"] else value
+
+
+def imported_from(record: Mapping) -> str | None:
+    """The results.csv a merged record came from (``vbb report --merge``); None for a stored one."""
+    source = (record.get("provenance") or {}).get("imported_from")
+    return str(source) if source else None
+
+
 def _int_or_none(value: Any) -> int | None:
     number = finite_number(value)
     return int(number) if number is not None and number == int(number) else None
