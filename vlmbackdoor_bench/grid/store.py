@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..allocator import release_freed_memory
 from ..filelock import exclusive
 
 META = "meta.json"
@@ -130,8 +131,9 @@ class Store:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        meta = {"stage": stage, "key": key, "payload": payload,
-                "seconds": time.perf_counter() - started, **extra}
+        seconds = time.perf_counter() - started
+        release_freed_memory()  # the stage's temporaries would stay resident otherwise (allocator.py)
+        meta = {"stage": stage, "key": key, "payload": payload, "seconds": seconds, **extra}
         write_json_atomic(tmp / META, meta)
         self.log(f"store: built {stage} {key[:12]} in {meta['seconds']:.0f} s")
         if final.exists():  # another host sharing the store finished first: keep its entry
