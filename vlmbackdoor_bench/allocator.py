@@ -7,9 +7,9 @@ faults: on 768 world images (2 cores) 69.5 ms per image and 15.6 M minor faults,
 and 0.56 M with mmap off and trimming off. Only where memory comes from changes, never a value:
 the tokens are bitwise the same (tests/test_tiny_victim.py). The cost is resident memory that
 stays reserved after a stage frees it (peak RSS of that measurement 1.5 -> 2.4 GB), and since
-freed chunks of one stage rarely fit the next stage's arrays, it accumulated over a grid: a
-15-cell run held 12.5 GB of heap of which 10.0 GB was free, in 44,572 chunks (malloc_info), at a
-peak RSS of 17.7 GB. So the store hands the free pages back after every stage it builds
+freed chunks of one stage rarely fit the next stage's arrays, it accumulated over a grid: an
+8-cell run held 12.5 GB of heap of which 10.0 GB was free, in 44,572 chunks (malloc_info), at a
+peak RSS of 17.9 GB (15.6 GB with the release below). So the store hands the free pages back after every stage it builds
 (:func:`release_freed_memory`): within a stage nothing is unmapped, between stages nothing stays.
 """
 
