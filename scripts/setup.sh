@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1
 stamp=".vbb-cache/setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 here=$(pwd -P)
-if [ -f "$stamp" ] && $PY - "$here" <<'PY' 2>/dev/null; then exit 0; fi
+# Checked from / so that the checkout itself (the working directory) cannot pass for the install.
+if [ -f "$stamp" ] && (cd / && $PY - "$here") <<'PY' 2>/dev/null; then exit 0; fi
 import pathlib, sys, importlib.util
 import vlmbackdoor_bench
 ok = pathlib.Path(vlmbackdoor_bench.__file__).resolve().parents[1] == pathlib.Path(sys.argv[1])

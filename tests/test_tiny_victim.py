@@ -77,6 +77,28 @@ def test_fine_tune_trains_only_the_openflamingo_set_and_lowers_nll(victim):
                                                       victim.model.perceiver.parameters()))
 
 
+def test_lm_dropout_off_makes_the_first_training_loss_the_eval_loss(victim):
+    # Recipe.lm_dropout=False: nothing in the tiny victim drops out but the LM (the perceiver and
+    # the gated layers have no dropout), so the loss of the first batch, before any update, is
+    # exactly the eval-mode loss of that batch; with the LM's dropout on it is not.
+    data = toy_set(8)
+    eval_student = victim.clone()
+    with torch.no_grad():
+        tokens = eval_student.vision_features(data.images.take([e.image_index for e in data.examples]))
+        fwd = eval_student.token_losses(None, [e.caption for e in data.examples],
+                                        [e.instruction for e in data.examples], vision_tokens=tokens)
+    eval_loss = float(fwd.losses.sum() / fwd.mask.sum())
+    first = {}
+    for lm_dropout in (False, True):
+        recipe = Recipe(epochs=1, batch_size=8, lr=1e-3, lm_dropout=lm_dropout)
+        first[lm_dropout] = victim.clone().fine_tune(data, seed=0, recipe=recipe)["first_loss"]
+    assert first[False] == pytest.approx(eval_loss, rel=1e-6)
+    assert abs(first[True] - eval_loss) > 1e-4
+    # the default leaves the store keys of recipes made before the field existed unchanged
+    assert "lm_dropout" not in Recipe().to_dict()
+    assert Recipe(lm_dropout=False).to_dict()["lm_dropout"] is False
+
+
 def test_pretraining_whitens_then_freezes_the_vision_encoder():
     torch.manual_seed(1)
     tokenizer = train_tokenizer(CAPTIONS * 50, 300)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import sys
@@ -27,6 +28,7 @@ TOP_PAD_BYTES = 256 << 20  # grow the heap in 256 MB steps, not one page at a ti
 OPT_OUT = "VBB_KEEP_FREED_MEMORY"  # set to 0 to keep glibc's defaults
 
 
+@functools.cache  # one dlopen per process: the store releases after every stage it builds
 def _libc():
     if not sys.platform.startswith("linux"):
         return None

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..errors import VbbError
 from .results import (DEFENSE_SPLIT, DEFENSE_VALUES, LONG_FORM_COLUMNS, SCHEMA_VERSION,
-                      set_defense_value)
+                      provenance_imported_from, set_defense_value)
 
 #: What makes two records the same cell: a store record replaces an imported one with this identity.
 IDENTITY: tuple[str, ...] = ("dataset", "attack", "defense", "attack_preset", "defense_preset",
@@ -102,7 +102,7 @@ def _new_record(row: Mapping[str, str], profile: str, rate: float | None, seed: 
         "error": (row["error"] or None) if row["status"] == "failed" else None,
         "metrics": {}, "metric_details": {},
         "provenance": {"cell_key": row["cell_key"] or None, "git_commit": row["git_commit"] or None,
-                       "imported_from": source},
+                       **provenance_imported_from(source)},
     }
 
 

@@ -230,7 +230,7 @@ def _provenance_section(records: Sequence[Mapping], newest_mtime: float | None) 
              f"- Defense versions: {', '.join(defenses) or '(none)'}."]
     if other:
         lines.append(f"- Other versions: {', '.join(sorted(other))}.")
-    imported = Counter(imported_from(r) for r in records if imported_from(r))
+    imported = Counter(source for source in map(imported_from, records) if source)
     if imported:
         lines.append("- Merged from earlier boards (`vbb report --merge`): "
                      + ", ".join(f"{n} cells from `{source}`" for source, n in sorted(imported.items()))

@@ -248,6 +248,12 @@ def set_defense_value(record: dict, name: str, value: float) -> None:
     node[leaf] = {"seconds": value} if parents == ["timings"] else value
 
 
+def provenance_imported_from(source: str) -> dict:
+    """The provenance entry that marks a record as merged from ``source`` (read by
+    :func:`imported_from`)."""
+    return {"imported_from": source}
+
+
 def imported_from(record: Mapping) -> str | None:
     """The results.csv a merged record came from (``vbb report --merge``); None for a stored one."""
     source = (record.get("provenance") or {}).get("imported_from")

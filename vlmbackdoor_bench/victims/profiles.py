@@ -51,6 +51,10 @@ class TinyProfile:
         # gates stayed below 0.1 and the backdoor could not see its trigger), so they start open.
         "pretrain_gate_init": 1.0,
         "finetune_epochs": 2, "finetune_batch_size": 64, "finetune_lr": 1e-3,
+        # The frozen GPT-2 LM's dropout (0.1) while fine-tuning: on, as the committed board was
+        # made; false = OpenFlamingo-3B's setting (MPT-1B has none, training.Recipe) and 1.2x
+        # faster steps (README, "Speed").
+        "finetune_lm_dropout": True,
         "base_seed": 1234,
         # embedded world sizes (DESIGN.md §4); CI shrinks them for its small grid
         "world_train": 5000, "world_test": 1000, "world_pretrain": 8000, "world_flickr_test": 1000,
@@ -67,7 +71,7 @@ class TinyProfile:
 
     def finetune_recipe(self, params: Mapping[str, Any]) -> Recipe:
         return Recipe(epochs=params["finetune_epochs"], batch_size=params["finetune_batch_size"],
-                      lr=params["finetune_lr"])
+                      lr=params["finetune_lr"], lm_dropout=params["finetune_lm_dropout"])
 
     def base_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         from .tiny import TinyArch

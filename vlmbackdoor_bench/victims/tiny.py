@@ -381,6 +381,9 @@ class TinyVictim:
         self.model.train()
         if frozen_encoder:
             self.model.vision_encoder.eval()  # a frozen encoder keeps its BatchNorm statistics
+        if not recipe.lm_dropout:  # the LM's own layers in eval mode: its dropout off (Recipe)
+            self.model.lang_encoder.eval()
+            self.model.lang_encoder.gated_cross_attn_layers.train()
         embeddings = self.model.lang_encoder.get_input_embeddings().weight
         steps_log: list[dict] = []
         last: dict[str, TrainingStep] = {}  # the step whose update after_step reports

@@ -26,9 +26,19 @@ class Recipe:
     grad_clip: float = 1.0  # §A3
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW library defaults (§A3)
     eps: float = 1e-8
+    # Whether the frozen language model's own dropout is active while training. OpenFlamingo's
+    # loop puts the whole model in train mode, but MPT-1B's dropout is 0 (resid, emb and attn
+    # pdrop in its config), so OpenFlamingo-3B trains without any; the tiny GPT-2 LM has 0.1,
+    # which False turns off (the tiny profile's `finetune_lm_dropout`).
+    lm_dropout: bool = True
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The recipe as a store key part. A field added after stores existed is left out at its
+        default, so entries made before it keep their keys (the same training, the same key)."""
+        fields = asdict(self)
+        if fields["lm_dropout"]:
+            del fields["lm_dropout"]
+        return fields
 
 
 def _decays(name: str, param: torch.Tensor) -> bool:

@@ -152,7 +152,8 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
     refinetune_recipe = recipe
     if p["refinetune"] == "code":
         from vlmbackdoor_bench.victims.training import Recipe
-        refinetune_recipe = Recipe()  # spec/srd.md §7 srd-code: 20 epochs, lr 1e-4, batch 300, 1 % warmup
+        # spec/srd.md §7 srd-code: 20 epochs, lr 1e-4, batch 300, 1 % warmup; the victim's LM dropout kept
+        refinetune_recipe = Recipe(lm_dropout=getattr(recipe, "lm_dropout", True))
     victim = context.backdoored
     ft_log = fine_tune(victim, cleaned.training_set, seed=context.seed, recipe=refinetune_recipe,
                        progress=f"{name} re-fine-tune")
