@@ -42,10 +42,14 @@ def test_bench_generate_100_images(benchmark, victim, images):
     assert len(captions) == 100
 
 
-def test_bench_fine_tune_64_steps_worth(benchmark, victim, images):
-    """One epoch over 640 examples at batch 64 = 10 optimiser steps on the trainable set."""
+@pytest.mark.parametrize("lm_dropout", [True, False], ids=["lm-dropout", "no-lm-dropout"])
+def test_bench_fine_tune_64_steps_worth(benchmark, victim, images, lm_dropout):
+    """One epoch over 640 examples at batch 64 = 10 optimiser steps on the trainable set, with
+    and without the frozen LM's dropout (Recipe.lm_dropout; measured 1.25x faster without)."""
     data = TrainingSet(ImageBank(images), [Example(str(i), i % 100, CAPTIONS[i % 3]) for i in range(640)])
-    log = benchmark.pedantic(victim.fine_tune, args=(data,), kwargs={"seed": 0}, rounds=2, iterations=1)
+    recipe = Recipe(epochs=1, batch_size=64, lr=1e-3, lm_dropout=lm_dropout)
+    log = benchmark.pedantic(victim.fine_tune, args=(data,), kwargs={"seed": 0, "recipe": recipe},
+                             rounds=2, iterations=1)
     assert log["steps"] == 10
 
 

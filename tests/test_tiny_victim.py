@@ -51,6 +51,24 @@ def test_prompt_and_label_mask(victim):
     assert (labels[0][mask[0] == 0] == -100).all()
 
 
+def test_training_texts_encode_as_the_tokenizer_pads_them(victim):
+    # encode_texts tokenizes each text once per victim: the ids and mask of a batch must be
+    # exactly the tokenizer's right-padded, truncated batch, on first sight and from memory
+    tok = victim.tokenizer
+    captions = ["Two bananas.", "A red apple next to a blue cup.", " ".join(CAPTIONS * 8), "Two bananas."]
+    texts = [f"{tok.bos_token}{prompt_text('a photo of')}{c}{EOC}{tok.eos_token}" for c in captions]
+    tok.padding_side = "right"
+    expected = tok(texts, add_special_tokens=False, padding=True, truncation=True,
+                   max_length=victim.arch.max_positions, return_tensors="pt")
+    tok.padding_side = "left"
+    assert expected["input_ids"].shape[1] == victim.arch.max_positions  # the long one was cut
+    for _ in range(2):
+        ids, mask, _ = victim.encode_texts(captions, ["a photo of"] * 4)
+        assert torch.equal(ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
+    ids, mask, _ = victim.encode_texts(captions[:2], ["a photo of"] * 2)  # padded to its own longest
+    assert ids.shape[1] == int(expected["attention_mask"][1].sum())
+
+
 def test_generation_follows_the_image(victim):
     # after pretraining each toy image gets its own caption back (3 beams, metrics.md §2)
     assert victim.generate(toy_set().images.take([0, 1, 2])) == CAPTIONS
