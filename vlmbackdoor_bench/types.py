@@ -89,7 +89,8 @@ class ImageBank:
     """The images of a training set: the clean split's rows, then images an attack/defense made.
 
     Index i < len(base) reads the clean split; i >= len(base) reads ``extra[i - len(base)]``.
-    Keeping the clean split by reference avoids copying 5,000 images per attack.
+    Keeping the clean split by reference avoids copying 5,000 images per attack. ``extra`` is
+    an array, or any sequence (``len``, ``[k]`` -> one uint8 image) that makes images on demand.
     """
 
     def __init__(self, base: np.ndarray, extra: np.ndarray | None = None):
