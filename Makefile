@@ -1,17 +1,24 @@
 # README command 1: `make run` (the embedded grid -> leaderboards); command 2: `make test`.
-PYTHON ?= python3
+# Both work in a project virtual environment (.venv, ignored by git) created with the first
+# Python >= 3.11 on the PATH, so a PEP 668 system interpreter is never installed into.
+# PYTHON=/path/to/python picks the interpreter that creates it; `make clean-env` removes it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
 # cells in parallel worker processes (vbb run --jobs; README "Running cells in parallel")
 JOBS ?= 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test ci-grid
+.PHONY: setup run test clean-env
 
 setup:
-	@PYTHON=$(PYTHON) bash scripts/setup.sh
+	@VENV=$(VENV) bash scripts/setup.sh
 
 run: setup
-	$(PYTHON) -m vlmbackdoor_bench.cli run --jobs $(JOBS)
+	$(PY) -m vlmbackdoor_bench.cli run --jobs $(JOBS)
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PY) -m pytest -q
+
+clean-env:
+	rm -rf $(VENV)
