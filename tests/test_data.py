@@ -15,13 +15,14 @@ from PIL import Image
 from vlmbackdoor_bench.data import karpathy as kp
 from vlmbackdoor_bench.data import world as wm
 from vlmbackdoor_bench.data import (
-    CATEGORIES, EMBEDDED_COCO, EMBEDDED_FLICKR, KarpathyProvider, KarpathyRecord, WorldSizes,
+    CATEGORIES, COCO_KARPATHY, EMBEDDED_COCO, EMBEDDED_FLICKR, KarpathyProvider, KarpathyRecord, WorldSizes,
     generate_world, load_karpathy_split, load_scenes, register_datasets, world_paths, write_karpathy,
 )
 from vlmbackdoor_bench.data.world_captions import NOUNS
 from vlmbackdoor_bench.data.world_draw import PALETTE, load_photo
 from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import DatasetProvider, StageContext
+from vlmbackdoor_bench.types import sha256_of_ids, sha256_of_images
 
 PHOTOS = {"astronaut": "astronaut.png", "chelsea": "chelsea.png", "coffee": "coffee.png",
           "rocket": "rocket.jpg"}
@@ -197,6 +198,107 @@ def test_write_karpathy_round_trip(tmp_path):
     np.testing.assert_array_equal(s.images[0], arr)  # 224x224 input: unchanged
 
 
+# --------------------------------------------------------------------------- COCO annotation ids
+# captions_train2014.json of the coco_dir fixture's train2014 images: annotation id -> (image, caption).
+# The astronaut has a third caption there that Karpathy's file (5 per image) does not carry.
+ANNOTATIONS = {9000: (391895, "An astronaut in a white suit."), 9001: (391895, "A woman posing in front of a flag."),
+               9002: (391895, "A person in a space suit smiling."), 9003: (522418, "A tabby cat looking up."),
+               9004: (522418, "A close up of a cat's face."), 9005: (522418, "An orange cat.")}
+
+
+def _coco_captions(root: Path, annotation_ids, *, extra_images=()) -> Path:
+    """Write <root>/annotations/captions_train2014.json (COCO format) and an SRD-style id list
+    (a JSON list of annotation ids as strings); returns the id list's path."""
+    images = [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": 480, "width": 640}
+              for i in (391895, 522418, *extra_images)]
+    anns = [{"id": a, "image_id": i, "caption": c} for a, (i, c) in ANNOTATIONS.items()]
+    anns += [{"id": 9100 + k, "image_id": i, "caption": f"Image {i}."} for k, i in enumerate(extra_images)]
+    (root / "annotations").mkdir(exist_ok=True)
+    (root / "annotations" / "captions_train2014.json").write_text(
+        json.dumps({"info": {}, "licenses": [], "images": images, "annotations": anns}))
+    ids = root / "coco-5k-ids.json"
+    ids.write_text(json.dumps([str(a) for a in annotation_ids]))
+    return ids
+
+
+def _coco_config(coco_dir, ids):
+    return SimpleNamespace(data_paths={"coco-karpathy": coco_dir, "coco-karpathy-train-5k": ids})
+
+
+def test_coco_fine_tuning_subset_is_the_listed_annotations(coco_dir, tmp_path):
+    ids = _coco_captions(coco_dir, [9004, 9002, 9000, 9003])
+    ctx = StageContext(cache_dir=tmp_path, config=_coco_config(coco_dir, ids))
+    train = COCO_KARPATHY.load("train", ctx)
+    # rows in order of first appearance, captions in list order, only the listed captions
+    assert train.image_ids == [522418, 391895]
+    assert train.references == [["A close up of a cat's face.", "A tabby cat looking up."],
+                                ["A person in a space suit smiling.", "An astronaut in a white suit."]]
+    assert train.sentence_ids == [["9004", "9003"], ["9002", "9000"]]
+    examples = train.caption_examples()
+    assert [e.sample_id for e in examples] == ["9004", "9003", "9002", "9000"]
+    assert [e.image_index for e in examples] == [0, 0, 1, 1]
+    np.testing.assert_array_equal(train.images[1], _bicubic(coco_dir / "train2014" / "COCO_train2014_000000391895.jpg"))
+    assert train.manifest.n_images == 2 and train.manifest.dataset == "coco-karpathy"
+    assert train.manifest.images_sha256 == sha256_of_images(np.asarray(train.images))
+    assert train.manifest.ids_sha256 == sha256_of_ids([522418, 391895])
+    # the decode is cached and reused; another id list (other order) is another split identity
+    again = COCO_KARPATHY.load("train", ctx)
+    assert again.manifest == train.manifest and isinstance(again.images, np.memmap)
+    ids.write_text(json.dumps(["9000", "9002", "9003", "9004"]))
+    reordered = COCO_KARPATHY.load("train", ctx)
+    assert reordered.image_ids == [391895, 522418] and reordered.manifest.ids_sha256 != train.manifest.ids_sha256
+    # the reserved clean split (Karpathy restval, val2014) is disjoint from it
+    assert COCO_KARPATHY.load("restval", ctx).image_ids == [184613]
+
+
+def test_coco_subset_bad_inputs_give_one_clear_error(coco_dir, tmp_path):
+    def load(ids_text=None, split="train", cfg=None):
+        ids = coco_dir / "coco-5k-ids.json"
+        if ids_text is not None:
+            ids.write_text(ids_text)
+        return COCO_KARPATHY.load(split, StageContext(cache_dir=tmp_path, config=cfg or _coco_config(coco_dir, ids)))
+
+    _coco_captions(coco_dir, [9000])
+    with pytest.raises(VbbError, match=r"2 of 2 annotation ids are not in .*captions_train2014.json "
+                                       r"\(they match image ids"):
+        load('["391895", 522418]')
+    with pytest.raises(VbbError, match=r"repeats ids \[9000\]"):
+        load('[9000, 9001, 9000]')
+    with pytest.raises(VbbError, match="not a list of integer ids"):
+        load('{"ids": [9000]}')
+    with pytest.raises(VbbError, match="malformed JSON in the annotation id list"):
+        load('[9000,')
+    with pytest.raises(VbbError, match=r"no fine-tuning id list configured.*\n.*coco-karpathy-train-5k"):
+        load(cfg=SimpleNamespace(data_paths={"coco-karpathy": coco_dir}))
+    # every missing file named in one error, before anything is decoded
+    (coco_dir / "annotations" / "captions_train2014.json").unlink()
+    with pytest.raises(VbbError) as e:
+        load('[9000]', split="test")
+    assert "captions_train2014.json" in str(e.value) and "dataset_coco.json" not in str(e.value)
+    (coco_dir / "dataset_coco.json").unlink()
+    (coco_dir / "coco-5k-ids.json").unlink()
+    with pytest.raises(VbbError) as e:
+        COCO_KARPATHY.check_available(_coco_config(coco_dir, coco_dir / "coco-5k-ids.json"))
+    message = str(e.value)
+    for name in ("dataset_coco.json", "captions_train2014.json", "coco-5k-ids.json"):
+        assert name in message
+    empty = tmp_path / "empty-coco"
+    empty.mkdir()
+    with pytest.raises(VbbError, match="train2014 \\+ val2014"):
+        COCO_KARPATHY.check_available(_coco_config(empty, coco_dir / "ids"))
+
+
+def test_reserved_split_must_not_share_images_with_fine_tuning(coco_dir, tmp_path):
+    """A list naming a val2014 (restval) image's caption makes the reserved clean set overlap."""
+    (coco_dir / "train2014" / "COCO_train2014_000000184613.jpg").write_bytes(
+        (coco_dir / "val2014" / "COCO_val2014_000000184613.jpg").read_bytes())
+    ids = _coco_captions(coco_dir, [9000, 9100], extra_images=(184613,))
+    ctx = StageContext(cache_dir=tmp_path, config=_coco_config(coco_dir, ids))
+    assert COCO_KARPATHY.load("train", ctx).image_ids == [391895, 184613]
+    with pytest.raises(VbbError, match=r"restval shares 1 images with the fine-tuning subset \(e.g. \[184613\]\)"):
+        COCO_KARPATHY.load("restval", ctx)
+
+
 # --------------------------------------------------------------------------- embedded world
 SMALL = WorldSizes(train=24, test=12, pretrain=12, flickr_test=12)
 
@@ -340,13 +442,12 @@ def test_providers_and_registration(tmp_path, coco_dir, flickr_dir):
         coco.load("test", StageContext(cache_dir=tmp_path, config=SimpleNamespace(data_paths={})))
     with pytest.raises(VbbError, match="does not exist"):
         coco.load("test", StageContext(cache_dir=tmp_path, config={"data_paths": {"coco-karpathy": tmp_path / "x"}}))
-    ids = tmp_path / "ids.txt"
-    ids.write_text("184613\n522418\n")
+    ids = _coco_captions(coco_dir, [9004, 9001])
     cfg = SimpleNamespace(data_paths={"coco-karpathy": coco_dir, "flickr30k-karpathy": flickr_dir,
                                       "coco-karpathy-train-5k": ids})
     test = coco.load("test", StageContext(cache_dir=tmp_path, config=cfg))
     assert test.image_ids == [318219] and test.dataset == "coco-karpathy"
-    five_k = coco.load("train-5k", StageContext(cache_dir=tmp_path, config=cfg))
-    assert five_k.image_ids == [522418, 184613] and five_k.split == five_k.manifest.split == "train-5k"
+    train = coco.load("train", StageContext(cache_dir=tmp_path, config=cfg))
+    assert train.image_ids == [522418, 391895] and train.split == train.manifest.split == "train"
     flickr = next(p for p in registered if isinstance(p, KarpathyProvider) and p.name == "flickr30k-karpathy")
     assert flickr.load("test", StageContext(cache_dir=tmp_path, config=cfg)).image_ids == [0, 1, 2]

@@ -50,6 +50,7 @@ __all__ = [
     "cache_file_for",
     "decode_image",
     "load_karpathy_split",
+    "load_records",
     "read_karpathy_json",
     "write_karpathy",
 ]
@@ -343,13 +344,27 @@ def load_karpathy_split(
     ``cache_dir=None`` decodes into memory without caching.
     """
     dataset_json, image_root = Path(dataset_json), Path(image_root)
+    doc, json_sha = read_karpathy_json(dataset_json)
+    return load_records(doc, json_sha, dataset_json, image_root, split, dataset=dataset,
+                        cache_dir=cache_dir, id_subset=id_subset, workers=workers)
+
+
+def _check_image_root(image_root: Path) -> None:
     if not image_root.is_dir():
         raise VbbError(
             f"image directory {image_root} does not exist",
             f"create it or point the dataset at the right folder; {_LAYOUT}",
         )
-    doc, json_sha = read_karpathy_json(dataset_json)
-    sel = _select(doc, json_sha, dataset_json, image_root, split, id_subset)
+
+
+def load_records(doc: dict, source_sha: str, source: Path, image_root: Path,
+                 split: str | Sequence[str], *, dataset: str, cache_dir: Path | None,
+                 id_subset: Sequence[int] | None = None, workers: int | None = None) -> Split:
+    """:func:`load_karpathy_split` on an already parsed, validated Karpathy-shaped ``doc``;
+    ``source_sha`` identifies its content in the image cache key and ``source`` names it in
+    errors (data/coco_captions.py builds such a doc from COCO annotation ids)."""
+    _check_image_root(image_root)
+    sel = _select(doc, source_sha, source, image_root, split, id_subset)
     n = len(sel.records)
     if workers is None:
         workers = min(2, os.cpu_count() or 1)

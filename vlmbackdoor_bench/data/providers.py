@@ -7,9 +7,10 @@ Registered through the ``register_datasets`` hook:
 * ``coco-karpathy`` and ``flickr30k-karpathy``: local folders named in benchmark.toml::
 
       [data]
-      coco-karpathy = "/data/coco"              # dataset_coco.json + train2014/ + val2014/
+      coco-karpathy = "/data/coco"    # dataset_coco.json, train2014/, val2014/,
+                                      # annotations/captions_train2014.json
+      coco-karpathy-train-5k = "/data/coco/coco-5k-1-random.json"  # annotation ids (split train)
       flickr30k-karpathy = "/data/flickr30k"    # dataset_flickr30k.json + flickr30k-images/
-      coco-karpathy-train-5k = "/data/srd_5k_image_ids.json"   # optional, for split train-5k
 
 Config values read (all optional except the data paths of the Karpathy providers):
 ``config.world_seed`` (default 0), ``config.world_sizes`` (a WorldSizes or a dict),
@@ -18,7 +19,6 @@ Config values read (all optional except the data paths of the Karpathy providers
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from ..errors import VbbError
 from ..hookspecs import StageContext, hookimpl
 from ..types import Split
+from .coco_captions import load_annotation_subset
 from .karpathy import load_karpathy_split
 from .world import WORLD_VERSION, WorldSizes, generate_world, world_paths
 
@@ -73,20 +74,17 @@ class EmbeddedWorldProvider:
 
 
 class KarpathyProvider:
-    """A local Karpathy-format copy of COCO-2014 or Flickr30k; never downloads."""
+    """A local Karpathy-format copy of Flickr30k (or any Karpathy dataset); never downloads."""
 
     version = "1.0.0"
 
     def __init__(self, name: str, json_name: str, splits: Sequence[str], *,
-                 image_dirs: Sequence[str] = ("",), markers: Sequence[str] = (),
-                 subsets: dict[str, tuple[tuple[str, ...], str]] | None = None):
+                 image_dirs: Sequence[str] = ("",), markers: Sequence[str] = ()):
         self.name = name
         self.json_name = json_name
         self.image_dirs = tuple(image_dirs)  # folders (relative to the root) that may hold images
-        self.markers = tuple(markers)  # an image folder must contain one of these, if given
-        # split name -> (Karpathy splits it draws from, config key of its id list file)
-        self.subsets = dict(subsets or {})
-        self.splits = tuple(splits) + tuple(self.subsets)
+        self.markers = tuple(markers)  # an image folder must contain all of these, if given
+        self.splits = tuple(splits)
 
     # ------------------------------------------------------------------ paths
     def root(self, config: Any) -> Path:
@@ -106,71 +104,116 @@ class KarpathyProvider:
             )
         return root
 
-    def locate(self, config: Any) -> tuple[Path, Path]:
-        """(annotation json, image root) inside the configured folder."""
-        root = self.root(config)
-        candidates = [root / self.json_name, root / "annotations" / self.json_name,
-                      root / "karpathy" / self.json_name]
-        dataset_json = next((p for p in candidates if p.is_file()), None)
-        if dataset_json is None:
-            raise VbbError(
-                f"{self.json_name} not found in {root} (looked at "
-                f"{', '.join(str(p) for p in candidates)})",
-                f"put the Karpathy annotation file {self.json_name} into {root}",
-            )
-        def holds_images(d: Path) -> bool:
-            return d.is_dir() and (not self.markers or any((d / m).is_dir() for m in self.markers))
+    def _json_candidates(self, root: Path) -> list[Path]:
+        return [root / self.json_name, root / "annotations" / self.json_name,
+                root / "karpathy" / self.json_name]
 
-        image_root = next((root / d for d in self.image_dirs if holds_images(root / d)), root)
-        return dataset_json, image_root
+    def _image_root(self, root: Path) -> Path | None:
+        def holds_images(d: Path) -> bool:
+            return d.is_dir() and all((d / m).is_dir() for m in self.markers)
+
+        return next((root / d for d in self.image_dirs if holds_images(root / d)), None)
+
+    def missing_files(self, config: Any) -> list[str]:
+        """What the configured folder lacks, one line per missing file or folder."""
+        root = self.root(config)
+        missing = []
+        if not any(p.is_file() for p in self._json_candidates(root)):
+            missing.append(f"the Karpathy annotation file {root / self.json_name}")
+        if self._image_root(root) is None:
+            wanted = [d for d in self.image_dirs if d] or [""]
+            folders = " + ".join(self.markers) if self.markers else "the images"
+            missing.append(f"the image folder(s) {folders} under {root / wanted[0]}")
+        return missing
 
     def check_available(self, config: Any) -> None:
-        """Raise a VbbError naming what is missing (for a profile's own check)."""
-        self.locate(config)
+        """One VbbError naming every file or folder the dataset needs and lacks."""
+        missing = self.missing_files(config)
+        if missing:
+            raise VbbError(f"dataset {self.name!r} is incomplete: missing " + "; ".join(missing),
+                           f"provision them under [data] {self.name} of benchmark.toml (README, "
+                           '"Running the paper\'s grid on a GPU"); nothing is downloaded')
 
-    def _subset_ids(self, config: Any, key: str) -> list[int]:
-        paths = _cfg(config, "data_paths", None) or {}
-        if key not in paths:
-            raise VbbError(f"no id list configured for {self.name!r}",
-                           f'set [data] {key} = "/path/to/ids.json" in benchmark.toml (a JSON '
-                           "list of image ids, or a text file with one id per line)")
-        path = Path(paths[key]).expanduser()
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise VbbError(f"cannot read id list {path}: {e}", f"fix [data] {key} in benchmark.toml") from None
-        try:
-            ids = json.loads(text) if text.lstrip().startswith(("[", "{")) else text.split()
-            if isinstance(ids, dict):
-                ids = ids.get("image_ids", ids.get("ids"))
-            return [int(i) for i in ids]
-        except (ValueError, TypeError):
-            raise VbbError(f"id list {path} is malformed",
-                           "use a JSON list of integer image ids (or one id per line)") from None
+    def locate(self, config: Any) -> tuple[Path, Path]:
+        """(annotation json, image root) inside the configured folder."""
+        self.check_available(config)
+        root = self.root(config)
+        dataset_json = next(p for p in self._json_candidates(root) if p.is_file())
+        return dataset_json, self._image_root(root)
 
     # ------------------------------------------------------------------ load
     def load(self, split: str, context: StageContext) -> Split:
         _check_split(self.name, split, self.splits)
         dataset_json, image_root = self.locate(context.config)
-        id_subset, karpathy_splits = None, split
-        if split in self.subsets:
-            karpathy_splits, key = self.subsets[split]
-            id_subset = self._subset_ids(context.config, key)
-        loaded = load_karpathy_split(dataset_json, image_root, karpathy_splits, dataset=self.name,
-                                     cache_dir=Path(context.cache_dir) / "karpathy", id_subset=id_subset)
-        if loaded.split != split:
-            loaded.split = split
-            loaded.manifest = type(loaded.manifest)(**{**loaded.manifest.to_dict(), "split": split})
+        return load_karpathy_split(dataset_json, image_root, split, dataset=self.name,
+                                   cache_dir=Path(context.cache_dir) / "karpathy")
+
+
+class CocoKarpathyProvider(KarpathyProvider):
+    """COCO-2014 as the paper uses it (spec/victim.md §A3): split ``train`` is the fine-tuning
+    subset, the caption instances named by the COCO annotation ids of the id list under
+    ``[data] coco-karpathy-train-5k`` (read through ``annotations/captions_train2014.json``, images
+    from ``train2014/``); ``test`` / ``val`` / ``restval`` are Karpathy's splits of
+    ``dataset_coco.json``. ``restval`` (val2014 images) is the defenders' reserved clean set and is
+    checked to share no image with the fine-tuning subset."""
+
+    CAPTIONS = "captions_train2014.json"
+    IDS_KEY = "coco-karpathy-train-5k"
+
+    def __init__(self):
+        super().__init__("coco-karpathy", "dataset_coco.json", ("train", "restval", "val", "test"),
+                         image_dirs=("", "images"), markers=("train2014", "val2014"))
+
+    def _captions_candidates(self, root: Path) -> list[Path]:
+        return [root / "annotations" / self.CAPTIONS, root / self.CAPTIONS]
+
+    def ids_file(self, config: Any) -> Path:
+        paths = _cfg(config, "data_paths", None) or {}
+        if self.IDS_KEY not in paths:
+            raise VbbError(
+                f"no fine-tuning id list configured for {self.name!r}",
+                f'set [data] {self.IDS_KEY} = "/path/to/coco-5k-1-random.json" in benchmark.toml: '
+                "the SRD code's JSON list of the 25,015 COCO annotation ids of its 5k subset",
+            )
+        return Path(paths[self.IDS_KEY]).expanduser()
+
+    def missing_files(self, config: Any) -> list[str]:
+        missing = super().missing_files(config)
+        root = self.root(config)
+        if not any(p.is_file() for p in self._captions_candidates(root)):
+            missing.append(f"the COCO caption annotations {self._captions_candidates(root)[0]}")
+        ids = self.ids_file(config)
+        if not ids.is_file():
+            missing.append(f"the annotation id list {ids} ([data] {self.IDS_KEY})")
+        return missing
+
+    def fine_tuning_split(self, context: StageContext) -> Split:
+        _, image_root = self.locate(context.config)
+        root = self.root(context.config)
+        captions = next(p for p in self._captions_candidates(root) if p.is_file())
+        return load_annotation_subset(captions, image_root, self.ids_file(context.config),
+                                      dataset=self.name, split="train",
+                                      cache_dir=Path(context.cache_dir) / "karpathy")
+
+    def load(self, split: str, context: StageContext) -> Split:
+        _check_split(self.name, split, self.splits)
+        if split == "train":
+            return self.fine_tuning_split(context)
+        loaded = super().load(split, context)
+        if split == "restval":
+            shared = set(loaded.image_ids) & set(self.fine_tuning_split(context).image_ids)
+            if shared:
+                raise VbbError(
+                    f"the reserved clean split restval shares {len(shared)} images with the "
+                    f"fine-tuning subset (e.g. {sorted(shared)[:5]})",
+                    f"the id list [data] {self.IDS_KEY} must name train2014 captions only, and "
+                    "dataset_coco.json must be Karpathy's file (restval = val2014 images)")
         return loaded
 
 
 EMBEDDED_COCO = EmbeddedWorldProvider("embedded-coco", "coco", ("train", "test", "pretrain"))
 EMBEDDED_FLICKR = EmbeddedWorldProvider("embedded-flickr", "flickr30k", ("test",))
-COCO_KARPATHY = KarpathyProvider(
-    "coco-karpathy", "dataset_coco.json", ("train", "restval", "val", "test"),
-    image_dirs=("", "images"), markers=("train2014", "val2014"),
-    subsets={"train-5k": (("train", "restval"), "coco-karpathy-train-5k")},
-)
+COCO_KARPATHY = CocoKarpathyProvider()
 FLICKR30K_KARPATHY = KarpathyProvider(
     "flickr30k-karpathy", "dataset_flickr30k.json", ("train", "val", "test"),
     image_dirs=("flickr30k-images", "images", ""),
