@@ -432,19 +432,26 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach() for k, p in _trainable_params(model).items()}
 
 
+def describe_key_mismatch(expected: dict[str, Any], state: dict[str, Any]) -> str:
+    """'' when ``state`` has exactly the keys and shapes of ``expected``, else each kind of mismatch with its count
+    and first names (checkpoint loaders put this in their one error)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    bad_shape = [f"{k} {tuple(state[k].shape)} != {tuple(t.shape)}" for k, t in expected.items()
+                 if k in state and tuple(getattr(state[k], "shape", ())) != tuple(t.shape)]
+
+    def show(label: str, keys: list[str]) -> str:
+        return f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}" if keys else ""
+    parts = [show("missing", missing), show("unexpected", unexpected), show("wrong shape", bad_shape)]
+    return "; ".join(p for p in parts if p)
+
+
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load ``state`` into the trainable parameters; strict on that subset (spec §A6, not ``strict=False``, §A8)."""
     params = _trainable_params(model)
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
-    bad_shape = [f"{k} {tuple(state[k].shape)} != {tuple(p.shape)}" for k, p in params.items()
-                 if k in state and tuple(getattr(state[k], "shape", ())) != tuple(p.shape)]
-    if missing or unexpected or bad_shape:
-        def show(label: str, keys: list[str]) -> str:
-            return f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}" if keys else ""
-        parts = [show("missing", missing), show("unexpected", unexpected), show("wrong shape", bad_shape)]
-        raise VbbError("checkpoint does not match the model's trainable parameters; "
-                       + "; ".join(p for p in parts if p),
+    mismatch = describe_key_mismatch(params, state)
+    if mismatch:
+        raise VbbError("checkpoint does not match the model's trainable parameters; " + mismatch,
                        "build the model with the same profile, tokenizer (embedding size) and trainable set as the "
                        "checkpoint; keys must be OpenFlamingo names with one alias (spec/victim.md §A6)")
     with torch.no_grad():
