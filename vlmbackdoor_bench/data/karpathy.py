@@ -49,6 +49,7 @@ __all__ = [
     "adopt_cache_file",
     "cache_file_for",
     "decode_image",
+    "image_path",
     "load_karpathy_split",
     "load_records",
     "read_karpathy_json",
@@ -119,7 +120,8 @@ def _image_id(rec: dict) -> int:
     return int(rec["cocoid"]) if "cocoid" in rec else int(rec["imgid"])
 
 
-def _image_path(image_root: Path, rec: dict) -> Path:
+def image_path(image_root: Path, rec: dict) -> Path:
+    """Where a Karpathy record's image lives under ``image_root``."""
     return image_root / rec["filepath"] / rec["filename"] if rec.get("filepath") else (
         image_root / rec["filename"]
     )
@@ -170,7 +172,7 @@ def _select(doc: dict, json_sha: str, dataset_json: Path, image_root: Path, spli
             f"duplicate image ids {dup} in split {'+'.join(splits)} of {dataset_json}",
             "each image record needs a unique cocoid (COCO) or imgid; re-export the file",
         )
-    paths = [_image_path(image_root, r) for r in records]
+    paths = [image_path(image_root, r) for r in records]
     h = hashlib.sha256(
         f"karpathy-cache-v{CACHE_VERSION}|{IMAGE_SIZE}|bicubic|{json_sha}|{'+'.join(splits)}|"
         f"{subset_key}\n".encode()
