@@ -102,6 +102,10 @@ class MosaicGPTConfig(PretrainedConfig):
     pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        model_type = kwargs.pop("model_type", self.model_type)  # present in to_dict() and config.json
+        if model_type != self.model_type:
+            raise VbbError(f"config has model_type {model_type!r}, not {self.model_type!r}",
+                           "use the remote-code MPT-1B repository (anas-awadalla/mpt-1b-redpajama-200b)")
         unknown = sorted(set(kwargs) - INERT_CONFIG_KEYS)
         if unknown:
             raise VbbError(f"MosaicGPT config has unknown field(s): {', '.join(unknown)}",
@@ -318,10 +322,6 @@ def read_config(directory: Path) -> MosaicGPTConfig:
     except (OSError, ValueError) as e:
         raise VbbError(f"cannot read the MosaicGPT config {path}: {e}",
                        "point to a local MPT-1B directory with config.json and its weights") from e
-    model_type = fields.pop("model_type", None)
-    if model_type != MosaicGPTConfig.model_type:
-        raise VbbError(f"{path} has model_type {model_type!r}, not 'mosaic_gpt'",
-                       "use the remote-code MPT-1B repository (anas-awadalla/mpt-1b-redpajama-200b)")
     fields.pop("architectures", None)  # written back by save_mosaic_gpt
     return MosaicGPTConfig(**fields)
 
