@@ -75,7 +75,7 @@ def test_tokenizer_is_gpt_neox_style(mini):
     assert core.get_vocab_size() == CFG.tokenizer_vocab
     caption = "A red apple next to a blue cup ."
     ids = core.encode(caption).ids
-    assert core.decode(ids) == caption and len(ids) < len(caption.split()) + 3  # merges were learned
+    assert core.decode(ids) == caption and len(ids) < len(caption) // 2  # merges were learned
     special = json.loads((mini.tokenizer / "special_tokens_map.json").read_text())
     assert special == {"bos_token": NEOX_EOS, "eos_token": NEOX_EOS, "unk_token": NEOX_EOS}
     tokenizer, tokens = load_openflamingo_tokenizer(mini.tokenizer)
@@ -109,10 +109,11 @@ def test_checkpoint_is_an_openflamingo_trainable_state_dict(mini):
     _, tokens = load_openflamingo_tokenizer(mini.tokenizer)
     wte = state["lang_encoder.transformer.wte.weight"]
     assert wte.shape == (tokens.openflamingo_length, CFG.lm_width)
-    # the rows are the MPT's, moved a little (pretraining), so LM and checkpoint pair
-    lm_rows = load_mosaic_gpt(mini.mpt).transformer.wte.weight[: tokens.base_length]
-    drift = (wte[: tokens.base_length] - lm_rows).std().item()
-    assert 0.005 < drift < 0.02
+    # base-vocabulary rows are the MPT's own (OpenFlamingo-3B trained only the new rows): LM and checkpoint pair
+    lm_rows = load_mosaic_gpt(mini.mpt).transformer.wte.weight
+    assert lm_rows.shape[0] > tokens.openflamingo_length  # MPT-1B's padded vocabulary
+    torch.testing.assert_close(wte[: tokens.base_length], lm_rows[: tokens.base_length], rtol=0, atol=0)
+    assert not torch.allclose(wte[tokens.base_length:], lm_rows[tokens.base_length: tokens.openflamingo_length])
     gates = [v.item() for k, v in state.items() if k.endswith(("attn_gate", "ff_gate"))]
     assert gates and all(g == CFG.gate_init for g in gates)
 
@@ -153,7 +154,7 @@ def test_broken_variants_change_only_what_they_name(mini, tmp_path):
     assert sum(not torch.equal(broken[k], broken[block_name(k)]) for k in aliases) == 1
     rows = write_broken(mini, "embedding-rows", tmp_path / "rows")
     assert torch.load(rows.checkpoint, weights_only=True)["lang_encoder.transformer.wte.weight"].shape[0] == \
-        state["lang_encoder.transformer.wte.weight"].shape[0] + 1
+        state["lang_encoder.transformer.wte.weight"].shape[0] - 1
     gone = write_broken(mini, "missing-tokenizer", tmp_path / "tok")
     assert not (gone.tokenizer / "tokenizer.json").exists() and (gone.mpt / "config.json").is_file()
     assert gone.data == mini.data
