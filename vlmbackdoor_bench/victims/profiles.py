@@ -17,6 +17,14 @@ from .training import Recipe
 __version__ = "0.1.0"
 
 
+def _device_and_precision(context: StageContext):
+    """The stage's device and precision (StageContext), the CPU at float32 where it names none."""
+    from ..device import CPU_DEFAULT
+    import torch
+    return (torch.device(getattr(context, "device", None) or "cpu"),
+            getattr(context, "precision", None) or CPU_DEFAULT)
+
+
 def _merge(defaults: dict[str, Any], overrides: Mapping[str, Any], profile: str) -> dict[str, Any]:
     unknown = set(overrides) - set(defaults)
     if unknown:
@@ -91,7 +99,9 @@ class TinyProfile:
         torch.manual_seed(params["base_seed"])
         model = build_model(arch, tokenizer, train_vision_encoder=False,
                             gate_init=params["pretrain_gate_init"])
-        victim = TinyVictim(model, tokenizer, arch, self.finetune_recipe(params))
+        device, precision = _device_and_precision(context)
+        victim = TinyVictim(model, tokenizer, arch, self.finetune_recipe(params), device=device,
+                            precision=precision)
         log = victim.pretrain(
             TrainingSet(ImageBank(pretrain.images), pretrain.caption_examples()),
             Recipe(epochs=params["pretrain_epochs"], batch_size=params["pretrain_batch_size"],
@@ -102,55 +112,136 @@ class TinyProfile:
 
     def load(self, directory: Path, context: StageContext):
         from .tiny import TinyVictim
+        device, precision = _device_and_precision(context)
         # One token directory per base model (its store key): the encoder is frozen from then on.
-        return TinyVictim.load_full(directory, Path(context.cache_dir) / "tokens" / Path(directory).name)
+        return TinyVictim.load_full(directory, Path(context.cache_dir) / "tokens" / Path(directory).name,
+                                    device=device, precision=precision)
 
 
 class OpenFlamingo3BProfile:
-    """The paper's victim (spec/victim.md Part A). Needs local weights; never downloads."""
+    """The paper's victim (spec/victim.md Part A), from local weights; never downloads.
+
+    ``[profile.openflamingo-3b]`` keys (DEFAULTS): the four local paths; the fine-tuning recipe
+    (spec/victim.md §A3: 20 epochs, global batch 300 by gradient accumulation on one device, lr
+    1e-4); ``finetune_micro_batch_size`` the groups per forward pass (memory only; 0 = the whole
+    batch at once); ``finetune_activation_checkpointing`` recomputes MPT's blocks in backward;
+    ``finetune_lm_dropout`` stays on (MPT-1B's dropout is 0, and HF checkpointing recomputes
+    only in train mode); ``tokens_after_post_ln`` the open_clip >= 2.23 token order (§A1, off);
+    ``decoding_batch_size`` images per beam-search batch; ``token_cache_gib`` the memory the
+    bf16 encoder tokens of seen images may hold (256 x 1024 x 2 bytes = 0.5 MiB each; on disk
+    they persist per base model). The last two are recorded in the base entry when it is built
+    and kept by every model loaded from it (as the tiny profile's decoding). A small grid (CI,
+    the openflamingo-mini fixture) scales the recipe and sizes down with these keys.
+
+    Outside the grid: ``build_victim(params, device, precision)`` gives the victim directly
+    (``random_weights=True``: the full-size architecture from the configs, for benchmarks only).
+    """
 
     name = "openflamingo-3b"
     version = __version__
     DEFAULTS: dict[str, Any] = {
-        "clip_vit_l14_dir": "",  # HF CLIPVisionModel directory (openai/clip-vit-large-patch14)
-        "mpt_1b_dir": "",  # anas-awadalla/mpt-1b-redpajama-200b-dolly, local copy
+        "clip_vit_l14_dir": "",  # HF CLIPModel directory (openai/clip-vit-large-patch14)
+        "mpt_1b_dir": "",  # anas-awadalla/mpt-1b-redpajama-200b remote-code directory, local copy
         "tokenizer_dir": "",  # EleutherAI/gpt-neox-20b tokenizer, local copy
         "openflamingo_checkpoint": "",  # OpenFlamingo-3B checkpoint.pt (or .safetensors)
+        "tokens_after_post_ln": False,  # spec/victim.md §A1: open_clip 2.16-2.22 order by default
+        "finetune_epochs": 20, "finetune_batch_size": 300, "finetune_lr": 1e-4,  # spec/victim.md §A3
+        "finetune_micro_batch_size": 25,  # the SRD code's batch per GPU (spec/victim.md §A3)
+        "finetune_activation_checkpointing": False,
+        "finetune_lm_dropout": True,
+        "decoding_batch_size": 100,  # Decoding's default
+        "token_cache_gib": 8.0,
+    }
+    # What each path must hold: (description, alternatives of which one must exist inside it).
+    REQUIRED_FILES: dict[str, tuple[str, ...]] = {
+        "clip_vit_l14_dir": ("config.json", "model.safetensors|model.safetensors.index.json|pytorch_model.bin|"
+                             "pytorch_model.bin.index.json"),
+        "mpt_1b_dir": ("config.json", "model.safetensors|model.safetensors.index.json|pytorch_model.bin|"
+                       "pytorch_model.bin.index.json"),
+        "tokenizer_dir": ("tokenizer.json",),
     }
 
     def params(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
-        return _merge(self.DEFAULTS, overrides, self.name)
+        merged = _merge(self.DEFAULTS, overrides, self.name)
+        for key in ("finetune_epochs", "finetune_batch_size", "decoding_batch_size"):
+            if merged[key] < 1:
+                raise VbbError(f"[profile.{self.name}] {key} = {merged[key]} must be at least 1",
+                               f"write e.g. {key} = {self.DEFAULTS[key]}")
+        if merged["finetune_micro_batch_size"] < 0:
+            raise VbbError(f"[profile.{self.name}] finetune_micro_batch_size = "
+                           f"{merged['finetune_micro_batch_size']} is negative",
+                           "write a positive number of samples per forward pass, or 0 for the whole batch")
+        return merged
 
     def check_available(self, params: Mapping[str, Any]) -> None:
-        missing = [f"{key} = {params[key] or '(not set)'}" for key in self.DEFAULTS
-                   if not params[key] or not Path(params[key]).exists()]
-        if missing:
+        """One VbbError naming every missing path and the file expected inside it."""
+        from .openflamingo import PART_KEYS
+        problems = []
+        for key in PART_KEYS:
+            value = params[key]
+            if not value:
+                problems.append(f"{key} is not set")
+            elif key == "openflamingo_checkpoint":
+                if not Path(value).is_file():
+                    problems.append(f"{key} = {value}: no checkpoint file (checkpoint.pt) there")
+            elif not Path(value).is_dir():
+                problems.append(f"{key} = {value}: no such directory")
+            else:
+                for expected in self.REQUIRED_FILES[key]:
+                    if not any((Path(value) / name).is_file() for name in expected.split("|")):
+                        problems.append(f"{key} = {value}: no {expected.replace('|', ' or ')} inside")
+        if problems:
             raise VbbError(
-                "profile openflamingo-3b needs local weights that are missing: " + "; ".join(missing),
-                "provision OpenFlamingo-3B (CLIP ViT-L/14 + MPT-1B) locally and name the paths in "
-                "[profile.openflamingo-3b] of benchmark.toml; nothing is downloaded "
-                "(or use profile = \"tiny\")",
+                "profile openflamingo-3b needs local files that are missing: " + "; ".join(problems),
+                "provision OpenFlamingo-3B (CLIP ViT-L/14 HF directory, MPT-1B remote-code directory, "
+                "GPT-NeoX-20B tokenizer, OpenFlamingo checkpoint.pt) locally and name the paths in "
+                "[profile.openflamingo-3b] of benchmark.toml; nothing is downloaded (or use profile = \"tiny\")",
             )
-        raise VbbError(
-            "profile openflamingo-3b: the weights are present, but assembling the 3B victim from "
-            "local parts is not implemented in this version",
-            "run the tiny profile, or contribute the assembly in vlmbackdoor_bench/victims/",
-        )
 
     def dataset_sources(self) -> Mapping[str, str]:
         return {"coco": "coco-karpathy", "flickr30k": "flickr30k-karpathy"}
 
     def finetune_recipe(self, params: Mapping[str, Any]) -> Recipe:
-        return Recipe()  # spec/victim.md §A3 benchmark default: 20 epochs, batch 300, lr 1e-4
+        micro = params["finetune_micro_batch_size"]
+        return Recipe(epochs=params["finetune_epochs"], batch_size=params["finetune_batch_size"],
+                      lr=params["finetune_lr"], lm_dropout=params["finetune_lm_dropout"],
+                      micro_batch_size=0 if micro >= params["finetune_batch_size"] else micro,
+                      activation_checkpointing=params["finetune_activation_checkpointing"])
 
     def base_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        return dict(params)
+        """The local parts and the token order; the files' hashes are checked when the base loads."""
+        from .openflamingo import PART_KEYS
+        return {key: params[key] for key in (*PART_KEYS, "tokens_after_post_ln")}
 
-    def build_base(self, context: StageContext, params, pretrain, train):
-        self.check_available(params)
+    def build_victim(self, params: Mapping[str, Any], device=None, precision=None, *,
+                     random_weights: bool = False):
+        """The victim from ``params`` without the grid: assembled on ``device`` (default the CPU)
+        and the checkpoint imported; ``random_weights`` skips every weight file (benchmarks)."""
+        from .flamingo_victim import Decoding
+        from .openflamingo import LocalParts, OpenFlamingoVictim
+        if not random_weights:
+            self.check_available(params)
+        return OpenFlamingoVictim.from_parts(
+            LocalParts.from_params(params), recipe=self.finetune_recipe(params),
+            decoding=Decoding(batch_size=params["decoding_batch_size"]), device=device or "cpu",
+            precision=precision, tokens_after_post_ln=params["tokens_after_post_ln"],
+            token_cache_bytes=int(params["token_cache_gib"] * 2**30), random_weights=random_weights)
+
+    def build_base(self, context: StageContext, params: Mapping[str, Any], pretrain, train):
+        """Assemble from the local parts and import the checkpoint; nothing is trained here."""
+        import time
+        started = time.perf_counter()
+        device, precision = _device_and_precision(context)
+        victim = self.build_victim(params, device, precision)
+        return victim, {"seconds": time.perf_counter() - started, "checkpoint": victim.imported.as_dict()}
 
     def load(self, directory: Path, context: StageContext):
-        self.check_available(self.params({}))
+        """The base saved by ``build_base``; recipe, decoding and token-cache size are the ones it
+        was built with (its manifest), as the tiny profile's victim.json keeps them."""
+        from .openflamingo import OpenFlamingoVictim
+        device, precision = _device_and_precision(context)
+        return OpenFlamingoVictim.load_base(directory, device=device, precision=precision,
+                                            token_dir=Path(context.cache_dir) / "tokens" / Path(directory).name)
 
 
 @hookimpl
