@@ -34,7 +34,7 @@ TO_HF = (("ln_1.", "norm_1."), ("ln_2.", "norm_2."), ("mlp.mlp_up.", "ffn.up_pro
 def tiny_config(**kw) -> MosaicGPTConfig:
     """MPT-1B's switches (alibi, QK-LN, no biases) at toy size."""
     fields = dict(d_model=D, n_heads=HEADS, n_layers=LAYERS, mlp_ratio=4, max_seq_len=CONTEXT, vocab_size=VOCAB,
-                  alibi=True, attn_qk_ln=True, no_bias=True, attn_impl="torch", bos_token_id=BOS,
+                  alibi=True, attn_qk_ln=True, no_bias=True, attn_impl="torch", init_std=0.3, bos_token_id=BOS,
                   eos_token_id=BOS, pad_token_id=PAD)
     return MosaicGPTConfig(**{**fields, **kw})
 
