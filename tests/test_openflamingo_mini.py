@@ -161,3 +161,55 @@ def test_broken_variants_change_only_what_they_name(mini, tmp_path):
     with pytest.raises(KeyError, match="unknown broken variant"):
         write_broken(mini, "nope", tmp_path / "nope")
     assert set(BROKEN) >= {"alias-mismatch", "missing-key", "embedding-rows", "mismatched-lm"}
+
+
+# --------------------------------------------------------------------------- through the profile
+def _build_base(paths: MiniPaths, tmp_path: Path):
+    from vlmbackdoor_bench.victims.profiles import OpenFlamingo3BProfile
+
+    profile = OpenFlamingo3BProfile()
+    params = profile.params({**paths.profile_params(), "finetune_epochs": 1, "finetune_batch_size": 4,
+                             "finetune_micro_batch_size": 2, "decoding_batch_size": 4})
+    profile.check_available(params)
+    return profile.build_base(StageContext(cache_dir=tmp_path, config=None), params, None, None)
+
+
+def test_profile_builds_the_victim_from_the_mini(mini, tmp_path):
+    victim, log = _build_base(mini, tmp_path)
+    assert victim.profile == "openflamingo-3b"
+    report = log["checkpoint"]
+    assert report["missing"] == report["unexpected"] == 0 and report["alias_family"] == "nested"
+    assert report["base_row_drift"] == 0.0 and report["checkpoint_rows"] == CFG.tokenizer_vocab + 3
+    images = COCO_KARPATHY.load("test", StageContext(cache_dir=tmp_path, config=SimpleNamespace(
+        data_paths={k: Path(v) for k, v in mini.data_paths().items()}))).images[:2]
+    captions = victim.generate(images)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    nll = victim.caption_nll(images, ["A red apple .", "Two chairs ."])
+    assert nll.shape == (2,) and all(0 < v < 100 for v in nll)
+
+
+# each variant -> (words the one error must contain)
+BROKEN_MESSAGES = {
+    "alias-mismatch": ("two names of one gated cross-attention tensor differ",),
+    "missing-key": ("missing (1): perceiver.",),
+    "embedding-rows": ("input embedding has", "rows", "OpenFlamingo's tokenizer"),
+    "mismatched-lm": ("base-vocabulary embedding rows differ", "non-dolly"),
+    "mismatched-lm-layers": ("gated cross-attention before 2 LM layers",),
+    "missing-clip-weights": ("clip_vit_l14_dir", "model.safetensors"),
+    "missing-mpt-weights": ("mpt_1b_dir", "pytorch_model.bin"),
+    "missing-mpt-config": ("mpt_1b_dir", "config.json"),
+    "missing-tokenizer": ("tokenizer_dir", "tokenizer.json"),
+    "missing-checkpoint": ("openflamingo_checkpoint", "checkpoint.pt"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_each_broken_variant_gives_one_clear_error(mini, tmp_path, name):
+    from vlmbackdoor_bench.errors import VbbError
+
+    broken = write_broken(mini, name, tmp_path / name)
+    with pytest.raises(VbbError) as e:
+        _build_base(broken, tmp_path)
+    message = str(e.value)
+    assert all(word in message for word in BROKEN_MESSAGES[name]), message
+    assert "fix:" in message and "Traceback" not in message
