@@ -67,7 +67,8 @@ NON_DOLLY = ("OpenFlamingo-3B-vitl-mpt1b pairs with the non-dolly anas-awadalla/
 class CheckpointReport:
     """What an import found and did. ``alias_family``: which gated cross-attention names the file used
     (``nested`` = ``lang_encoder.<layers>.<i>.gated_cross_attn_layer.*``, ``flat`` =
-    ``lang_encoder.gated_cross_attn_layers.<i>.*``, ``both``)."""
+    ``lang_encoder.gated_cross_attn_layers.<i>.*``, ``both``). The import is strict, so a returned report has
+    ``missing == unexpected == 0``; any other count is raised as a VbbError that states both counts."""
 
     source: str
     container: str  # "state dict", "training checkpoint" or "safetensors"
@@ -254,7 +255,6 @@ def import_checkpoint(path: str | Path, model: Flamingo, tokenizer: PreTrainedTo
         raise VbbError(f"{path} has no input embedding ({embedding_key}): trained with --freeze_lm_embeddings or "
                        "saved without it, so its <image> and <|endofchunk|> rows are missing",
                        "use a checkpoint that carries the embedding (open-flamingo's default)")
-    checkpoint_rows = int(state[embedding_key].shape[0]) if embedding_key in state else 0
     dtype = ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in state.values()}))
     if missing or unexpected:
         raise VbbError(f"{path} does not match the model's trainable parameters (loaded 0, missing {len(missing)}, "
@@ -270,7 +270,7 @@ def import_checkpoint(path: str | Path, model: Flamingo, tokenizer: PreTrainedTo
     load_trainable_state_dict(model, {**state, embedding_key: rows})
     return CheckpointReport(
         source=str(path), container=container, epoch=epoch, checkpoint_dtype=dtype, loaded=len(expected),
-        missing=0, unexpected=0, **aliases, checkpoint_rows=checkpoint_rows,
+        missing=0, unexpected=0, **aliases, checkpoint_rows=int(state[embedding_key].shape[0]),
         openflamingo_rows=tokens.openflamingo_length, tokenizer_length=tokens.length, lm_rows=int(emb.shape[0]),
         extra_rows=extra, base_rows_compared=tokens.base_length, base_row_drift=drift,
         base_row_drift_limit=max_base_row_drift)
