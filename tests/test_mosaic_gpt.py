@@ -109,6 +109,8 @@ def test_cached_incremental_logits_equal_full_sequence():
                         past_key_values=out.past_key_values, use_cache=True)
             steps.append(out.logits)
     assert out.past_key_values.get_seq_length() == LEFT_PADDED.shape[1]
+    with pytest.raises(VbbError, match="does not implement output_attentions"):
+        model(LEFT_PADDED, output_attentions=True)
     real = LEFT_MASK.bool()
     torch.testing.assert_close(torch.cat(steps, dim=1)[real], full[real], atol=1e-5, rtol=0)
 

@@ -287,6 +287,9 @@ class MosaicGPT(PreTrainedModel, GenerationMixin):
                 labels: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs: Any) -> CausalLMOutputWithPast:
         """Causal-LM output; ``labels`` give HF's shifted mean cross-entropy (-100 ignored)."""
+        for unsupported in ("output_attentions", "output_hidden_states", "inputs_embeds"):
+            if kwargs.get(unsupported) not in (None, False):
+                raise VbbError(f"MosaicGPT does not implement {unsupported}", f"call it without {unsupported}")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if past_key_values is not None and not isinstance(past_key_values, Cache):
             raise VbbError("MosaicGPT got a legacy tuple KV cache", "pass a transformers Cache (e.g. DynamicCache)")
