@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from vlmbackdoor_bench.errors import VbbError  # noqa: E402
-from vlmbackdoor_bench.victims.clip_vision import ClipVisionAdapter, load_clip_vision  # noqa: E402
+from vlmbackdoor_bench.victims.clip_vision import load_clip_vision  # noqa: E402
 from vlmbackdoor_bench.victims.flamingo import Flamingo  # noqa: E402
 
 # ViT-L/14's shape at toy size: width 48, 2 layers, 4 heads, 28 px / patch 7 = 16 tokens, projection 24.

@@ -34,7 +34,8 @@ def write_neox_style(directory: Path, *, declare_pad: str | None = None) -> int:
     if declare_pad:
         specials["pad_token"] = declare_pad
     (directory / "special_tokens_map.json").write_text(json.dumps(specials))
-    config = {"add_prefix_space": False, "tokenizer_class": "GPTNeoXTokenizer", "name_or_path": "EleutherAI/gpt-neox-20b",
+    config = {"add_prefix_space": False, "tokenizer_class": "GPTNeoXTokenizer",
+              "name_or_path": "EleutherAI/gpt-neox-20b",
               **{k: {"content": v, "lstrip": False, "rstrip": False, "special": True} for k, v in specials.items()}}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return core.get_vocab_size(with_added_tokens=True)

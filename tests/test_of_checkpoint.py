@@ -19,7 +19,12 @@ from vlmbackdoor_bench.errors import VbbError  # noqa: E402
 from vlmbackdoor_bench.fixtures.openflamingo_mini import MiniConfig, write_neox_tokenizer  # noqa: E402
 from vlmbackdoor_bench.victims.clip_vision import load_clip_vision  # noqa: E402
 from vlmbackdoor_bench.victims.flamingo import Flamingo, set_openflamingo_trainable, trainable_state_dict  # noqa: E402
-from vlmbackdoor_bench.victims.mosaic_gpt import MosaicGPT, MosaicGPTConfig, load_mosaic_gpt, save_mosaic_gpt  # noqa: E402
+from vlmbackdoor_bench.victims.mosaic_gpt import (  # noqa: E402
+    MosaicGPT,
+    MosaicGPTConfig,
+    load_mosaic_gpt,
+    save_mosaic_gpt,
+)
 from vlmbackdoor_bench.victims.neox_tokenizer import load_openflamingo_tokenizer  # noqa: E402
 from vlmbackdoor_bench.victims.of_checkpoint import (  # noqa: E402
     METADATA_FILE,
@@ -211,8 +216,7 @@ BROKEN = {
     "no embedding": (lambda s: s.pop(WTE), "freeze_lm_embeddings"),
     "an LM of another width": (
         lambda s: s.update({k: torch.ones(*v.shape[:-1], LM_WIDTH * 2) if k == WTE else torch.ones(LM_WIDTH * 2)
-                            for k, v in s.items() if k == WTE or k.endswith("gated_cross_attn_layer.attn.norm.weight")
-                            or (k.startswith("lang_encoder.gated_cross_attn_layers.") and k.endswith("attn.norm.weight"))}),
+                            for k, v in s.items() if k == WTE or k.endswith(".attn.norm.weight")}),
         r"an LM of width \[64\], this LM has d_model 32(.|\n)*non-dolly"),
     "fewer gated layers": (
         lambda s: [s.pop(k) for k in list(s) if k.startswith((NESTED.format(1), FLAT.format(1)))],

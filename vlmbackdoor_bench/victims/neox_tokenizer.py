@@ -1,4 +1,4 @@
-"""The GPT-NeoX-20B tokenizer with OpenFlamingo's special tokens, then the SRD code's ``<answer>`` (spec/victim.md §A4).
+"""The GPT-NeoX-20B tokenizer with OpenFlamingo's special tokens, then SRD's ``<answer>`` (spec/victim.md §A4).
 
 Token ids must equal those OpenFlamingo-3B was trained with, because an OpenFlamingo checkpoint's embedding
 rows are indexed by them. open-flamingo 2.0.1's factory (open_flamingo/src/factory.py) adds
@@ -116,7 +116,8 @@ def load_openflamingo_tokenizer(directory: str | Path) -> tuple[PreTrainedTokeni
     if clashes:
         raise VbbError(f"the base tokenizer in {directory} already contains {clashes}",
                        "use the plain GPT-NeoX-20B tokenizer; the OpenFlamingo tokens are added here")
-    tokenizer.add_special_tokens({"extra_special_tokens": list(OPENFLAMINGO_TOKENS)}, replace_extra_special_tokens=False)
+    tokenizer.add_special_tokens({"extra_special_tokens": list(OPENFLAMINGO_TOKENS)},
+                                 replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD})
     tokenizer.add_special_tokens({"extra_special_tokens": [ANSWER]}, replace_extra_special_tokens=False)

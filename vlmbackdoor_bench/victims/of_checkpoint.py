@@ -1,4 +1,4 @@
-"""Import an OpenFlamingo checkpoint into our Flamingo, once, and keep it in the benchmark's format (spec/victim.md §A6).
+"""Import an OpenFlamingo checkpoint into our Flamingo once, kept in the benchmark's format (spec/victim.md §A6).
 
 What open-flamingo 2.0.1 saves (open_flamingo/train/train_utils.py ``filter_state_dict_to_trainable``, and the
 public ``checkpoint.pt`` files made with it): the trainable parameters only, i.e. ``perceiver.*``, the gated
@@ -131,7 +131,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, int
     return state, container, epoch if isinstance(epoch, int) else None
 
 
-def merge_aliases(state: dict[str, torch.Tensor], decoder_layers: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def merge_aliases(state: dict[str, torch.Tensor],
+                  decoder_layers: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Keep one name per gated cross-attention tensor: ``lang_encoder.<decoder_layers>.<i>.gated_cross_attn_layer.*``
     (the name our trainable state uses). Flat-alias tensors are renamed to it; where both names are present
     the tensors must be equal (else a VbbError)."""
