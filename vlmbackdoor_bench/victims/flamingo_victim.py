@@ -282,7 +282,7 @@ class FlamingoVictim:
 
     @contextlib.contextmanager
     def _activation_checkpointing(self, enabled: bool) -> Iterator[None]:
-        """The LM's own switch (HF ``gradient_checkpointing_enable``) for one fine-tuning. HF
+        """The LM's own switch (HF ``activation_checkpointing_enable``) for one fine-tuning. HF
         decoder layers recompute only in train mode, i.e. with ``Recipe.lm_dropout`` on (MPT-1B
         has no dropout, so OpenFlamingo-3B loses nothing by it)."""
         if not enabled:
@@ -292,11 +292,11 @@ class FlamingoVictim:
         if not getattr(lm, "supports_gradient_checkpointing", False):
             raise VbbError(f"activation checkpointing was asked for, but {type(lm).__name__} has no "
                            "gradient-checkpointing switch", "set finetune_activation_checkpointing = false")
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         try:
             yield
         finally:
-            lm.gradient_checkpointing_disable()
+            lm.activation_checkpointing_disable()
 
     # ------------------------------------------------------------------ vision
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,21 +79,13 @@ class CaptionForward:
         return iter((self.losses, self.mask))
 
 
-def _watch_last_hidden(lm: torch.nn.Module, captured: dict) -> torch.utils.hooks.RemovableHandle:
-    """A hook that stores the LM head's input: the output embedding's input where the LM has an
-    output module (GPT-2), else the final norm's output (MosaicGPT's head is ``F.linear`` on the
-    tied ``wte`` weight, spec/victim.md §A1)."""
-    head = lm.get_output_embeddings()
-    if isinstance(head, torch.nn.Module):
-        return head.register_forward_pre_hook(lambda _, args: captured.update(hidden=args[0]))
-    return lm.transformer.ln_f.register_forward_hook(lambda _, args, out: captured.update(hidden=out))
-
-
 def teacher_forced(model: Flamingo, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
                    vision_tokens: torch.Tensor) -> CaptionForward:
     """``model``'s caption scores for encoded sequences conditioned on encoder tokens (B, N, D)."""
     captured: dict[str, torch.Tensor] = {}
-    hook = _watch_last_hidden(model.lang_encoder, captured)
+    # the LM head's input is the last hidden state (MosaicGPT's tied head is a module for this too)
+    head = model.lang_encoder.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _, args: captured.update(hidden=args[0]))
     try:
         out = model(vision_x=None, lang_x=ids, attention_mask=mask,
                     vision_tokens=vision_tokens[:, None, None])

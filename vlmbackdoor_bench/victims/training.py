@@ -41,7 +41,7 @@ class Recipe:
     # normalised over the global batch's label tokens either way.
     micro_batch_size: int = 0
     # Recompute the LM's decoder layers in the backward pass instead of storing their
-    # activations (the model's own switch, HF ``gradient_checkpointing_enable``).
+    # activations (the model's own switch, HF ``activation_checkpointing_enable``).
     activation_checkpointing: bool = False
     # AdamW's fused kernel where the trainable parameters live on CUDA (``fused=True``); on the
     # CPU the plain implementation runs either way. The log records which one ran.
