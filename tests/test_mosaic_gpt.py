@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from test_flamingo import (  # noqa: E402  (the open-flamingo fixture is reused, not duplicated)
+from test_flamingo import (  # noqa: E402, F401  (of: the open-flamingo fixture, reused, not duplicated)
     BOS, EOC, MEDIA, PAD, VIS_DIM, VOCAB, TinyClip, TinyVisual, images, of, open_gates, ours)
 from transformers import MptConfig, MptForCausalLM  # noqa: E402
 
@@ -23,7 +23,6 @@ from vlmbackdoor_bench.victims.flamingo import Flamingo, set_openflamingo_traina
 from vlmbackdoor_bench.victims.mosaic_gpt import (  # noqa: E402
     MosaicGPT, MosaicGPTConfig, alibi_slopes, load_mosaic_gpt, save_mosaic_gpt)
 
-assert of  # imported for its fixture
 D, HEADS, LAYERS, CONTEXT = 32, 4, 2, 64
 BLOCKS = "transformer.blocks"
 # Ours -> MptForCausalLM parameter names (spec §B1 "Caveat": the five-name key map).
@@ -43,7 +42,7 @@ def perturb_norms(model: torch.nn.Module, seed: int = 5) -> None:
     """LayerNorm weights start at 1; draw them so a norm that is skipped or misplaced changes the numbers."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
 

@@ -176,8 +176,8 @@ class MosaicGPTAttention(nn.Module):
         q, k, v = (t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for t in (q, k, v))
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        scores = (q @ k.transpose(-1, -2)) * self.scale + attn_bias
-        weights = F.dropout(scores.float().softmax(dim=-1).to(v.dtype), self.dropout, self.training)
+        scores = (q @ k.transpose(-1, -2)).float() * self.scale + attn_bias  # float32 bias: see _attention_bias
+        weights = F.dropout(scores.softmax(dim=-1).to(v.dtype), self.dropout, self.training)
         return self.out_proj((weights @ v).transpose(1, 2).flatten(2))
 
 
@@ -262,8 +262,11 @@ class MosaicGPT(PreTrainedModel, GenerationMixin):
         return new
 
     def _attention_bias(self, attention_mask: torch.Tensor | None, batch: int, q_len: int, past: int,
-                        dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """(B|1, H, q_len, past+q_len): ALiBi by key position, the most negative float where a key is masked.
+                        device: torch.device) -> torch.Tensor:
+        """(B|1, H, q_len, past+q_len) float32: ALiBi by key position, the most negative float where a key is masked.
+
+        Float32 whatever the model dtype, so masked scores stay finite: in fp16, finfo.min plus a negative score
+        can round to -inf, and a left-pad row of -inf softmaxes to NaN (which 0-weight keys still pass on).
 
         The remote bias depends on the key position only (softmax ignores a per-row constant), so left padding
         needs no position shift: masked pad keys drop out and the remaining distances are unchanged."""
@@ -273,7 +276,7 @@ class MosaicGPT(PreTrainedModel, GenerationMixin):
                            "shorten the prompt or max_new_tokens")
         key_pos = torch.arange(k_len, device=device)
         slopes = alibi_slopes(self.config.n_heads, self.config.alibi_bias_max).to(device)
-        alibi = (slopes[:, None] * (key_pos - (k_len - 1))).to(dtype)[None, :, None, :]
+        alibi = (slopes[:, None] * (key_pos - (k_len - 1))).float()[None, :, None, :]
         allowed = key_pos[None, :] <= (past + torch.arange(q_len, device=device))[:, None]  # causal
         allowed = allowed[None, None]
         if attention_mask is not None:
@@ -281,7 +284,7 @@ class MosaicGPT(PreTrainedModel, GenerationMixin):
                 raise VbbError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, k_len)}",
                                "pass a 2D 0/1 mask over the cached and the new tokens")
             allowed = allowed & attention_mask.bool()[:, None, None, :]
-        return alibi.masked_fill(~allowed, torch.finfo(dtype).min)
+        return alibi.masked_fill(~allowed, torch.finfo(torch.float32).min)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, past_key_values: Cache | None = None,
@@ -301,7 +304,7 @@ class MosaicGPT(PreTrainedModel, GenerationMixin):
         if f != 1:  # scales the embedding's gradient only (remote code, after GLM-130B)
             x = x * f + x.detach() * (1 - f)
         x = F.dropout(x, self.config.emb_pdrop, self.training)
-        bias = self._attention_bias(attention_mask, *input_ids.shape, past, x.dtype, x.device)
+        bias = self._attention_bias(attention_mask, *input_ids.shape, past, x.device)
         for block in self.transformer.blocks:  # hidden states positional: our Flamingo layers pass it on
             x = block(x, attn_bias=bias, past_key_values=past_key_values)
         x = self.transformer.ln_f(x)
