@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .device import EVAL_DTYPES, TRAIN_DTYPES, check_device_spec, check_dtype
 from .errors import VbbError
 
 DEFAULT_CONFIG_NAME = "benchmark.toml"
@@ -31,6 +32,11 @@ class BenchmarkConfig:
     profile_params: dict[str, Any] = field(default_factory=dict)  # [profile.<name>] overrides
     data_paths: dict[str, Path] = field(default_factory=dict)  # [data] provider name -> root
     world_seed: int = 0
+    # Where and at which precision models run (vlmbackdoor_bench.device): "auto" = CUDA when
+    # present (bfloat16), else the CPU (float32).
+    device: str = "auto"
+    eval_dtype: str = "auto"
+    train_dtype: str = "auto"
     source: Path | None = None
 
     @property
@@ -44,6 +50,7 @@ class BenchmarkConfig:
 
 _SCALARS = {
     "profile": str, "poison_rate": float, "cache_dir": str, "world_seed": int,
+    "device": str, "eval_dtype": str, "train_dtype": str,
 }
 _LISTS = {"attacks": str, "defenses": str, "datasets": str, "seeds": int, "plugin_dirs": str}
 _TABLES = {"attack", "defense", "profile", "data"}
@@ -61,6 +68,7 @@ _EXAMPLES = {
     "profile": '"tiny"', "poison_rate": "0.1", "cache_dir": '".vbb-cache"', "world_seed": "0",
     "attacks": '["badnet"]', "defenses": '["none"]', "datasets": '["coco", "flickr30k"]',
     "seeds": "[0]", "plugin_dirs": '["my_plugins"]',
+    "device": '"auto"', "eval_dtype": '"auto"', "train_dtype": '"auto"',
 }
 
 
@@ -105,6 +113,7 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> BenchmarkCo
             f"poison_rate must be in (0, 1], got {cfg.poison_rate}",
             "write a fraction, e.g. poison_rate = 0.1 for 10 %",
         )
+    check_device_settings(cfg)
     cfg.cache_dir = (base / cfg.cache_dir).resolve() if not Path(cfg.cache_dir).is_absolute() else Path(cfg.cache_dir)
     cfg.plugin_dirs = [(base / p).resolve() for p in cfg.plugin_dirs]
     for table, target in (("attack", cfg.attack_params), ("defense", cfg.defense_params)):
@@ -121,6 +130,14 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> BenchmarkCo
                        'write e.g. [data]\n  coco-karpathy = "/data/coco"')
     cfg.data_paths = {name: (base / path).resolve() for name, path in data.items()}
     return cfg
+
+
+def check_device_settings(cfg: BenchmarkConfig) -> None:
+    """The spelling of device / eval_dtype / train_dtype (whether this machine has the device is
+    checked when the grid starts, vlmbackdoor_bench.device.resolve_device)."""
+    check_device_spec(cfg.device)
+    check_dtype("eval_dtype", cfg.eval_dtype, EVAL_DTYPES)
+    check_dtype("train_dtype", cfg.train_dtype, TRAIN_DTYPES)
 
 
 def load_config(path: Path | None) -> BenchmarkConfig:

@@ -43,6 +43,11 @@ def check_dtype(key: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def cpu_device() -> torch.device:
+    """The device a context names when nothing was resolved (tests, third-party callers)."""
+    return torch.device("cpu")
+
+
 def resolve_device(spec: str = "auto") -> torch.device:
     """The torch device ``spec`` names on this machine: "auto" is cuda:0 when CUDA is available,
     else the CPU. A device this machine lacks is one VbbError naming the fix."""
@@ -50,7 +55,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":
-        return torch.device("cpu")
+        return cpu_device()
     if not torch.cuda.is_available():
         raise VbbError(f'device "{spec}" was asked for, but torch sees no CUDA GPU on this machine '
                        f"(torch {torch.__version__})",

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 import pluggy
 
+from .device import Precision, cpu_device
 from .types import DefenseReport, EvalInputs, Example, PoisonedSet, Split, TrainingSet
 
 PROJECT = "vlmbackdoor_bench"
@@ -298,11 +299,17 @@ class MetricRequest:
 
 @dataclass
 class StageContext:
-    """Handed to profile/dataset code: where to cache, how to report progress."""
+    """Handed to profile/dataset code: where to cache, how to report progress, and where models
+    run: ``device`` (a torch.device, :func:`vlmbackdoor_bench.device.resolve_device`) and
+    ``precision`` (:class:`vlmbackdoor_bench.device.Precision`: fp32 master weights, the training
+    autocast dtype or None, the evaluation dtype). A profile puts the models it builds or loads
+    on ``device``; the defaults are the CPU at float32."""
 
     cache_dir: Path
     config: Any
     progress: Callable[..., Any] | None = None
+    device: Any = field(default_factory=cpu_device)
+    precision: Precision = field(default_factory=Precision)
 
 
 # --------------------------------------------------------------------------- hookspecs
