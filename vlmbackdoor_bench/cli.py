@@ -40,6 +40,8 @@ def cmd_list(args) -> int:
 def cmd_run(args) -> int:
     keep_freed_memory()  # ~2.5x faster image encoding on CPU, same numbers (allocator.py)
     config = load_config(args.config)
+    if args.device is not None:
+        config.device = args.device  # spelling checked by the parser (_device_spec)
     registry = _registry(args, config)
     from .grid.runner import GridRunner
     from tqdm.auto import tqdm
@@ -164,6 +166,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _device_spec(text: str) -> str:
+    from .device import check_device_spec
+    try:
+        return check_device_spec(text)
+    except VbbError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.problem}; {exc.fix}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vbb", description=__doc__)
     parser.add_argument("--config", type=Path, default=None,
@@ -180,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge_help = ("also a results.csv of an earlier board (repeatable): its cells that the store "
                   "lacks are kept, e.g. --merge leaderboards/tiny/results.csv")
     run.add_argument("--merge", type=Path, action="append", metavar="CSV", help=merge_help)
+    run.add_argument("--device", type=_device_spec, default=None, metavar="DEVICE",
+                     help='auto, cpu, cuda or cuda:N (default: [benchmark] device, else "auto": '
+                          "cuda:0 when CUDA is available, else cpu)")
     run.set_defaults(func=cmd_run)
     report = sub.add_parser("report", help="rebuild leaderboards from stored results (and --merge files)")
     report.add_argument("--out", help="output directory (default leaderboards/<profile>/)")

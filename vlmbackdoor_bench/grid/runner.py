@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import BenchmarkConfig
+from ..device import (device_record, evaluation_payload, resolve_device, resolve_precision,
+                      training_payload, victim_precision)
 from ..errors import VbbError
 from ..hookspecs import FINE_TUNE_STARTS, OBJECTIVE_INPUTS, DefenseContext, StageContext
 from ..registry import Registry
@@ -69,10 +71,21 @@ class GridRunner:
         self.store = Store(config.store_dir, log=log)
         self.profile = registry.victim(config.profile)
         self.profile_params = self.profile.params(config.profile_params)
-        self.context = StageContext(cache_dir=config.cache_dir, config=self._data_config())
+        self.context = self._stage_context()
         self._splits: dict[tuple[str, str], Split] = {}
         self._victims: dict[str, Any] = {}
         self._scorer = None
+
+    def _stage_context(self) -> StageContext:
+        """The context every stage gets, with the resolved device and precision (a device this
+        machine lacks fails here, before anything is built)."""
+        device = resolve_device(self.config.device)
+        return StageContext(cache_dir=self.config.cache_dir, config=self._data_config(), device=device,
+                            precision=resolve_precision(device, self.config.eval_dtype, self.config.train_dtype))
+
+    def _trained_here(self) -> dict:
+        """What a model stage's payload adds for this run's device and precision ({} on CPU fp32)."""
+        return training_payload(self.context.device, self.context.precision)
 
     def _data_config(self) -> SimpleNamespace:
         from ..data.world import WorldSizes
@@ -108,7 +121,8 @@ class GridRunner:
         pretrain = self.split("coco", "pretrain") if "pretrain" in provider.splits else None
         payload = {"profile": self.profile.name, "version": self.profile.version,
                    "params": self.profile.base_params(self.profile_params),
-                   "manifests": [s.manifest.to_dict() for s in (pretrain, train) if s is not None]}
+                   "manifests": [s.manifest.to_dict() for s in (pretrain, train) if s is not None],
+                   **self._trained_here()}
 
         def build(tmp: Path) -> dict:
             victim, log = self.profile.build_base(self.context, self.profile_params, pretrain, train)
@@ -136,7 +150,7 @@ class GridRunner:
         train = self.split("coco", "train")
         recipe = self.profile.finetune_recipe(self.profile_params)
         payload = {"base": base_entry.key, "train": train.manifest.to_dict(),
-                   "recipe": recipe.to_dict(), "seed": seed}
+                   "recipe": recipe.to_dict(), "seed": seed, **self._trained_here()}
 
         def build(tmp: Path) -> dict:
             victim = base.clone()
@@ -183,7 +197,7 @@ class GridRunner:
                            f"use fine_tune_from in {FINE_TUNE_STARTS} and objective_inputs from "
                            f"{OBJECTIVE_INPUTS}")
         payload = {"base": base_entry.key, "poison": poison_entry.key, "recipe": recipe.to_dict(),
-                   "seed": seed}
+                   "seed": seed, **self._trained_here()}
         start = base
         if start_from == "clean_model":
             start, start_entry = self.clean_model(seed)
@@ -221,7 +235,7 @@ class GridRunner:
     def defended(self, defense, params: dict, backdoored, backdoor_entry: Entry,
                  poison_entry: Entry, seed: int) -> tuple[Any, Entry]:
         payload = {"defense": defense.name, "version": defense.version, "params": params,
-                   "backdoor": backdoor_entry.key, "seed": seed}
+                   "backdoor": backdoor_entry.key, "seed": seed, **self._trained_here()}
         # Built (or loaded) outside the defend stage's timer: every cell's evaluation needs it
         # anyway, so the first defended cell must not be charged for training it.
         self.clean_model(seed)
@@ -246,7 +260,8 @@ class GridRunner:
     def captions(self, victim, model_entry: Entry, inputs: EvalInputs) -> Entry:
         payload = {"model": [model_entry.stage, model_entry.key],
                    "ids": sha256_of_ids(inputs.image_ids), "images": sha256_of_images(inputs.images),
-                   "instruction": inputs.instruction, "decoding": victim.decoding.__dict__}
+                   "instruction": inputs.instruction, "decoding": victim.decoding.__dict__,
+                   **evaluation_payload(self.context.device, self.context.precision)}
 
         def build(tmp: Path) -> dict:
             started = time.perf_counter()
@@ -260,7 +275,8 @@ class GridRunner:
     def scorer(self):
         if self._scorer is None:
             from ..metrics.sfs import default_scorer
-            self._scorer = default_scorer(self.config.cache_dir / "scorer-cache")
+            self._scorer = default_scorer(self.config.cache_dir / "scorer-cache",
+                                          device=str(self.context.device))
         return self._scorer
 
     def scores(self, captions_entry: Entry, reference_entry: Entry, inputs: EvalInputs,
@@ -369,7 +385,8 @@ class GridRunner:
                           "base": self.profile_params.get("base_seed")},
                 "manifests": {"train": self.split("coco", "train").manifest.to_dict(),
                               "test": split.manifest.to_dict()},
-                "decoding": victim.decoding.__dict__, "dtype": "float32",
+                "decoding": victim.decoding.__dict__,
+                "device": device_record(self.context.device), "precision": victim_precision(victim),
                 "profile_params": self.profile_params,
             },
         }
