@@ -243,7 +243,11 @@ class SfsScorer:
         self.identity = f"sfs[{EMBEDDER_NAME}, {lf_model}]"  # metrics.md §5.1 scorer identity
         path = None
         if self.cache_dir is not None:
-            path = self.cache_dir / f"sfs-cache-v{_CACHE_FORMAT}-{_slug(self.identity)}.sqlite"
+            # A GPU's float32 kernels round differently from the CPU's: its values get their own
+            # file, and the CPU's keeps its name (existing caches keep working).
+            device_type = str(device).split(":")[0]
+            on = "" if device_type == "cpu" else f"-{device_type}"
+            path = self.cache_dir / f"sfs-cache-v{_CACHE_FORMAT}-{_slug(self.identity)}{on}.sqlite"
         self._store = _Store(path)
         self._compute_lock = threading.Lock()
         # Texts actually run through each model by this instance (cache misses), for monitoring.
