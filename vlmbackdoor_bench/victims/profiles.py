@@ -5,10 +5,13 @@ Registered through the entry-point group like any plugin (DESIGN.md §2).
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
+from ..device import CPU_DEFAULT
 from ..errors import VbbError
 from ..hookspecs import StageContext, hookimpl
 from ..types import ImageBank, TrainingSet
@@ -19,8 +22,6 @@ __version__ = "0.1.0"
 
 def _device_and_precision(context: StageContext):
     """The stage's device and precision (StageContext), the CPU at float32 where it names none."""
-    from ..device import CPU_DEFAULT
-    import torch
     return (torch.device(getattr(context, "device", None) or "cpu"),
             getattr(context, "precision", None) or CPU_DEFAULT)
 
@@ -90,7 +91,6 @@ class TinyProfile:
         """Train the tokenizer and pretrain the base model on the world's alt-text split."""
         from .tiny import TinyArch, TinyVictim, build_model
         from .tokenizer import train_tokenizer
-        import torch
 
         texts = [c for refs in pretrain.references for c in refs]
         texts += [c for refs in train.references for c in refs] + ["User:a photo of GPT:"] * 100
@@ -152,7 +152,7 @@ class OpenFlamingo3BProfile:
         "decoding_batch_size": 100,  # Decoding's default
         "token_cache_gib": 8.0,
     }
-    # What each path must hold: (description, alternatives of which one must exist inside it).
+    # The files each directory must hold ("a|b": one of them), spec/victim.md §B1's local layouts.
     REQUIRED_FILES: dict[str, tuple[str, ...]] = {
         "clip_vit_l14_dir": ("config.json", "model.safetensors|model.safetensors.index.json|pytorch_model.bin|"
                              "pytorch_model.bin.index.json"),
