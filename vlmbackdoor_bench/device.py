@@ -150,21 +150,26 @@ def victim_precision(victim: Any) -> dict[str, Any]:
     return {"weights": weights, "train_autocast": "unreported", "eval": "unreported"}
 
 
+def _payload(device: torch.device, precision: Precision, dtypes: tuple[str, ...]) -> dict[str, Any]:
+    values = {name: getattr(precision, name) for name in ("weights",) + dtypes}
+    if device.type == "cpu" and values == {name: getattr(CPU_DEFAULT, name) for name in values}:
+        return {}
+    return {"precision": {"device_type": device.type, **values}}
+
+
 def training_payload(device: torch.device, precision: Precision) -> dict[str, Any]:
     """What a trained model's store payload adds for ``device`` and ``precision``: nothing on the
     CPU at float32 (so every existing store entry keeps its key), else ``{"precision": ...}`` with
     the device type (GPU kernels round differently from the CPU's; the index does not matter) and
     the training dtypes."""
-    if device.type == "cpu" and (precision.weights, precision.train_autocast) == \
-            (CPU_DEFAULT.weights, CPU_DEFAULT.train_autocast):
-        return {}
-    return {"precision": {"device_type": device.type, "weights": precision.weights,
-                          "train_autocast": precision.train_autocast}}
+    return _payload(device, precision, ("train_autocast",))
 
 
 def evaluation_payload(device: torch.device, precision: Precision) -> dict[str, Any]:
-    """The same for a stage that evaluates a model (captions): the device type and the
-    evaluation dtypes, nothing on the CPU at float32."""
-    if device.type == "cpu" and (precision.weights, precision.eval) == (CPU_DEFAULT.weights, CPU_DEFAULT.eval):
-        return {}
-    return {"precision": {"device_type": device.type, "weights": precision.weights, "eval": precision.eval}}
+    """The same for a stage that evaluates a model (captions): the evaluation dtype."""
+    return _payload(device, precision, ("eval",))
+
+
+def run_payload(device: torch.device, precision: Precision) -> dict[str, Any]:
+    """The same for a stage that both trains and evaluates (SRD's policy: rewards from captions)."""
+    return _payload(device, precision, ("train_autocast", "eval"))

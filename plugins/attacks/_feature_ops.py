@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlmbackdoor_bench.device import victim_device
 from vlmbackdoor_bench.errors import VbbError
 
 # spec/attacks.md §6: VL-Trojan augments with RandomResizedCrop(224, scale [0.8, 1.0],
@@ -37,11 +38,13 @@ def require_encoder(victim, attack: str, fix: str) -> None:
 
 
 class PixelSpace:
-    """A victim's normalisation: [0, 1] pixels <-> the encoder's normalised input."""
+    """A victim's normalisation: [0, 1] pixels <-> the encoder's normalised input, on the
+    victim's device (``device``: where every pixel tensor of an optimisation lives)."""
 
     def __init__(self, victim):
-        self.mean = torch.tensor(victim.pixel_mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(victim.pixel_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.device = victim_device(victim)
+        self.mean = torch.tensor(victim.pixel_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(victim.pixel_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
     def normalise(self, unit: torch.Tensor) -> torch.Tensor:
         return (unit - self.mean) / self.std
@@ -62,7 +65,7 @@ def uint8_images(unit: torch.Tensor) -> np.ndarray:
     x_b on the grid rounds to at most 8 levels away.
     """
     levels = (unit.detach().clamp(0, 1) * 255).round().to(torch.uint8)
-    return levels.permute(0, 2, 3, 1).contiguous().numpy()
+    return levels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def crop_box(height: int, width: int, generator: torch.Generator,
@@ -131,23 +134,26 @@ def feature_collision(victim, bases: np.ndarray, targets: np.ndarray, *, epsilon
     Start at x_b + U(-epsilon, epsilon), clipped; signed-gradient steps of ``step``, halved from
     iteration ``iterations // 2``; project after every step; keep each sample's best iterate,
     checked every max(iterations / 1000, 1) steps (the start and the last iterate included).
+    Random draws come from ``generator`` on the CPU, so a seed gives the same start on any device.
     """
     started = time.perf_counter()
     space = PixelSpace(victim)
     check_every = max(iterations // 1000, 1)
 
     def tokens(unit: torch.Tensor, grad: bool) -> torch.Tensor:
-        return victim.encode_normalised(space.normalise(unit), grad=grad)[1].flatten(1)
+        # float32 distances whatever precision the encoder evaluates in (a no-op at float32)
+        return victim.encode_normalised(space.normalise(unit), grad=grad)[1].flatten(1).float()
 
     out, base_distance, best_distance = [], [], []
     for s in range(0, len(bases), batch_size):
-        x_b, x_t = unit_pixels(bases[s:s + batch_size]), unit_pixels(targets[s:s + batch_size])
+        x_b = unit_pixels(bases[s:s + batch_size]).to(space.device)
+        x_t = unit_pixels(targets[s:s + batch_size]).to(space.device)
         with torch.no_grad():
             target_tokens = tokens(x_t, False)
             base_distance.append((tokens(x_b, False) - target_tokens).norm(dim=1))
-        noise = torch.empty(x_b.shape).uniform_(-epsilon, epsilon, generator=generator)
+        noise = torch.empty(x_b.shape).uniform_(-epsilon, epsilon, generator=generator).to(space.device)
         x = (x_b + noise).clamp(0, 1)
-        best, best_d = x.clone(), torch.full((len(x),), math.inf)
+        best, best_d = x.clone(), torch.full((len(x),), math.inf, device=space.device)
         for it in range(iterations + 1):
             x.requires_grad_(it < iterations)
             distance = (tokens(x, it < iterations) - target_tokens).norm(dim=1)
@@ -164,6 +170,6 @@ def feature_collision(victim, bases: np.ndarray, targets: np.ndarray, *, epsilon
         best_distance.append(best_d)
     empty = np.zeros((0,) + tuple(bases.shape[1:]), dtype=np.uint8)
     return Collision(np.concatenate(out) if out else empty,
-                     torch.cat(base_distance).numpy() if base_distance else np.zeros(0),
-                     torch.cat(best_distance).numpy() if best_distance else np.zeros(0),
+                     torch.cat(base_distance).cpu().numpy() if base_distance else np.zeros(0),
+                     torch.cat(best_distance).cpu().numpy() if best_distance else np.zeros(0),
                      time.perf_counter() - started)

@@ -79,18 +79,22 @@ class TriggerRun:
 
 def _unit_embedding(victim, normalised: torch.Tensor, grad: bool) -> torch.Tensor:
     """f: the pooled encoder embedding, L2-normalised (the encoder is in eval mode)."""
-    return F.normalize(victim.encode_normalised(normalised, grad=grad)[0], dim=-1)
+    return F.normalize(victim.encode_normalised(normalised, grad=grad)[0].float(), dim=-1)  # fp32 whatever the eval dtype
 
 
 def optimise_trigger(victim, images: np.ndarray, *, mode: str, image_visits: float,
                      seed: int) -> TriggerRun:
-    """VL-Trojan's generator on the poisoned images ``images`` (uint8 (N, 224, 224, 3))."""
+    """VL-Trojan's generator on the poisoned images ``images`` (uint8 (N, 224, 224, 3)).
+
+    Tensors live on the victim's device; random draws come from a CPU generator (the same
+    draws for a seed on any device)."""
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     space = PixelSpace(victim)
-    clean = space.normalise(unit_pixels(images))
-    low, high = space.normalise(torch.zeros(1, 3, 1, 1)), space.normalise(torch.ones(1, 3, 1, 1))
-    weight = blend_weight(mode)
+    clean = space.normalise(unit_pixels(images).to(space.device))
+    low = space.normalise(torch.zeros(1, 3, 1, 1, device=space.device))
+    high = space.normalise(torch.ones(1, 3, 1, 1, device=space.device))
+    weight = blend_weight(mode).to(space.device)
     with torch.no_grad():  # anchors, once per image: its own embedding and the least similar one
         own = torch.cat([_unit_embedding(victim, clean[s:s + 64], False)
                          for s in range(0, len(clean), 64)])
@@ -105,7 +109,7 @@ def optimise_trigger(victim, images: np.ndarray, *, mode: str, image_visits: flo
             return float(sum(batch_loss(delta, rows, clean[rows], False) * len(rows)
                              for rows in torch.arange(len(clean)).split(64)) / len(clean))
 
-    delta = space.normalise(torch.rand(1, 3, 224, 224, generator=generator))  # uniform [0, 1] image
+    delta = space.normalise(torch.rand(1, 3, 224, 224, generator=generator).to(space.device))  # uniform [0, 1] image
     loss_before, epochs = plain_loss(delta), epochs_for(len(images), image_visits)
     total_steps = epochs * math.ceil(REPEATS * len(images) / BATCH_SIZE)
     epoch_losses: list[float] = []

@@ -147,7 +147,7 @@ class ProxyCaptioner(nn.Module):
         ids, mask = ids[:, :length], mask[:, :length]
         x = torch.cat([self.project(features)[:, None], self.embed(ids[:, :-1])], dim=1)
         x = x + self.position[: x.shape[1]]
-        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
         logits = self.head(self.body(x, mask=causal, is_causal=True))
         nll = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * mask
         return nll.sum(1) / mask.sum(1).clamp(min=1)
@@ -202,15 +202,21 @@ def clean_reserved_pairs(context: DefenseContext, n_clean: int) -> tuple[ImageBa
 
 
 class ProxyData:
-    """D and D_cl as the proxy sees them (features, caption tokens) and its three procedures."""
+    """D and D_cl as the proxy sees them (features, caption tokens) and its three procedures.
+
+    The proxy trains where the victim's features are (``features.device``); a fresh proxy is
+    initialised on the CPU and moved there, so a seed gives the same start on any device."""
 
     def __init__(self, features, tokens, clean_features, clean_tokens):
         length = max(int(tokens[1].sum(1).max()), int(clean_tokens[1].sum(1).max()))  # drop pad-only columns
-        self.features, (self.ids, self.mask) = features, (t[:, :length] for t in tokens)
-        self.clean_features, (self.clean_ids, self.clean_mask) = clean_features, (t[:, :length] for t in clean_tokens)
+        self.device = features.device
+        self.features, (self.ids, self.mask) = features, (t[:, :length].to(self.device) for t in tokens)
+        self.clean_features = clean_features.to(self.device)
+        self.clean_ids, self.clean_mask = (t[:, :length].to(self.device) for t in clean_tokens)
 
     def new_model(self, params: Mapping[str, Any], vocab: int) -> ProxyCaptioner:
-        return ProxyCaptioner(self.features.shape[1], vocab, params["width"], params["layers"], self.ids.shape[1])
+        model = ProxyCaptioner(self.features.shape[1], vocab, params["width"], params["layers"], self.ids.shape[1])
+        return model.to(self.device)
 
     @staticmethod
     def _sgd(model, lr: float, momentum: float, params) -> torch.optim.Optimizer:
@@ -260,11 +266,11 @@ class ProxyData:
     def losses(self, model, chunk: int = 1024) -> np.ndarray:
         """Per-instance loss on D, in chunks of similar caption length (each chunk drops its padding)."""
         model.eval()
-        by_length = np.argsort(-self.mask.sum(1).numpy(), kind="stable")
+        by_length = np.argsort(-self.mask.sum(1).cpu().numpy(), kind="stable")
         out = np.zeros(len(self.ids))
         for s in range(0, len(by_length), chunk):
             rows = by_length[s:s + chunk]
-            out[rows] = model(self.features[rows], self.ids[rows], self.mask[rows]).numpy()
+            out[rows] = model(self.features[rows], self.ids[rows], self.mask[rows]).cpu().numpy()
         return out
 
 
@@ -296,7 +302,7 @@ class ConfusionTraining:
         fitted, log = self.distill(proxy_data, params, context.seed, len(base.tokenizer))
         features = proxy_data.features if params["features"] == "encoder" else \
             media_features(context.backdoored, data.images, [e.image_index for e in data.examples])
-        ratio = likelihood_ratio(features.numpy(), fitted)
+        ratio = likelihood_ratio(features.cpu().numpy(), fitted)
         flagged = np.flatnonzero(fitted) if ratio > params["lr_threshold"] else np.zeros(0, int)
         detect_seconds = time.perf_counter() - started
         victim, retrain = retrain_base(context, subset(data, np.setdiff1d(np.arange(len(data)), flagged)),

@@ -90,20 +90,22 @@ def jaccard(a: set[str], b: set[str]) -> float:
 class ImageNetProxy:
     """EfficientNet-Lite0 as the image–text matching answerer (spec/defenses.md §4 item 2)."""
 
-    def __init__(self, top_k: int, negative_quantile: float, batch_size: int = 64):
+    def __init__(self, top_k: int, negative_quantile: float, batch_size: int = 64, device: Any = "cpu"):
         self.top_k, self.quantile, self.batch_size = top_k, negative_quantile, batch_size
+        self.device = device  # the run's device (StageContext.device)
         self.thresholds: dict[str, float] = {}
 
     def probabilities(self, images: np.ndarray):
         import torch
         from vlmbackdoor_bench.victims.efficientnet import pretrained_efficientnet_lite0
 
-        net = pretrained_efficientnet_lite0().folded()  # batch-norm folded: ~1.4x faster
+        net = pretrained_efficientnet_lite0().folded().to(self.device)  # batch-norm folded: ~1.4x faster
         out = []
         with torch.no_grad():
             for s in range(0, len(images), self.batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(images[s:s + self.batch_size])).permute(0, 3, 1, 2).float() / 255
-                out.append(net(x).softmax(-1).numpy())
+                x = torch.from_numpy(np.ascontiguousarray(images[s:s + self.batch_size])).to(self.device)
+                x = x.permute(0, 3, 1, 2).float() / 255
+                out.append(net(x).softmax(-1).cpu().numpy())
         return np.concatenate(out)
 
     def fit(self, probs: np.ndarray, mentioned: Mapping[str, np.ndarray]) -> None:
@@ -164,7 +166,7 @@ class VersatileDataCleanser:
         answerable, proxy, probs = None, None, None
         if params["answerer"] == "imagenet-proxy":  # entities without a mapped class are skipped
             answerable = {c for c in lexicon.category_of.values() if IMAGENET_CLASSES.get(c)}
-            proxy = ImageNetProxy(params["top_k"], params["negative_quantile"])
+            proxy = ImageNetProxy(params["top_k"], params["negative_quantile"], device=context.stage.device)
             probs = proxy.probabilities(images)
             named = {c: np.zeros(len(rows), bool) for c in answerable}
             for e in data.examples:

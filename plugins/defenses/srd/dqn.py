@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .networks import NatureCNN, resize_observations, to_tensor
+from .networks import NatureCNN, device_of, resize_observations, to_tensor
 
 
 @dataclass
@@ -48,7 +48,7 @@ class QNetwork(nn.Module):
         self.q = nn.Linear(512, n_actions)
 
     def forward(self, obs_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = obs_uint8 if isinstance(obs_uint8, torch.Tensor) else to_tensor(obs_uint8)
+        x = obs_uint8 if isinstance(obs_uint8, torch.Tensor) else to_tensor(obs_uint8, device_of(self))
         return self.q(self.features(x))
 
 
@@ -76,11 +76,13 @@ class ReplayBuffer:
             self.position = (p + 1) % self.capacity
             self.full = self.full or self.position == 0
 
-    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+    def sample(self, batch_size: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """A uniform batch (the buffer stays in host memory; the batch goes to ``device``)."""
         idx = self.rng.integers(len(self), size=batch_size)
-        return {"obs": to_tensor(self.obs[idx]), "next_obs": to_tensor(self.next_obs[idx]),
-                "actions": torch.from_numpy(self.actions[idx]), "rewards": torch.from_numpy(self.rewards[idx]),
-                "dones": torch.from_numpy(self.dones[idx])}
+        return {"obs": to_tensor(self.obs[idx], device), "next_obs": to_tensor(self.next_obs[idx], device),
+                "actions": torch.from_numpy(self.actions[idx]).to(device),
+                "rewards": torch.from_numpy(self.rewards[idx]).to(device),
+                "dones": torch.from_numpy(self.dones[idx]).to(device)}
 
 
 def linear_schedule(start: float, end: float, duration: float, t: int) -> float:
@@ -100,7 +102,7 @@ def epsilon_greedy(q_network: QNetwork, obs: np.ndarray, epsilon: float, n_actio
                    rng: np.random.Generator) -> np.ndarray:
     """ε-greedy actions for a batch of network-resolution observations."""
     with torch.no_grad():
-        greedy = q_network(obs).argmax(dim=1).numpy()
+        greedy = q_network(obs).argmax(dim=1).cpu().numpy()
     explore = rng.random(len(obs)) < epsilon
     return np.where(explore, rng.integers(n_actions, size=len(obs)), greedy)
 
@@ -116,7 +118,7 @@ class DQNPolicy:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """ε/|A| everywhere plus 1 − ε on the greedy action, per image."""
         with torch.no_grad():
-            greedy = self.q_network(resize_observations(images, self.obs_size)).argmax(dim=1).numpy()
+            greedy = self.q_network(resize_observations(images, self.obs_size)).argmax(dim=1).cpu().numpy()
         n = self.q_network.q.out_features
         probs = np.full((len(images), n), self.epsilon / n)
         probs[np.arange(len(images)), greedy] += 1.0 - self.epsilon
@@ -127,13 +129,14 @@ def make_model(obs_size: int, n_actions: int) -> QNetwork:
     return QNetwork(obs_size, n_actions)
 
 
-def train_dqn(envs, config: DQNConfig, progress=None) -> tuple[QNetwork, dict]:
-    """cleanrl's dqn.py loop on a gymnasium vector env with same-step autoreset."""
+def train_dqn(envs, config: DQNConfig, progress=None, device: torch.device | str = "cpu") -> tuple[QNetwork, dict]:
+    """cleanrl's dqn.py loop on a gymnasium vector env with same-step autoreset. The networks
+    train on ``device``; they are initialised on the CPU first (the same start on any device)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     n_envs, n_act = envs.num_envs, int(envs.single_action_space.n)
-    q_network = QNetwork(config.obs_size, n_act)
-    target_network = QNetwork(config.obs_size, n_act)
+    q_network = QNetwork(config.obs_size, n_act).to(device)
+    target_network = QNetwork(config.obs_size, n_act).to(device)
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=config.learning_rate)
     buffer = ReplayBuffer(min(config.buffer_size, config.total_timesteps),
@@ -164,7 +167,7 @@ def train_dqn(envs, config: DQNConfig, progress=None) -> tuple[QNetwork, dict]:
             pending_updates += n_envs / config.train_freq * config.gradient_steps
             while pending_updates >= 1.0:
                 pending_updates -= 1.0
-                loss = td_loss(q_network, target_network, buffer.sample(config.batch_size), config.gamma)
+                loss = td_loss(q_network, target_network, buffer.sample(config.batch_size, device), config.gamma)
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(q_network.parameters(), config.max_grad_norm)

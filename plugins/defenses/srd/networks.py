@@ -22,9 +22,13 @@ def resize_observations(obs: np.ndarray, size: int) -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def to_tensor(obs: np.ndarray) -> torch.Tensor:
-    """spec/srd.md §5 input: HWC uint8 -> CHW float / 255."""
-    return torch.from_numpy(np.ascontiguousarray(obs)).permute(0, 3, 1, 2).float() / 255.0
+def to_tensor(obs: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """spec/srd.md §5 input: HWC uint8 -> CHW float / 255, on ``device`` (moved as uint8)."""
+    return torch.from_numpy(np.ascontiguousarray(obs)).to(device).permute(0, 3, 1, 2).float() / 255.0
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 class NatureCNN(nn.Module):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlmbackdoor_bench.device import run_payload, training_payload
 from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import DefenseContext, DefenseOutcome
 from vlmbackdoor_bench.types import DefenseReport
@@ -179,7 +180,8 @@ def obtain_surrogate(context, p, surrogate_set, data, base_id, recipe, cache_roo
         return given, {"source": "grid: TrojVLM srd-code cell model"}
     payload = {"state_set_version": STATE_SET_VERSION, "state_set_size": p["state_set_size"],
                "max_state_fraction": p["max_state_fraction"], "defender_data": data.fingerprint,
-               "seed": context.seed, "base": base_id, "recipe": recipe.to_dict() if recipe is not None else None}
+               "seed": context.seed, "base": base_id, "recipe": recipe.to_dict() if recipe is not None else None,
+               **training_payload(context.stage.device, context.stage.precision)}  # {} on CPU fp32
 
     def build(tmp: Path) -> dict:
         victim = context.base_victim.clone()
@@ -208,7 +210,8 @@ def obtain_policy(context, p, algorithm, states, surrogate, surrogate_info, refe
                                             "state_set_size", "max_state_fraction", "reference", "prompt",
                                             "episode_length", "n_envs")},
                "defender_data": data.fingerprint, "seed": context.seed, "base": base_id,
-               "reference_captioner": victim_identity(reference_victim)}
+               "reference_captioner": victim_identity(reference_victim),
+               **run_payload(context.stage.device, context.stage.precision)}  # {} on CPU fp32
 
     def build(tmp: Path) -> dict:
         rewarder = MaskRewarder(surrogate, reference_victim, fidelity, p["reward_table"], p["mask_sizes"])
@@ -221,8 +224,9 @@ def obtain_policy(context, p, algorithm, states, surrogate, surrogate_info, refe
                 print(f"srd {algorithm}: {step}/{total} steps, {time.perf_counter() - started:.0f} s, "
                       f"{rewarder.generations} generations", file=sys.stderr, flush=True)
 
-        model, log = module.train(envs, config, progress)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "policy.safetensors"))
+        model, log = module.train(envs, config, progress, device=context.stage.device)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "policy.safetensors"))
         log.update(generations=rewarder.generations, generation_seconds=rewarder.seconds,
                    states_visited=len(envs.baselines.refs))
         (tmp / "train_log.json").write_text(json.dumps(log, default=float))
@@ -232,6 +236,7 @@ def obtain_policy(context, p, algorithm, states, surrogate, surrogate_info, refe
     entry, info = cached_stage(cache_root, f"policy-{algorithm}", payload, build)
     model = module.make_model(config.obs_size, n_act)
     model.load_state_dict(load_file(str(entry.path / "policy.safetensors")))
+    model.to(context.stage.device)  # the cleaning policy runs where it trained
     log = json.loads((entry.path / "train_log.json").read_text())
     policy = module.make_policy(model, config, p)
     summary = {k: v for k, v in log.items() if k not in ("step_rewards", "episode_returns", "losses", "actions")}

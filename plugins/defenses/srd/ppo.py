@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical
 
-from .networks import NatureCNN, resize_observations, to_tensor
+from .networks import NatureCNN, device_of, resize_observations, to_tensor
 
 
 @dataclass
@@ -71,8 +71,8 @@ class PPOPolicy:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            logits, _ = self.model(to_tensor(resize_observations(images, self.obs_size)))
-        return torch.softmax(logits.double(), dim=1).numpy()
+            logits, _ = self.model(to_tensor(resize_observations(images, self.obs_size), device_of(self.model)))
+        return torch.softmax(logits.double(), dim=1).cpu().numpy()
 
 
 def gae(rewards, values, dones, next_value, next_done, gamma: float, lam: float):
@@ -88,16 +88,17 @@ def gae(rewards, values, dones, next_value, next_done, gamma: float, lam: float)
     return advantages, advantages + values
 
 
-def train_ppo(envs, config: PPOConfig, progress=None) -> tuple[ActorCritic, dict]:
+def train_ppo(envs, config: PPOConfig, progress=None, device: torch.device | str = "cpu") -> tuple[ActorCritic, dict]:
+    """cleanrl's ppo.py loop; the model trains on ``device`` (initialised on the CPU first)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     n_envs, n_act = envs.num_envs, int(envs.single_action_space.n)
     steps_per_env = max(1, config.n_steps // n_envs)
-    model = ActorCritic(config.obs_size, n_act)
+    model = ActorCritic(config.obs_size, n_act).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5)
     obs_np, _ = envs.reset(seed=config.seed)
-    next_obs = to_tensor(resize_observations(obs_np, config.obs_size))
-    next_done = torch.zeros(n_envs)
+    next_obs = to_tensor(resize_observations(obs_np, config.obs_size), device)
+    next_done = torch.zeros(n_envs, device=device)
     log = {"config": asdict(config), "step_rewards": [], "episode_returns": [], "losses": [], "actions": []}
     iterations = math.ceil(config.total_timesteps / (steps_per_env * n_envs))
     global_step, started = 0, time.perf_counter()
@@ -110,11 +111,11 @@ def train_ppo(envs, config: PPOConfig, progress=None) -> tuple[ActorCritic, dict
             action = dist.sample()
             obs_b.append(next_obs), act_b.append(action), logp_b.append(dist.log_prob(action))
             val_b.append(value), done_b.append(next_done)
-            obs_np, reward, terminated, truncated, infos = envs.step(action.numpy())
+            obs_np, reward, terminated, truncated, infos = envs.step(action.cpu().numpy())
             global_step += n_envs
-            rew_b.append(torch.as_tensor(reward, dtype=torch.float32))
-            next_obs = to_tensor(resize_observations(obs_np, config.obs_size))
-            next_done = torch.as_tensor(np.logical_or(terminated, truncated), dtype=torch.float32)
+            rew_b.append(torch.as_tensor(reward, dtype=torch.float32, device=device))
+            next_obs = to_tensor(resize_observations(obs_np, config.obs_size), device)
+            next_done = torch.as_tensor(np.logical_or(terminated, truncated), dtype=torch.float32, device=device)
             log["step_rewards"].append([global_step, float(np.mean(reward))])
             log["actions"] += action.tolist()
             if "episode_return" in infos:
@@ -133,7 +134,7 @@ def train_ppo(envs, config: PPOConfig, progress=None) -> tuple[ActorCritic, dict
         for _ in range(config.n_epochs):
             order = rng.permutation(size)
             for start in range(0, size, config.batch_size):
-                mb = torch.from_numpy(order[start:start + config.batch_size])
+                mb = torch.from_numpy(order[start:start + config.batch_size]).to(device)
                 logits, value = model(b_obs[mb])
                 dist = Categorical(logits=logits)
                 ratio = (dist.log_prob(b_act[mb]) - b_logp[mb]).exp()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dqn import QNetwork, ReplayBuffer  # the soft Q-networks are DQN's NatureCNN + linear head
-from .networks import NatureCNN, resize_observations, to_tensor
+from .networks import NatureCNN, device_of, resize_observations, to_tensor
 
 SAC_VARIANT = "discrete (categorical policy over the DQN action space)"
 
@@ -66,23 +66,25 @@ class SACPolicy:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            logits = self.actor(to_tensor(resize_observations(images, self.obs_size)))
-        return torch.softmax(logits.double(), dim=1).numpy()
+            logits = self.actor(to_tensor(resize_observations(images, self.obs_size), device_of(self.actor)))
+        return torch.softmax(logits.double(), dim=1).cpu().numpy()
 
 
-def train_sac(envs, config: SACConfig, progress=None) -> tuple[Actor, dict]:
+def train_sac(envs, config: SACConfig, progress=None, device: torch.device | str = "cpu") -> tuple[Actor, dict]:
+    """cleanrl's sac_atari loop; the networks train on ``device`` (initialised on the CPU first)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     n_envs, n_act = envs.num_envs, int(envs.single_action_space.n)
-    actor = Actor(config.obs_size, n_act)
-    q1, q2 = QNetwork(config.obs_size, n_act), QNetwork(config.obs_size, n_act)
-    q1_target, q2_target = QNetwork(config.obs_size, n_act), QNetwork(config.obs_size, n_act)
+    actor = Actor(config.obs_size, n_act).to(device)
+    q1, q2 = QNetwork(config.obs_size, n_act).to(device), QNetwork(config.obs_size, n_act).to(device)
+    q1_target = QNetwork(config.obs_size, n_act).to(device)
+    q2_target = QNetwork(config.obs_size, n_act).to(device)
     q1_target.load_state_dict(q1.state_dict())
     q2_target.load_state_dict(q2.state_dict())
     q_optimizer = torch.optim.Adam(list(q1.parameters()) + list(q2.parameters()), lr=config.learning_rate)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=config.learning_rate)
     target_entropy = config.target_entropy_scale * math.log(n_act)
-    log_alpha = torch.tensor([config.initial_log_alpha], requires_grad=True)
+    log_alpha = torch.tensor([config.initial_log_alpha], requires_grad=True, device=device)
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=config.learning_rate)
     buffer = ReplayBuffer(min(config.buffer_size, config.total_timesteps),
                           (config.obs_size, config.obs_size, 3), config.seed)
@@ -96,8 +98,8 @@ def train_sac(envs, config: SACConfig, progress=None) -> tuple[Actor, dict]:
             actions = rng.integers(n_act, size=n_envs)
         else:
             with torch.no_grad():
-                probs, _ = actor.distribution(to_tensor(obs))
-            actions = torch.multinomial(probs, 1).squeeze(1).numpy()
+                probs, _ = actor.distribution(to_tensor(obs, device))
+            actions = torch.multinomial(probs, 1).squeeze(1).cpu().numpy()
         next_obs, rewards, terminated, truncated, infos = envs.step(actions)
         next_obs = resize_observations(next_obs, config.obs_size)
         real_next = next_obs.copy()
@@ -115,7 +117,7 @@ def train_sac(envs, config: SACConfig, progress=None) -> tuple[Actor, dict]:
             pending += n_envs / config.train_freq * config.gradient_steps
             while pending >= 1.0:
                 pending -= 1.0
-                batch = buffer.sample(config.batch_size)
+                batch = buffer.sample(config.batch_size, device)
                 alpha = log_alpha.exp().item()
                 with torch.no_grad():
                     next_probs, next_log_probs = actor.distribution(batch["next_obs"])
