@@ -156,6 +156,21 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import BenchOptions, format_table, run_bench
+    config = load_config(args.config)
+    options = BenchOptions(profile=args.profile, random_weights=args.random_weights, size=args.size,
+                           device=args.device, batch_size=args.batch_size, images=args.images,
+                           finetune_samples=args.finetune_samples, allow_cpu_full=args.allow_cpu_full)
+    result = run_bench(options, config)
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"bench: {args.json}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -203,6 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--write", action="store_true", help="write the baseline from current results")
     check.add_argument("--merge", type=Path, action="append", metavar="CSV", help=merge_help)
     check.set_defaults(func=cmd_check)
+    bench = sub.add_parser("bench", help="captions/min, fine-tune samples/s and peak memory of the "
+                                         "openflamingo-3b victim (README, \"vbb bench\")")
+    bench.add_argument("--profile", default="openflamingo-3b")
+    bench.add_argument("--random-weights", action="store_true",
+                       help="build the architecture from configs written here: no weight file, no download")
+    bench.add_argument("--size", choices=["full", "mini"], default=None,
+                       help="with --random-weights: OpenFlamingo-3B's size (default) or openflamingo-mini's")
+    bench.add_argument("--device", type=_device_spec, default="auto", metavar="DEVICE",
+                       help="auto, cpu, cuda or cuda:N (default auto)")
+    bench.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                       help="decoding batch and fine-tuning micro-batch (default: the profile's)")
+    bench.add_argument("--images", type=_positive_int, default=None, metavar="N",
+                       help="images captioned in the timed pass (default: two decoding batches)")
+    bench.add_argument("--finetune-samples", type=_positive_int, default=None, metavar="N",
+                       help="samples of the timed fine-tuning, whole global batches (default: two)")
+    bench.add_argument("--allow-cpu-full", action="store_true",
+                       help="allow --random-weights --size full on the CPU (~12 GB, very slow)")
+    bench.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the record here")
+    bench.set_defaults(func=cmd_bench)
     score = sub.add_parser("score", help="score a COCO-format captions file")
     score.add_argument("--captions", required=True, help='results JSON: [{"image_id", "caption"}]')
     score.add_argument("--references", required=True, help="COCO annotations or Karpathy JSON")
