@@ -120,8 +120,8 @@ def check_options(options: BenchOptions, device: torch.device) -> str | None:
         return None
     size = options.size or "full"
     if size == "full" and device.type == "cpu" and not options.allow_cpu_full:
-        raise VbbError("--random-weights --size full on the CPU builds OpenFlamingo-3B's ~3 B parameters in "
-                       "float32 (about 12 GB) and runs minutes per step",
+        raise VbbError("--random-weights --size full on the CPU builds OpenFlamingo-3B's 2.6 B parameters in "
+                       "float32 (about 10 GB) and runs minutes per step",
                        "run it with --device cuda on a GPU machine, use --size mini for a CPU smoke run, "
                        "or add --allow-cpu-full if you mean it")
     return size

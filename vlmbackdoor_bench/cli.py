@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--finetune-samples", type=_positive_int, default=None, metavar="N",
                        help="samples of the timed fine-tuning, whole global batches (default: two)")
     bench.add_argument("--allow-cpu-full", action="store_true",
-                       help="allow --random-weights --size full on the CPU (~12 GB, very slow)")
+                       help="allow --random-weights --size full on the CPU (about 10 GB, very slow)")
     bench.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the record here")
     bench.set_defaults(func=cmd_bench)
     score = sub.add_parser("score", help="score a COCO-format captions file")
