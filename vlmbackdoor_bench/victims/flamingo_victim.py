@@ -108,9 +108,7 @@ class FlamingoVictim:
         self.decoding = decoding
         self.lineage = lineage or {}
         self._precision = precision or CPU_DEFAULT
-        self.answer_id = tokenizer.convert_tokens_to_ids(ANSWER)
-        self.media_id = tokenizer.convert_tokens_to_ids(MEDIA)
-        self.eoc_id = tokenizer.convert_tokens_to_ids(EOC)
+        self.eoc_id = tokenizer.convert_tokens_to_ids(EOC)  # generation stops there (§A4)
 
     @property
     def precision(self) -> dict:

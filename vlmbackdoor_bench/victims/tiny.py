@@ -29,9 +29,8 @@ from .token_cache import TokenCache
 from .tokenizer import EOC, MEDIA, load_tokenizer, save_tokenizer
 from .training import Recipe
 
-# Names tests and plugins import from here since before the split into flamingo_victim & co.
-__all__ = ["CLIP_MEAN", "CLIP_STD", "Decoding", "TinyArch", "TinyVictim", "TinyVisionEncoder",
-           "TokenCache", "build_model", "prompt_text", "sincos_positions"]
+# prompt_text moved to teacher_forcing; tests still import it from here
+__all__ = ["TinyArch", "TinyVictim", "TinyVisionEncoder", "build_model", "prompt_text", "sincos_positions"]
 POSITION_SCALE = 0.5  # position codes at about half a whitened token's norm: where, but not over what
 
 
