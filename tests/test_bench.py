@@ -141,3 +141,30 @@ def test_mini_configs_have_the_fixture_sizes(tmp_path):
     mpt = json.loads((tmp_path / "mpt-1b" / "config.json").read_text())
     assert (mpt["d_model"], mpt["n_layers"], mpt["attn_qk_ln"], mpt["alibi"], mpt["no_bias"]) == \
         (MiniConfig().lm_width, MiniConfig().lm_layers, True, True, True)
+
+
+def test_baseline_delta_rows(tmp_path):
+    """scripts/baseline_delta.py (gpu_check.sh's comparison): the mean of the matching ok cells,
+    its delta to the baseline and whether that is within the baseline's tolerance."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "baseline_delta.py"
+    spec = importlib.util.spec_from_file_location("baseline_delta", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cell = {"status": "ok", "dataset": "coco", "attack": "badnet", "defense": "none"}
+    records = [{**cell, "seed": 0, "metrics": {"clean": {"cider": 100.0}, "triggered": {"asr_srd": 90.0}}},
+               {**cell, "seed": 1, "metrics": {"clean": {"cider": 104.0}}},
+               {**cell, "status": "failed", "metrics": {"clean": {"cider": 0.0}}}]
+    baseline = {"tolerances": {"cider": 5.0, "default": 3.0}, "values": [
+        {**{k: cell[k] for k in ("dataset", "attack", "defense")}, "split": "clean", "metric": "cider", "value": 95.0},
+        {**{k: cell[k] for k in ("dataset", "attack", "defense")}, "split": "triggered", "metric": "asr_srd",
+         "value": 100.0},
+        {"dataset": "flickr30k", "attack": "badnet", "defense": "none", "split": "clean", "metric": "cider",
+         "value": 50.0}]}
+    cider, asr, flickr = module.deltas(records, baseline)
+    assert (cider["ours"], cider["delta"], cider["tolerance"], cider["within"]) == (102.0, 7.0, 5.0, False)
+    assert (asr["ours"], asr["delta"], asr["tolerance"], asr["within"]) == (90.0, -10.0, 3.0, False)
+    assert (flickr["ours"], flickr["delta"], flickr["within"]) == (None, None, False)
+    records[1]["metrics"]["clean"]["cider"] = 90.0  # mean 95.0: on the baseline
+    assert module.deltas(records, baseline)[0]["within"] is True

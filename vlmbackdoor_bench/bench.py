@@ -275,7 +275,7 @@ def format_table(result: dict) -> str:
                        f"{result['parameters']['trainable'] / 1e9:.3f} B trainable"),
         ("captions/min", f"{c['captions_per_min']:.1f} ({c['images']} images, batch {c['batch_size']}, "
                          f"{c['num_beams']} beams, {c['new_tokens']['min']}-{c['new_tokens']['max']} new tokens)"),
-        ("fine-tune samples/s", f"{f['samples_per_s']:.1f} ({f['steps']} steps of {f['global_batch']} = "
+        ("fine-tune samples/s", f"{f['samples_per_s']:.1f} ({f['steps']} step(s) of {f['global_batch']} = "
                                 f"{f['micro_batches_per_step']} x micro-batch {f['micro_batch']})"),
         ("encoder images/s", "-" if f["encoder_images_per_s"] is None else f"{f['encoder_images_per_s']:.1f}"),
         ("peak memory (GiB)", f"captions {c['peak_memory_gib']:.2f}, fine-tune {f['peak_memory_gib']:.2f} "
