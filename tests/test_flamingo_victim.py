@@ -192,3 +192,14 @@ def test_token_cache_keeps_bfloat16_bits_on_disk_and_skips_transient_images(tmp_
     assert cache.get(TokenCache.key(images[4])) is not None  # in memory
     assert TokenCache(directory=tmp_path, dtype=torch.bfloat16).get(TokenCache.key(images[4])) is None
     assert len(list(tmp_path.rglob("*.npy"))) == 4
+
+
+def test_one_off_images_stay_off_the_disk(base, tmp_path, one_thread):
+    victim = base.clone()
+    victim.token_cache = TokenCache(directory=tmp_path)
+    images = scenes(3)
+    victim.vision_features(images[:1])
+    with victim.one_off_images():
+        masked = victim.vision_features(images[1:])
+    assert len(list(tmp_path.rglob("*.npy"))) == 1  # only the image outside the block
+    assert torch.equal(victim.vision_features(images[1:]), masked)  # still served from memory

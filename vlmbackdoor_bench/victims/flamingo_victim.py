@@ -317,6 +317,12 @@ class FlamingoVictim:
                     found[row] = self.token_cache.put(keys[row], t)
         return torch.stack(found) if keys else torch.zeros(0)
 
+    def one_off_images(self):
+        """A context in which the images this victim encodes are kept in memory only, not in the
+        token cache's disk tier: for images no later stage will see again (a defense's masked
+        copies; OpenFlamingo-3B's tokens are 0.5 MiB an image)."""
+        return self.token_cache.transient()
+
     def vision_features(self, images: np.ndarray, *, grad: bool = False,
                         batch_size: int = 64) -> torch.Tensor:
         """Frozen-encoder tokens (B, N, D) float32 on the device; without ``grad`` from the token cache."""
