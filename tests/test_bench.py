@@ -168,3 +168,19 @@ def test_baseline_delta_rows(tmp_path):
     assert (flickr["ours"], flickr["delta"], flickr["within"]) == (None, None, False)
     records[1]["metrics"]["clean"]["cider"] = 90.0  # mean 95.0: on the baseline
     assert module.deltas(records, baseline)[0]["within"] is True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script runs its whole GPU check (minutes)")
+def test_gpu_check_stops_without_cuda(tmp_path):
+    """scripts/gpu_check.sh on a machine without CUDA: the environment is printed, then one
+    clear stop (exit 3) before any model is built."""
+    import subprocess
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script)], env={**os.environ, "OUT": str(tmp_path / "out")},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stdout + done.stderr
+    env = (tmp_path / "out" / "env.txt").read_text()
+    assert f"torch {torch.__version__}" in env and "CUDA available: False" in env
+    assert "STOP: this torch sees no CUDA GPU" in env
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["env.txt"]
