@@ -40,7 +40,7 @@ def test_writing_is_deterministic_and_seeded(mini, tmp_path, capsys):
     assert main([str(tmp_path / "again")]) == 0
     assert "openflamingo-mini written to" in capsys.readouterr().out
     first, again = _digests(mini.root), _digests(tmp_path / "again")
-    assert first == again and len(first) > 100
+    assert first == again and len(first) > 80
     for part in ("clip-vit-l14/model.safetensors", "mpt-1b/pytorch_model.bin", "tokenizer/tokenizer.json",
                  "openflamingo/checkpoint.pt", "coco/dataset_coco.json", "coco/annotations/captions_train2014.json",
                  "coco/coco-5k-1-random.json", "flickr30k/dataset_flickr30k.json"):
