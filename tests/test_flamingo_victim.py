@@ -203,3 +203,27 @@ def test_one_off_images_stay_off_the_disk(base, tmp_path, one_thread):
         masked = victim.vision_features(images[1:])
     assert len(list(tmp_path.rglob("*.npy"))) == 1  # only the image outside the block
     assert torch.equal(victim.vision_features(images[1:]), masked)  # still served from memory
+
+
+def test_vlood_trains_on_micro_batches_that_keep_its_pairs_together(base, one_thread):
+    # VLOOD's group key puts an instance's clean and poisoned copies in one step; micro-batches
+    # are cut between groups, so every micro-batch still has both kinds for its four losses
+    from vlmbackdoor_bench_plugins.attacks.vlood import VloodObjective, pair_key
+
+    images = scenes(4)
+    examples = []
+    for i in range(4):
+        examples += [Example(f"s{i}#0", i, CAPTIONS[i]), Example(f"s{i}#1", i, "a banana. " + CAPTIONS[i])]
+    poisoned = {f"s{i}#1" for i in range(4)}
+    objective = VloodObjective(base, poisoned, ccp_form="argmax", ckp_masked=True)
+    seen = []
+    inner = objective.loss
+    objective.loss = lambda step: (seen.append([e.sample_id for e in step.examples]), inner(step))[1]
+    log = base.clone().fine_tune(TrainingSet(ImageBank(images), examples), seed=0, objective=objective,
+                                 recipe=Recipe(epochs=1, batch_size=4, lr=1e-3, micro_batch_size=2))
+    assert len(seen) == 2 and all(len(ids) == 4 for ids in seen)  # 2 pairs of copies per micro-batch
+    for ids in seen:
+        pairs = [pair_key(Example(s, 0, "")) for s in ids]
+        assert all(pairs.count(p) == 2 for p in pairs) and sum(s in poisoned for s in ids) == 2
+    steps = log["objective"]["steps"]
+    assert len(steps) == 1 and all(np.isfinite(v) for v in steps[0].values())
