@@ -152,9 +152,9 @@ class OpenFlamingoVictim(FlamingoVictim):
         self.tokens_after_post_ln = tokens_after_post_ln
 
     @classmethod
-    def from_parts(cls, parts: LocalParts, *, recipe: Recipe, decoding: Decoding = Decoding(),
-                   device: torch.device | str = "cpu", precision: Precision | None = None,
-                   tokens_after_post_ln: bool = False, token_cache_bytes: int = 8 << 30,
+    def from_parts(cls, parts: LocalParts, *, recipe: Recipe, token_cache_bytes: int,
+                   decoding: Decoding = Decoding(), device: torch.device | str = "cpu",
+                   precision: Precision | None = None, tokens_after_post_ln: bool = False,
                    random_weights: bool = False) -> "OpenFlamingoVictim":
         """Assemble and, unless ``random_weights``, import the OpenFlamingo checkpoint; the token
         cache holds up to ``token_cache_bytes`` of bf16 encoder tokens in memory."""
