@@ -81,6 +81,24 @@ def test_mini_bench_record(bench_run):
         p["finetune_25k_steps_s"] + p["finetune_5k_images_encoding_s"])
 
 
+def test_local_files_bench_matches_random_mini(bench_run, tmp_path, one_thread):
+    """Without --random-weights the victim comes from the config's local files (here the
+    openflamingo-mini fixture in its real formats, checkpoint imported); the configs-only mini
+    parts build exactly its architecture."""
+    from vlmbackdoor_bench.fixtures.openflamingo_mini import write_openflamingo_mini
+    paths = write_openflamingo_mini(tmp_path / "mini")
+    keys = "\n".join(f'{key} = "{value}"' for key, value in paths.profile_params().items())
+    (tmp_path / "local.toml").write_text(CONFIG + keys + "\n")
+    out = tmp_path / "local.json"
+    assert main(["--config", str(tmp_path / "local.toml"), "bench", "--device", "cpu", "--images", "2",
+                 "--finetune-samples", "4", "--json", str(out)]) == 0
+    local = json.loads(out.read_text())
+    assert local["weights"] == "local files ([profile.openflamingo-3b])"
+    assert local["parameters"] == bench_run["parameters"]
+    assert local["captions"]["new_tokens"] == {"min": 20, "max": 20, "captions": 2}
+    assert local["finetune"]["steps"] == 1 and local["finetune"]["samples"] == 4
+
+
 def test_new_tokens_are_counted_on_the_output(tmp_path, one_thread):
     """The count follows the decoding actually run (here 3 new tokens), not a constant."""
     from dataclasses import replace

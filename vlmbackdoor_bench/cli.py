@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .allocator import keep_freed_memory
-from .config import load_config
+from .config import EXECUTORS, load_config
 from .errors import VbbError
 from .registry import load_registry
 
@@ -42,6 +42,13 @@ def cmd_run(args) -> int:
     config = load_config(args.config)
     if args.device is not None:
         config.device = args.device  # spelling checked by the parser (_device_spec)
+    if args.executor is not None:
+        config.executor = args.executor
+    if args.address is not None:
+        if config.executor != "ray":
+            raise VbbError("--address names a Ray cluster, but the executor is local",
+                           "add --executor ray (or [benchmark] executor = \"ray\")")
+        config.executor_address = args.address
     registry = _registry(args, config)
     from .grid.runner import GridRunner
     from tqdm.auto import tqdm
@@ -52,7 +59,7 @@ def cmd_run(args) -> int:
     if args.cells:
         wanted = set(args.cells)
         only = lambda cell: cell.cell_id in wanted or cell.attack in wanted or cell.defense in wanted
-    summary = runner.run(only, jobs=args.jobs)
+    summary = runner.run(only)
     print(f"grid: {len(summary.ok)} cells ok, {len(summary.failed)} failed "
           f"in {summary.seconds:.1f} s; results in {config.results_dir / config.profile}")
     for cell_id, message in summary.failed.items():
@@ -199,9 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the grid (cached), then rebuild the leaderboard")
     run.add_argument("--cells", nargs="*", help="only these cell ids, attacks or defenses")
     run.add_argument("--no-report", action="store_true", help="skip rebuilding the leaderboard")
-    run.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
-                     help="run cells in N worker processes sharing the store, each with "
-                          "cores/N threads (default 1: this process)")
+    run.add_argument("--executor", choices=EXECUTORS, default=None,
+                     help='"local": the stages in this process, in order; "ray": as a DAG of tasks on a '
+                          "Ray cluster (needs the [ray] extra; default: [benchmark] executor, else local)")
+    run.add_argument("--address", default=None, metavar="ADDRESS",
+                     help='with --executor ray: the cluster to join, "auto" or ray://HOST:PORT '
+                          "(default: [executor] address, else a cluster started on this machine)")
     merge_help = ("also a results.csv of an earlier board (repeatable): its cells that the store "
                   "lacks are kept, e.g. --merge leaderboards/tiny/results.csv")
     run.add_argument("--merge", type=Path, action="append", metavar="CSV", help=merge_help)
@@ -220,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
     bench = sub.add_parser("bench", help="captions/min, fine-tune samples/s and peak memory of the "
                                          "openflamingo-3b victim (README, \"vbb bench\")")
-    bench.add_argument("--profile", default="openflamingo-3b")
+    bench.add_argument("--profile", default="openflamingo-3b",
+                       help="the profile measured (openflamingo-3b); its keys come from --config")
     bench.add_argument("--random-weights", action="store_true",
                        help="build the architecture from configs written here: no weight file, no download")
     bench.add_argument("--size", choices=["full", "mini"], default=None,
