@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -144,18 +143,6 @@ def test_expand_adds_clean_model_rows():
     assert len({c.cell_id for c in cells}) == len(cells)
 
 
-def test_parallel_order_starts_different_backdoors_first():
-    from vlmbackdoor_bench.grid.parallel import parallel_order
-    config = parse_config({"benchmark": {"attacks": ["badnet", "blended"], "defenses": ["none", "srd"],
-                                         "datasets": ["coco", "flickr30k"], "seeds": [0]}})
-    cells = expand(config)
-    order = [(c.defense, c.dataset, c.attack) for c in parallel_order(cells)]
-    assert sorted(order) == sorted((c.defense, c.dataset, c.attack) for c in cells)
-    assert order[:4] == [("none", "coco", "badnet"), ("none", "coco", "blended"),
-                         ("none", "flickr30k", "badnet"), ("none", "flickr30k", "blended")]
-    assert order[4][0] == "srd" and {d for d, _, _ in order[-4:]} == {CLEAN_MODEL}
-
-
 def test_store_is_content_addressed_atomic_and_skips_existing(tmp_path):
     store = Store(tmp_path)
     calls = []
@@ -291,24 +278,3 @@ def test_store_sweeps_half_built_entries_of_dead_processes_only(tmp_path):
     seen = []
     store.get_or_build("stage", {"a": 1}, lambda directory: seen.append(directory.name))
     assert seen[0].endswith(f".{host}-{os.getpid()}.tmp")
-
-
-def test_cells_are_recorded_not_run_when_every_worker_exits(tmp_path):
-    """Workers that cannot start (here a local plugin exits any process named like a grid
-    worker) leave every cell with a result that says so; nothing hangs."""
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "no_workers.py").write_text(
-        "import multiprocessing, os\n"
-        "if multiprocessing.current_process().name.startswith('vbb-job'):\n"
-        "    os._exit(3)\n")
-    (tmp_path / "benchmark.toml").write_text(
-        '[benchmark]\nattacks = ["badnet"]\ndefenses = ["none"]\ncache_dir = "cache"\n'
-        'plugin_dirs = ["plugins"]\n')
-    from vlmbackdoor_bench.grid.runner import GridRunner
-    config = load_config(tmp_path / "benchmark.toml")
-    summary = GridRunner(config, load_registry(config.plugin_dirs), log=lambda m: None).run(jobs=2)
-    assert not summary.ok and len(summary.failed) == 4  # 2 datasets x (none, clean-model)
-    assert all(e.startswith("not run: every worker process exited") for e in summary.failed.values())
-    written = json.loads((config.results_dir / "tiny" / "coco__badnet__none__rate0.1__seed0.json").read_text())
-    assert written["status"] == "failed" and written["error"].startswith("not run")

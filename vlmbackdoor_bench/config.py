@@ -15,6 +15,7 @@ from .device import EVAL_DTYPES, TRAIN_DTYPES, check_device_spec, check_dtype
 from .errors import VbbError
 
 DEFAULT_CONFIG_NAME = "benchmark.toml"
+EXECUTORS = ("local", "ray")  # grid.runner.GridRunner.run; "ray" needs the [ray] extra
 
 
 @dataclass
@@ -37,6 +38,13 @@ class BenchmarkConfig:
     device: str = "auto"
     eval_dtype: str = "auto"
     train_dtype: str = "auto"
+    # How the grid's stages are run: "local" (this process, in order) or "ray" (grid.ray_executor),
+    # with the [executor] table: the Ray cluster's address ("" starts one on this machine), the
+    # retries of a stage whose worker died, and resources per stage kind ({kind: {num_cpus, num_gpus}}).
+    executor: str = "local"
+    executor_address: str = ""
+    max_retries: int = 3
+    stage_resources: dict[str, dict[str, float]] = field(default_factory=dict)
     source: Path | None = None
 
     @property
@@ -50,10 +58,10 @@ class BenchmarkConfig:
 
 _SCALARS = {
     "profile": str, "poison_rate": float, "cache_dir": str, "world_seed": int,
-    "device": str, "eval_dtype": str, "train_dtype": str,
+    "device": str, "eval_dtype": str, "train_dtype": str, "executor": str,
 }
 _LISTS = {"attacks": str, "defenses": str, "datasets": str, "seeds": int, "plugin_dirs": str}
-_TABLES = {"attack", "defense", "profile", "data"}
+_TABLES = {"attack", "defense", "profile", "data", "executor"}
 
 
 def _type_error(key: str, expected: str, value: Any, path: Path | None) -> VbbError:
@@ -68,7 +76,7 @@ _EXAMPLES = {
     "profile": '"tiny"', "poison_rate": "0.1", "cache_dir": '".vbb-cache"', "world_seed": "0",
     "attacks": '["badnet"]', "defenses": '["none"]', "datasets": '["coco", "flickr30k"]',
     "seeds": "[0]", "plugin_dirs": '["my_plugins"]',
-    "device": '"auto"', "eval_dtype": '"auto"', "train_dtype": '"auto"',
+    "device": '"auto"', "eval_dtype": '"auto"', "train_dtype": '"auto"', "executor": '"local"',
 }
 
 
@@ -79,7 +87,8 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> BenchmarkCo
     if unknown_top:
         raise VbbError(
             f"unknown section(s) {sorted(unknown_top)} in {source or 'config'}",
-            "valid sections: [benchmark], [attack.<name>], [defense.<name>], [profile.<name>], [data]",
+            "valid sections: [benchmark], [attack.<name>], [defense.<name>], [profile.<name>], [data], "
+            "[executor]",
         )
     unknown = set(section) - set(_SCALARS) - set(_LISTS)
     if unknown:
@@ -114,6 +123,7 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> BenchmarkCo
             "write a fraction, e.g. poison_rate = 0.1 for 10 %",
         )
     check_device_settings(cfg)
+    parse_executor(cfg, raw.get("executor", {}), source)
     cfg.cache_dir = (base / cfg.cache_dir).resolve() if not Path(cfg.cache_dir).is_absolute() else Path(cfg.cache_dir)
     cfg.plugin_dirs = [(base / p).resolve() for p in cfg.plugin_dirs]
     for table, target in (("attack", cfg.attack_params), ("defense", cfg.defense_params)):
@@ -130,6 +140,33 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> BenchmarkCo
                        'write e.g. [data]\n  coco-karpathy = "/data/coco"')
     cfg.data_paths = {name: (base / path).resolve() for name, path in data.items()}
     return cfg
+
+
+def parse_executor(cfg: BenchmarkConfig, table: Any, source: Path | None) -> None:
+    """[benchmark] executor and the [executor] table (address, max_retries, resources.<stage kind>);
+    the stage kinds are checked by the Ray executor, which defines them (grid.dag.STAGE_KINDS)."""
+    where = source or "config"
+    if cfg.executor not in EXECUTORS:
+        raise VbbError(f"executor {cfg.executor!r} in {where} is not one of {', '.join(EXECUTORS)}",
+                       'write executor = "local" (this process) or executor = "ray"')
+    if not isinstance(table, dict) or set(table) - {"address", "max_retries", "resources"}:
+        raise VbbError(f"[executor] in {where} may hold only address, max_retries and "
+                       "[executor.resources.<stage>]",
+                       'write e.g. [executor]\n  address = "auto"\n  max_retries = 3')
+    address, retries = table.get("address", ""), table.get("max_retries", cfg.max_retries)
+    if not isinstance(address, str):
+        raise _type_error("address", "a string", address, source)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise VbbError(f"[executor] max_retries in {where} must be a whole number >= 0, got {retries!r}",
+                       "write e.g. max_retries = 3")
+    resources = table.get("resources", {})
+    for kind, amounts in (resources.items() if isinstance(resources, dict) else [(None, None)]):
+        if not isinstance(amounts, dict) or set(amounts) - {"num_cpus", "num_gpus"} or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in amounts.values()):
+            raise VbbError(f"[executor.resources.{kind}] in {where} must map num_cpus / num_gpus to numbers >= 0",
+                           "write e.g. [executor.resources.backdoor]\n  num_gpus = 1\n  num_cpus = 4")
+    cfg.executor_address, cfg.max_retries = address, retries
+    cfg.stage_resources = {kind: {k: float(v) for k, v in amounts.items()} for kind, amounts in resources.items()}
 
 
 def check_device_settings(cfg: BenchmarkConfig) -> None:

@@ -311,12 +311,17 @@ class GridRunner:
 
         return self.store.get_or_build("scores", payload, build)
 
+    def reference_captions(self, dataset: str, seed: int) -> Entry:
+        """The clean model's captions of ``dataset``'s test images, the SFS reference (spec/metrics.md §5.1)."""
+        split = self.split(dataset, "test")
+        clean_victim, clean_entry = self.clean_model(seed)
+        inputs = EvalInputs(list(split.image_ids), split.images, split.references)
+        return self.captions(clean_victim, clean_entry, inputs)
+
     def evaluate(self, victim, model_entry: Entry, cell: Cell, attack, attack_params: dict,
                  timings: dict) -> tuple[dict, dict, dict]:
         split = self.split(cell.dataset, "test")
-        clean_victim, clean_entry = self.clean_model(cell.seed)
-        clean_inputs = EvalInputs(list(split.image_ids), split.images, split.references)
-        reference = self.captions(clean_victim, clean_entry, clean_inputs)  # SFS reference (§5.1)
+        reference = self.reference_captions(cell.dataset, cell.seed)
         metrics, details, keys = {}, {}, {}
         for kind, rules in (("triggered", list(attack.asr_rules)), ("clean", ["strict"])):
             started = time.perf_counter()
@@ -391,9 +396,9 @@ class GridRunner:
             },
         }
 
-    def run(self, only: Callable[[Cell], bool] | None = None, jobs: int = 1) -> RunSummary:
-        """Every cell of the grid (those ``only`` accepts), in this process or, with ``jobs`` > 1,
-        in that many worker processes sharing the store (grid.parallel)."""
+    def run(self, only: Callable[[Cell], bool] | None = None) -> RunSummary:
+        """Every cell of the grid (those ``only`` accepts), in this process in order (executor
+        "local") or as a DAG of stage tasks on a Ray cluster (executor "ray", grid.ray_executor)."""
         started = time.perf_counter()
         validate_plugins(self.config, self.registry)
         self.profile.check_available(self.profile_params)
@@ -401,9 +406,9 @@ class GridRunner:
         stale = self.store.sweep_stale()
         if stale:
             self.log(f"store: removed {len(stale)} half-built entries of killed runs")
-        if jobs > 1:
-            from .parallel import run_in_workers
-            summary = run_in_workers(self.config, cells, jobs, self.log)
+        if self.config.executor == "ray":
+            from .ray_executor import run_on_ray  # Ray is imported only when it is chosen
+            summary = run_on_ray(self, cells)
         else:
             summary = RunSummary()
             for cell in tqdm(cells, desc="grid", unit="cell"):
@@ -418,12 +423,17 @@ class GridRunner:
         try:
             result = self.run_cell(cell)
         except Exception as exc:  # one failing cell never stops the grid (DESIGN.md §8)
-            error = str(exc) if isinstance(exc, VbbError) else f"{type(exc).__name__}: {exc}"
+            error = error_message(exc)
             self.log(f"cell {cell.cell_id} FAILED: {error}")
             result = failed_result(cell, error, traceback.format_exc(limit=8))
         result["timings"] = {**result.get("timings", {}), "cell_wall": time.perf_counter() - cell_started}
         write_json_atomic(result_path(self.config, cell), result)
         return error
+
+
+def error_message(exc: BaseException) -> str:
+    """What a failed cell's result says: a VbbError as it reads, anything else with its type."""
+    return str(exc) if isinstance(exc, VbbError) else f"{type(exc).__name__}: {exc}"
 
 
 def result_path(config: BenchmarkConfig, cell: Cell) -> Path:
