@@ -51,8 +51,10 @@ if shutil.which("java") is None:
 print("plugin entry points:", len(md.entry_points(group="vlmbackdoor_bench.plugins")))
 PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: stopped at the environment step (see $OUT/env.txt)"; exit 3; }
-if ! "$PY" -c 'import importlib.metadata as m, sys; sys.exit(not m.entry_points(group="vlmbackdoor_bench.plugins"))'; then
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . || { echo "gpu_check: cannot register the plugins (pip -e .)"; exit 3; }
+plugins='import importlib.metadata as m, sys; sys.exit(not m.entry_points(group="vlmbackdoor_bench.plugins"))'
+if ! "$PY" -c "$plugins"; then
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+    || { echo "gpu_check: cannot register the plugins (pip install -e .)"; exit 3; }
 fi
 
 step "vbb bench, full size, bf16, batch 32" | tee "$OUT/bench.txt"
