@@ -213,3 +213,27 @@ def test_each_broken_variant_gives_one_clear_error(mini, tmp_path, name):
     message = str(e.value)
     assert all(word in message for word in BROKEN_MESSAGES[name]), message
     assert "fix:" in message and "Traceback" not in message
+
+
+def test_grid_refuses_incomplete_data_before_building_anything(mini, tmp_path):
+    """A run on the mini whose COCO folder lacks captions_train2014.json stops at once, naming it
+    and the id list it also lacks; the store stays empty."""
+    import shutil
+
+    from vlmbackdoor_bench.config import parse_config
+    from vlmbackdoor_bench.errors import VbbError
+    from vlmbackdoor_bench.grid.runner import GridRunner
+    from vlmbackdoor_bench.registry import load_registry
+
+    coco = tmp_path / "coco"
+    shutil.copytree(mini.data.coco, coco)
+    (coco / "annotations" / "captions_train2014.json").unlink()
+    data = {**mini.data_paths(), "coco-karpathy": str(coco), "coco-karpathy-train-5k": str(tmp_path / "ids.json")}
+    config = parse_config({"benchmark": {"profile": "openflamingo-3b", "attacks": ["badnet"], "defenses": ["none"],
+                                         "datasets": ["flickr30k"], "cache_dir": str(tmp_path / "cache")},
+                           "profile": {"openflamingo-3b": mini.profile_params()}, "data": data}, None)
+    runner = GridRunner(config, load_registry(config.plugin_dirs), log=lambda m: None)
+    with pytest.raises(VbbError) as e:
+        runner.run()
+    assert "captions_train2014.json" in str(e.value) and "ids.json" in str(e.value)
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))

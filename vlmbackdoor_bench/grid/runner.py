@@ -396,12 +396,23 @@ class GridRunner:
             },
         }
 
+    def check_data(self) -> None:
+        """Every local dataset the grid reads (fine-tuning and each eval role) is complete before
+        anything is built: one VbbError naming each missing file (providers' check_available)."""
+        sources = self.profile.dataset_sources()
+        for role in dict.fromkeys(["coco", *self.config.datasets]):
+            check = getattr(self.registry.dataset(sources[role]), "check_available", None) \
+                if role in sources else None  # an unknown role fails its own cells (split)
+            if check is not None:
+                check(self.context.config)
+
     def run(self, only: Callable[[Cell], bool] | None = None) -> RunSummary:
         """Every cell of the grid (those ``only`` accepts), in this process in order (executor
         "local") or as a DAG of stage tasks on a Ray cluster (executor "ray", grid.ray_executor)."""
         started = time.perf_counter()
         validate_plugins(self.config, self.registry)
         self.profile.check_available(self.profile_params)
+        self.check_data()
         cells = [c for c in expand(self.config) if only is None or only(c)]
         stale = self.store.sweep_stale()
         if stale:
