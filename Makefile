@@ -4,8 +4,6 @@
 # PYTHON=/path/to/python picks the interpreter that creates it; `make clean-env` removes it.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# cells in parallel worker processes (vbb run --jobs; README "Running cells in parallel")
-JOBS ?= 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -15,7 +13,7 @@ setup:
 	@VENV=$(VENV) bash scripts/setup.sh
 
 run: setup
-	$(PY) -m vlmbackdoor_bench.cli run --jobs $(JOBS)
+	$(PY) -m vlmbackdoor_bench.cli run
 
 test: setup
 	$(PY) -m pytest -q

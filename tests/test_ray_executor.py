@@ -137,11 +137,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _stub_compute(task, log):
-    """A stage that computes nothing (defined in a function so that Ray ships it by value)."""
-    return None if task.kind == "cell" else task.name
-
-
 @needs_ray
 def test_scheduling_overhead_per_stage_on_a_2000_cell_grid(ray_cluster, capsys):
     """Stub stages (no models): what the Ray executor adds per stage over calling them in order."""
@@ -153,8 +148,8 @@ def test_scheduling_overhead_per_stage_on_a_2000_cell_grid(ray_cluster, capsys):
     tasks = plan(cells, lambda name: SimpleNamespace())
     assert len([c for c in cells if c.defense != CLEAN_MODEL]) == 2000
 
-    def compute(task, log):
-        return _stub_compute(task, log)
+    def compute(task, log):  # a stage that computes nothing (local to the test: Ray ships it by value)
+        return None if task.kind == "cell" else task.name
 
     started = time.perf_counter()
     local = {task.name: compute(task, print) for task in tasks}

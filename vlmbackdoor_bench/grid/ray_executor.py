@@ -187,7 +187,7 @@ def execute(tasks: list[StageTask], compute: Callable[[StageTask, Callable[[str]
         bar.close()
         for ref in pending:  # interrupted: leave nothing running on the cluster
             ray.cancel(ref, force=True)
-        ray.kill(events)
+        events.shutdown()
     return outcomes
 
 
