@@ -3,9 +3,11 @@
 A stage output lives in ``<root>/<stage>/<key>/`` where key = sha256 of the canonical JSON of
 everything that determines it (stage, plugin name + version, resolved parameters, upstream keys,
 split manifests). Outputs are built in a temporary sibling directory and renamed into place, so
-a killed run leaves no half-written entry and a rerun skips whatever exists. Processes that
-share a store (``vbb run --jobs N``) build each entry once: the first holds the entry's lock
-(``.locks/<stage>-<key>.lock``) while it builds, the others wait for it and then read the entry.
+a killed run leaves no half-written entry and a rerun skips whatever exists. Processes of one
+host that share a store (two `vbb run`s, SRD's cache in several Ray workers) build each entry
+once: the first holds the entry's lock (``.locks/<stage>-<key>.lock``) while it builds, the others
+wait for it and then read the entry. Across hosts the Ray executor submits each grid stage once
+(grid.ray_executor); should two hosts still build one entry, the first rename wins.
 A run killed outright (SIGKILL, out of memory) cannot remove its temporary directory; the next grid run
 sweeps those of dead processes on this host (``Store.sweep_stale``).
 """

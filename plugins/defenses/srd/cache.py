@@ -1,8 +1,8 @@
 """Attack-independent SRD stages (spec/srd.md §0: the surrogate and the policy are built once per
 (dataset, seed, preset) and reused for every attack cell), kept in the harness's content-addressed
 store under ``context.stage.cache_dir/srd``. Payloads name the parameters, the defender-data
-fingerprint, the seed and the base model's identity; the store's lock makes grid workers sharing
-the cache (``vbb run --jobs N``) build each entry once."""
+fingerprint, the seed and the base model's identity; the store's lock makes grid workers of one
+host sharing the cache (``vbb run --executor ray``) build each entry once."""
 
 from __future__ import annotations
 
