@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 import zlib
@@ -30,6 +31,7 @@ from typing import Callable
 import numpy as np
 from ..errors import VbbError
 from ..filelock import exclusive
+from ..processes import dead_owner, die_with_parent, owner_tag
 from . import world_draw as wd
 from .karpathy import KarpathyRecord, adopt_cache_file, pool_context, write_karpathy
 from .world_captions import NOUNS, alt_text, reference_captions
@@ -70,6 +72,12 @@ class WorldSizes:
     test: int = 1000
     pretrain: int = 8000
     flickr_test: int = 1000
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise VbbError(f"world size {name} must be a whole number >= 0, got {value!r}",
+                               f"set world_{name} in [profile.tiny] to 0 or more images")
 
     @classmethod
     def coerce(cls, value) -> "WorldSizes":
@@ -262,8 +270,10 @@ _BANK: dict = {}
 _PHOTOS_OK: set = set()
 
 
-def _init_worker(seed: int) -> None:
+def _init_worker(seed: int, parent_pid: int | None = None) -> None:
     global _BANK
+    if parent_pid is not None:  # a pool worker shares its parent's lock on the world: it must
+        die_with_parent(parent_pid)  # not outlive a parent killed outright (issue 32)
     _PHOTOS_OK.clear()
     _PHOTOS_OK.update(wd.available_photos())
     _BANK = wd.build_bank(np.random.default_rng([seed, 7919, WORLD_VERSION]))
@@ -327,18 +337,38 @@ def generate_world(root: Path, *, seed: int = 0, sizes: WorldSizes | None = None
     if _complete(world, seed, sizes):
         return world
     root.mkdir(parents=True, exist_ok=True)
-    with exclusive(root / f".{world.name}.lock"):  # a second process waits, then reuses the world
+    lock = root / f".{world.name}.lock"
+
+    def say_waiting() -> None:
+        (progress or _to_stderr)(f"embedded world: another process is generating {world.name} "
+                                 f"(it holds {lock}); waiting for it")
+
+    with exclusive(lock, on_wait=say_waiting):  # a second process waits, then reuses the world
         if _complete(world, seed, sizes):
             return world
         return _generate(root, world, seed, sizes, workers, progress, chunk)
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def sweep_stale_worlds(root: Path) -> list[Path]:
+    """Remove the temporary folders of world generations whose process (on this host) no longer
+    runs: a killed run's leftover, of any world; a live or another host's run's is kept."""
+    removed = []
+    for stale in Path(root).glob(".world-*.tmp-*"):
+        owner = stale.name.split(".tmp-", 1)[1].rsplit("-", 1)[0]  # <host>-<pid>-<random>
+        if stale.is_dir() and dead_owner(owner):
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    return removed
+
+
 def _generate(root: Path, world: Path, seed: int, sizes: WorldSizes, workers: int,
               progress: Callable[..., object] | None, chunk: int) -> Path:
-    for stale in root.glob(f".{world.name}.tmp-*"):  # left by a killed run
-        if time.time() - stale.stat().st_mtime > 6 * 3600:
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".{world.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    sweep_stale_worlds(root)
+    tmp = root / f".{world.name}.tmp-{owner_tag()}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
     try:
         (tmp / "npy").mkdir(parents=True)
@@ -367,7 +397,7 @@ def _generate(root: Path, world: Path, seed: int, sizes: WorldSizes, workers: in
                 collect(_work(task))
         else:
             with ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=_init_worker,
-                                     initargs=(seed,)) as pool:
+                                     initargs=(seed, os.getpid())) as pool:
                 for fut in as_completed([pool.submit(_work, t) for t in tasks]):
                     collect(fut.result())
         coco, flickr, scenes_out, stats = [], [], {}, {}

@@ -18,32 +18,19 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ..allocator import release_freed_memory
+from ..errors import VbbError
 from ..filelock import exclusive
+from ..processes import dead_owner, owner_tag
 
 META = "meta.json"
 # A build's temporary sibling: ``.<key>.<host>-<pid>.tmp``; the host and pid say whose it is.
 TMP_SUFFIX = ".tmp"
-
-
-def _host() -> str:
-    return socket.gethostname().replace(".", "_")  # no dots: the tag is the name's last field
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 def canonical_json(payload: Any) -> str:
@@ -55,10 +42,20 @@ def content_key(stage: str, payload: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` as JSON to ``path`` whole or not at all: a full disk or a read-only
+    folder is one VbbError naming the file, and no partial temporary file is left behind."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=True, default=str)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise VbbError(f"could not write {path}: {error.strerror or error}",
+                       "free disk space or make the cache directory writable (cache_dir in the "
+                       "config), then rerun: finished stages are kept") from None
 
 
 @dataclass
@@ -78,11 +75,10 @@ class Store:
     def sweep_stale(self) -> list[Path]:
         """Remove the temporary build directories of processes of this host that no longer
         run (a killed build); another host's or a live process's are left alone. Returns them."""
-        host, removed = _host(), []
+        removed = []
         for tmp in self.root.glob(f"*/.*{TMP_SUFFIX}"):
             owner = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1]
-            owner_host, _, pid = owner.rpartition("-")
-            if tmp.is_dir() and owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            if tmp.is_dir() and dead_owner(owner):
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed.append(tmp)
         return removed
@@ -122,7 +118,7 @@ class Store:
     def _build(self, stage: str, key: str, payload: dict[str, Any],
                build: Callable[[Path], dict[str, Any] | None]) -> Entry:
         final = self.path(stage, key)
-        tmp = final.with_name(f".{key}.{_host()}-{os.getpid()}{TMP_SUFFIX}")
+        tmp = final.with_name(f".{key}.{owner_tag()}{TMP_SUFFIX}")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
