@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .allocator import keep_freed_memory
@@ -55,10 +57,8 @@ def cmd_run(args) -> int:
     # a bad merge file fails now, not after the grid
     imported = _read_merge(config, args.merge) if not args.no_report else []
     runner = GridRunner(config, registry, log=lambda m: tqdm.write(m, file=sys.stderr))  # keeps bars whole
-    only = None
-    if args.cells:
-        wanted = set(args.cells)
-        only = lambda cell: cell.cell_id in wanted or cell.attack in wanted or cell.defense in wanted
+    from .grid.cells import cell_selector
+    only = cell_selector(config, args.cells) if args.cells else None
     summary = runner.run(only)
     print(f"grid: {len(summary.ok)} cells ok, {len(summary.failed)} failed "
           f"in {summary.seconds:.1f} s; results in {config.results_dir / config.profile}")
@@ -260,16 +260,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop): ends the run like Ctrl-C, never as one cell's
+    failure (grid.runner re-raises KeyboardInterrupt)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.func(args)
     except VbbError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated (SIGTERM): finished stages are kept in the store; rerun to resume",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept in the store; rerun to resume", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,10 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> BenchmarkCo
             raise _type_error(key, f"a list of {typ.__name__}", value, source)
         if not value and key in ("attacks", "defenses", "datasets", "seeds"):
             raise VbbError(f"'{key}' in {source or 'config'} is empty", f"name at least one, e.g. {key} = {_EXAMPLES[key]}")
+        repeated = sorted({v for v in value if value.count(v) > 1})
+        if repeated:  # a repeated seed or name would run the same cells twice
+            raise VbbError(f"'{key}' in {source or 'config'} names {repeated} more than once",
+                           f"list each once, e.g. {key} = {_EXAMPLES[key]}")
         setattr(cfg, key, list(value))
     if not 0.0 < cfg.poison_rate <= 1.0:
         raise VbbError(

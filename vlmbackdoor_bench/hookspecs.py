@@ -254,6 +254,11 @@ class DefenseContext:
     # fine-tuning recipe (spec/victim.md §A3), for defenses that run their own training phases.
     extras: dict = field(default_factory=dict)
 
+    def fine_tune(self, victim: Victim, training_set: TrainingSet, **kwargs: Any) -> dict:
+        """Fine-tune ``victim`` as this cell's grid does: its seed and its recipe (a defense that
+        calls ``victim.fine_tune`` itself without ``recipe`` trains with the base model's)."""
+        return victim.fine_tune(training_set, seed=self.seed, recipe=self.extras["recipe"], **kwargs)
+
 
 @dataclass
 class DefenseOutcome:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from ..config import BenchmarkConfig
 from ..errors import VbbError
@@ -49,6 +49,21 @@ def expand(config: BenchmarkConfig) -> list[Cell]:
     return cells
 
 
+def cell_selector(config: BenchmarkConfig, names: Sequence[str]) -> Callable[[Cell], bool]:
+    """Which cells ``vbb run --cells NAME ...`` runs: those whose id, attack or defense is a NAME.
+    A NAME that matches no cell of the grid is an error (a typo must not run nothing, quietly)."""
+    cells = expand(config)
+    known = {c.cell_id for c in cells} | {c.attack for c in cells} | {c.defense for c in cells}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        examples = ", ".join(c.cell_id for c in cells[:4])
+        raise VbbError(f"--cells names {unknown}, which match no cell of the grid",
+                       f"name cell ids (e.g. {examples}), attacks ({', '.join(config.attacks)}) "
+                       f"or defenses ({', '.join(config.defenses)})")
+    wanted = set(names)
+    return lambda cell: cell.cell_id in wanted or cell.attack in wanted or cell.defense in wanted
+
+
 def resolve_params(kind: str, plugin: Any, overrides: Mapping[str, Any]) -> tuple[str, dict]:
     """Preset constants merged with [attack.<name>] / [defense.<name>] overrides.
 
@@ -66,7 +81,8 @@ def resolve_params(kind: str, plugin: Any, overrides: Mapping[str, Any]) -> tupl
     if unknown:
         raise VbbError(
             f"unknown parameter(s) {sorted(unknown)} for {kind} '{plugin.name}' (preset {preset})",
-            f"valid parameters: {', '.join(sorted(params)) or 'none'}",
+            f"valid parameters: {', '.join(sorted(params)) or 'none'}, and preset = one of "
+            f"{', '.join(plugin.presets)}",
         )
     params.update(overrides)
     return preset, params
@@ -74,7 +90,11 @@ def resolve_params(kind: str, plugin: Any, overrides: Mapping[str, Any]) -> tupl
 
 def validate_plugins(config: BenchmarkConfig, registry: Registry) -> None:
     """Fail before any computation when a name in benchmark.toml is unknown."""
-    registry.victim(config.profile)
+    sources = registry.victim(config.profile).dataset_sources()
+    unknown = [name for name in config.datasets if name not in sources]
+    if unknown:
+        raise VbbError(f"unknown dataset(s) {unknown} in datasets of {config.source or 'the config'}",
+                       f"profile '{config.profile}' has the datasets: {', '.join(sources)}")
     for name in config.attacks:
         resolve_params("attack", registry.attack(name), config.attack_params.get(name, {}))
     for name in config.defenses:

@@ -26,12 +26,13 @@ from ..config import BenchmarkConfig
 from ..device import (device_record, evaluation_payload, resolve_device, resolve_precision,
                       training_payload, victim_precision)
 from ..errors import VbbError
-from ..hookspecs import FINE_TUNE_STARTS, OBJECTIVE_INPUTS, DefenseContext, StageContext
+from ..hookspecs import FINE_TUNE_STARTS, OBJECTIVE_INPUTS, DefenseContext, DefenseOutcome, StageContext
 from ..registry import Registry
 from ..types import EvalInputs, Split, sha256_of_ids, sha256_of_images
 from . import persist
 from .cells import CLEAN_MODEL, Cell, expand, resolve_params, validate_plugins
-from .store import Entry, Store, write_json_atomic
+from ..leaderboard.results import budget_difference
+from .store import Entry, Store, content_key, write_json_atomic
 
 
 @dataclass
@@ -70,7 +71,12 @@ class GridRunner:
         self.log = log
         self.store = Store(config.store_dir, log=log)
         self.profile = registry.victim(config.profile)
-        self.profile_params = self.profile.params(config.profile_params)
+        try:
+            self.profile_params = self.profile.params(config.profile_params)
+        except VbbError as error:  # the profile knows its keys, the config knows its file
+            raise VbbError(f"{error.problem} (in {config.source or 'the built-in config'})",
+                           error.fix) from None
+        self.budget = budget_of(config, self.profile_params)
         self.context = self._stage_context()
         self._splits: dict[tuple[str, str], Split] = {}
         self._victims: dict[str, Any] = {}
@@ -244,7 +250,7 @@ class GridRunner:
             poisoned = persist.load_poisoned(poison_entry.path, self.split("coco", "train"))
             context = self.defense_context(backdoored.clone(), poisoned.training_set, seed, tmp / "artifacts")
             context.workdir.mkdir()
-            outcome = defense.defend(context, params)
+            outcome = checked_outcome(defense.name, defense.defend(context, params))
             outcome.victim.lineage = {"stage": "defend", "backdoor": backdoor_entry.key,
                                       "defense": defense.name}
             outcome.victim.save(tmp)
@@ -433,13 +439,46 @@ class GridRunner:
         error = None
         try:
             result = self.run_cell(cell)
-        except Exception as exc:  # one failing cell never stops the grid (DESIGN.md §8)
-            error = error_message(exc)
+        except KeyboardInterrupt:  # the user's Ctrl-C (and SIGTERM, cli.Terminated) stops the grid
+            raise
+        except BaseException as exc:  # one failing cell never stops the grid (DESIGN.md §8),
+            error = error_message(exc)  # not even a plugin's sys.exit()
             self.log(f"cell {cell.cell_id} FAILED: {error}")
             result = failed_result(cell, error, traceback.format_exc(limit=8))
         result["timings"] = {**result.get("timings", {}), "cell_wall": time.perf_counter() - cell_started}
-        write_json_atomic(result_path(self.config, cell), result)
+        result["budget"] = self.budget
+        path = result_path(self.config, cell)
+        replaced = _stored_budget(path)
+        if replaced is not None and replaced["key"] != self.budget["key"]:
+            self.log(f"{path.name}: replacing a result of another budget "
+                     f"({budget_difference(replaced, self.budget)}); the board refuses mixed budgets")
+        write_json_atomic(path, result)
         return error
+
+
+def budget_of(config: BenchmarkConfig, profile_params: dict) -> dict:
+    """What a cell's numbers depend on beyond its coordinates: the profile with its resolved
+    parameters (world sizes, training recipe) and the world seed; ``key`` is a short hash of it.
+    Results of different keys never share a board (leaderboard.results.check_one_budget)."""
+    params = {"profile": config.profile, "world_seed": config.world_seed, **profile_params}
+    return {"key": content_key("budget", params)[:12], "params": params}
+
+
+def _stored_budget(path: Path) -> dict | None:
+    try:
+        budget = json.loads(path.read_text()).get("budget")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return budget if isinstance(budget, dict) and "key" in budget else None
+
+
+def checked_outcome(defense: str, outcome: Any) -> DefenseOutcome:
+    """``outcome`` if ``defend()`` returned a DefenseOutcome, else one error that says so."""
+    if not isinstance(outcome, DefenseOutcome):
+        raise VbbError(f"defense '{defense}' returned {type(outcome).__name__} from defend(), "
+                       "not a DefenseOutcome",
+                       "return hookspecs.DefenseOutcome(victim, DefenseReport(...)) from defend()")
+    return outcome
 
 
 def error_message(exc: BaseException) -> str:

@@ -186,7 +186,37 @@ def load_results(results_dir: Path, profile: str) -> list[dict]:
                           stacklevel=2)
             continue
         records.append(record)
+    check_one_budget(records, folder)
     return records
+
+
+def budget_difference(a: Mapping, b: Mapping) -> str:
+    """``name: value_a vs value_b`` for each parameter in which two cell budgets differ (a
+    result's ``budget``: ``{"key", "params"}``, grid.runner.budget_of)."""
+    pa, pb = a.get("params") or {}, b.get("params") or {}
+    return ", ".join(f"{k}: {pa.get(k, '(unset)')} vs {pb.get(k, '(unset)')}"
+                     for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)) or "same parameters"
+
+
+def check_one_budget(records: Sequence[Mapping], folder: Path) -> None:
+    """Refuse results computed under different budgets (world sizes, recipe, profile
+    parameters): their numbers are not comparable. Results without a budget (written before it was
+    recorded, or merged from a results.csv) go with any."""
+    budgets: dict[str, Mapping] = {}
+    counts: dict[str, int] = {}
+    for record in records:
+        budget = record.get("budget")
+        if isinstance(budget, Mapping) and isinstance(budget.get("key"), str):
+            budgets.setdefault(budget["key"], budget)
+            counts[budget["key"]] = counts.get(budget["key"], 0) + 1
+    if len(budgets) > 1:
+        (first, a), *others = sorted(budgets.items(), key=lambda kv: -counts[kv[0]])
+        described = "; ".join(f"{key} ({counts[key]} cells) differs from {first} ({counts[first]} "
+                              f"cells) in {budget_difference(a, b)}" for key, b in others)
+        raise VbbError(
+            f"the results in {folder} were computed with {len(budgets)} different budgets: {described}",
+            "rerun the odd cells with the grid's settings (they overwrite their result files), or "
+            "give each budget its own cache_dir in the config")
 
 
 def newest_result_mtime(results_dir: Path, profile: str) -> float | None:

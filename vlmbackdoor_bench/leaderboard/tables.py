@@ -230,6 +230,9 @@ class CellValues:
     """
 
     def __init__(self, records: Sequence[Mapping]):
+        # A failed cell has no numbers and, often, no presets: it is listed in the README's failed
+        # cells and counted in the notes, never a row or a preset of its own here (issue 32).
+        records = [r for r in records if r.get("status") == "ok"]
         self.poison_rate = table_poison_rate(records)
         kept = [r for r in records if r["defense"] == CLEAN_MODEL
                 or _same_rate(_rate(r), self.poison_rate)]

@@ -21,6 +21,8 @@ Reference files (:func:`load_references`), detected from their content:
 from __future__ import annotations
 
 import json
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +107,18 @@ def load_results(path: str | Path) -> dict[int, str]:
             raise ValueError(f"the top-level JSON value is a {type(data).__name__}")
     except ValueError as exc:
         raise _bad(path, what, str(exc), RESULT_FORMATS) from exc
+    _warn_repeated(path, [_image_id(item["image_id"]) for item in data] if isinstance(data, list) else [])
     return out
+
+
+def _warn_repeated(path: Path, ids: list[int]) -> None:
+    """Say which image ids a result list repeats: only the first caption of each is scored."""
+    counts = Counter(ids)
+    repeated = [(i, n) for i, n in counts.items() if n > 1]
+    if repeated:
+        listed = ", ".join(f"image id {i} ({n} times)" for i, n in repeated[:5])
+        warnings.warn(f"{path}: {len(repeated)} image id(s) appear more than once, e.g. {listed}; "
+                      "only the first caption of each is scored (metrics.md §1)", stacklevel=2)
 
 
 def _strings(value: Any, where: str) -> list[str]:

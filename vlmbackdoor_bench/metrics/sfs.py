@@ -47,6 +47,9 @@ SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SFS_ALPHA = 0.5
 # metrics.md §5.1: "Report SC, LF and SFS x 100."
 PERCENT = 100.0
+# SC/LF/SFS are stored to 6 decimals: the models' batched float sums differ in the 8th significant
+# digit between identical runs (issue 32), far below any reported precision.
+STORED_DECIMALS = 6
 # metrics.md §5.2 scores at most 512 tokens per text; the same cap bounds memory here.
 MAX_LM_TOKENS = 512
 EMBED_BATCH = 64  # texts per MiniLM forward pass (speed only)
@@ -402,9 +405,9 @@ class SfsScorer:
                 f[k] = 1.0 if ratio >= 1.0 else (float(ratio) if ratio >= 0.0 else 0.0)
         sc_mean, lf_mean = float(sc.mean()), float(f.mean())
         return {
-            "sc": PERCENT * sc_mean,
-            "lf": PERCENT * lf_mean,
-            "sfs": PERCENT * (SFS_ALPHA * sc_mean + (1.0 - SFS_ALPHA) * lf_mean),
+            "sc": round(PERCENT * sc_mean, STORED_DECIMALS),
+            "lf": round(PERCENT * lf_mean, STORED_DECIMALS),
+            "sfs": round(PERCENT * (SFS_ALPHA * sc_mean + (1.0 - SFS_ALPHA) * lf_mean), STORED_DECIMALS),
             "n": len(ids),
             "n_empty": len(ids) - len(live),
             "n_clean_empty": sum(1 for k in live if not cl[k]),

@@ -30,7 +30,7 @@ def _merge(defaults: dict[str, Any], overrides: Mapping[str, Any], profile: str)
     unknown = set(overrides) - set(defaults)
     if unknown:
         raise VbbError(
-            f"unknown key(s) {sorted(unknown)} in [profile.{profile}] of benchmark.toml",
+            f"unknown key(s) {sorted(unknown)} in [profile.{profile}]",
             f"valid keys: {', '.join(sorted(defaults))}",
         )
     merged = dict(defaults)
