@@ -132,7 +132,8 @@ def execute(tasks: list[StageTask], compute: Callable[[StageTask, Callable[[str]
             options: Callable[[StageTask], dict[str, float]], max_retries: int,
             log: Callable[[str], None]) -> dict[str, Any]:
     """Run ``tasks`` (each after those it needs) on the connected cluster; the outcome of each by
-    name: what ``compute`` returned, or a Failure. One progress bar counts the cell tasks."""
+    name: what ``compute`` returned, or a Failure. One progress bar counts the cells, ok and
+    failed, and the tasks running (started, outcome not yet collected)."""
     import ray
     from ray.util.queue import Empty, Queue
 
