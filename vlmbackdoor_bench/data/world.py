@@ -355,11 +355,13 @@ def _to_stderr(message: str) -> None:
 
 def sweep_stale_worlds(root: Path) -> list[Path]:
     """Remove the temporary folders of world generations whose process (on this host) no longer
-    runs: a killed run's leftover, of any world; a live or another host's run's is kept."""
+    runs: a killed run's leftover, of any world; a live or another host's run's is kept. A folder
+    named before owners carried their host (``.tmp-<pid>-<random>``) goes once 6 hours old."""
     removed = []
     for stale in Path(root).glob(".world-*.tmp-*"):
         owner = stale.name.split(".tmp-", 1)[1].rsplit("-", 1)[0]  # <host>-<pid>-<random>
-        if stale.is_dir() and dead_owner(owner):
+        hostless_and_old = owner.isdigit() and time.time() - stale.stat().st_mtime > 6 * 3600
+        if stale.is_dir() and (dead_owner(owner) or hostless_and_old):
             shutil.rmtree(stale, ignore_errors=True)
             removed.append(stale)
     return removed
