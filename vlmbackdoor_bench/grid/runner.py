@@ -405,10 +405,9 @@ class GridRunner:
     def check_data(self) -> None:
         """Every local dataset the grid reads (fine-tuning and each eval role) is complete before
         anything is built: one VbbError naming each missing file (providers' check_available)."""
-        sources = self.profile.dataset_sources()
+        sources = self.profile.dataset_sources()  # every role is known: validate_plugins ran
         for role in dict.fromkeys(["coco", *self.config.datasets]):
-            check = getattr(self.registry.dataset(sources[role]), "check_available", None) \
-                if role in sources else None  # an unknown role fails its own cells (split)
+            check = getattr(self.registry.dataset(sources[role]), "check_available", None)
             if check is not None:
                 check(self.context.config)
 
