@@ -15,8 +15,9 @@ import torch
 
 from vlmbackdoor_bench.data import COCO_KARPATHY, FLICKR30K_KARPATHY
 from vlmbackdoor_bench.fixtures.mini_broken import BROKEN, write_broken
+from vlmbackdoor_bench.fixtures.mini_config import MiniConfig, MiniPaths
 from vlmbackdoor_bench.fixtures.openflamingo_mini import (
-    NEOX_EOS, NEOX_PADDING, MiniConfig, MiniPaths, main, write_clip, write_openflamingo_mini,
+    NEOX_EOS, NEOX_PADDING, main, write_clip, write_openflamingo_mini,
 )
 from vlmbackdoor_bench.hookspecs import StageContext
 from vlmbackdoor_bench.victims.clip_vision import load_clip_vision
