@@ -99,6 +99,7 @@ def test_cell_results_carry_metrics_timings_and_provenance(grid):
     assert {"poison", "backdoor", "defend", "captions_triggered", "scores_clean"} <= set(prov["stage_keys"])
     assert prov["manifests"]["test"]["n_images"] == 30 and len(prov["manifests"]["test"]["ids_sha256"]) == 64
     assert prov["decoding"]["num_beams"] == 3 and prov["decoding"]["max_new_tokens"] == 20
+    assert prov["device"] == {"name": "cpu"} and prov["precision"]["weights"] == "float32"  # device.py
     assert {"poison", "backdoor", "captions_triggered", "cell_wall"} <= set(cell["timings"])
     assert cell["detection"]["n_flagged"] == 0 and cell["detection"]["n_poisoned"] == 100  # floor(0.1 * 1000)
     clean = results(config)["coco__badnet__clean-model__rate0.1__seed0"]
