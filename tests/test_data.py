@@ -270,10 +270,13 @@ def test_coco_subset_bad_inputs_give_one_clear_error(coco_dir, tmp_path):
         load('[9000,')
     with pytest.raises(VbbError, match=r"no fine-tuning id list configured.*\n.*coco-karpathy-train-5k"):
         load(cfg=SimpleNamespace(data_paths={"coco-karpathy": coco_dir}))
-    # every missing file named in one error, before anything is decoded
+    # the fine-tuning split needs the caption annotations; Karpathy's splits do not
     (coco_dir / "annotations" / "captions_train2014.json").unlink()
-    with pytest.raises(VbbError) as e:
-        load('[9000]', split="test")
+    with pytest.raises(VbbError, match="COCO caption annotation file .*captions_train2014.json does not exist"):
+        load('[9000]')
+    assert load(split="test").image_ids == [318219]
+    with pytest.raises(VbbError) as e:  # the grid's up-front check names every missing file at once
+        COCO_KARPATHY.check_available(_coco_config(coco_dir, coco_dir / "coco-5k-ids.json"))
     assert "captions_train2014.json" in str(e.value) and "dataset_coco.json" not in str(e.value)
     (coco_dir / "dataset_coco.json").unlink()
     (coco_dir / "coco-5k-ids.json").unlink()

@@ -26,7 +26,9 @@ from typing import Any, Sequence
 from ..errors import VbbError
 from ..hookspecs import StageContext, hookimpl
 from ..types import Split
-from .coco_captions import load_annotation_subset
+from .coco_captions import (
+    annotation_subset_doc, load_annotation_subset, read_annotation_ids, read_coco_captions,
+)
 from .karpathy import load_karpathy_split
 from .world import WORLD_VERSION, WorldSizes, generate_world, world_paths
 
@@ -114,30 +116,34 @@ class KarpathyProvider:
 
         return next((root / d for d in self.image_dirs if holds_images(root / d)), None)
 
-    def missing_files(self, config: Any) -> list[str]:
-        """What the configured folder lacks, one line per missing file or folder."""
-        root = self.root(config)
+    def _missing_karpathy(self, root: Path) -> list[str]:
+        """What Karpathy's splits need and ``root`` lacks, one line per file or folder."""
         missing = []
         if not any(p.is_file() for p in self._json_candidates(root)):
             missing.append(f"the Karpathy annotation file {root / self.json_name}")
         if self._image_root(root) is None:
-            wanted = [d for d in self.image_dirs if d] or [""]
-            folders = " + ".join(self.markers) if self.markers else "the images"
-            missing.append(f"the image folder(s) {folders} under {root / wanted[0]}")
+            where = " or ".join(str(root / d) for d in self.image_dirs)
+            missing.append(f"the image folder(s) {' + '.join(self.markers) or 'of the images'} in {where}")
         return missing
 
-    def check_available(self, config: Any) -> None:
-        """One VbbError naming every file or folder the dataset needs and lacks."""
-        missing = self.missing_files(config)
+    def missing_files(self, config: Any) -> list[str]:
+        """Everything the dataset's splits need and the configured folder lacks."""
+        return self._missing_karpathy(self.root(config))
+
+    def _refuse(self, missing: list[str]) -> None:
         if missing:
             raise VbbError(f"dataset {self.name!r} is incomplete: missing " + "; ".join(missing),
                            f"provision them under [data] {self.name} of benchmark.toml (README, "
                            '"Running the paper\'s grid on a GPU"); nothing is downloaded')
 
+    def check_available(self, config: Any) -> None:
+        """One VbbError naming every file or folder the dataset needs and lacks."""
+        self._refuse(self.missing_files(config))
+
     def locate(self, config: Any) -> tuple[Path, Path]:
         """(annotation json, image root) inside the configured folder."""
-        self.check_available(config)
         root = self.root(config)
+        self._refuse(self._missing_karpathy(root))
         dataset_json = next(p for p in self._json_candidates(root) if p.is_file())
         return dataset_json, self._image_root(root)
 
@@ -182,18 +188,29 @@ class CocoKarpathyProvider(KarpathyProvider):
         root = self.root(config)
         if not any(p.is_file() for p in self._captions_candidates(root)):
             missing.append(f"the COCO caption annotations {self._captions_candidates(root)[0]}")
-        ids = self.ids_file(config)
-        if not ids.is_file():
-            missing.append(f"the annotation id list {ids} ([data] {self.IDS_KEY})")
+        paths = _cfg(config, "data_paths", None) or {}
+        if self.IDS_KEY not in paths:
+            missing.append(f"the fine-tuning annotation id list ([data] {self.IDS_KEY} is not set)")
+        elif not self.ids_file(config).is_file():
+            missing.append(f"the annotation id list {self.ids_file(config)} ([data] {self.IDS_KEY})")
         return missing
+
+    def _captions_file(self, config: Any) -> Path:
+        candidates = self._captions_candidates(self.root(config))
+        return next((p for p in candidates if p.is_file()), candidates[0])  # absent: the reader names it
 
     def fine_tuning_split(self, context: StageContext) -> Split:
         _, image_root = self.locate(context.config)
-        root = self.root(context.config)
-        captions = next(p for p in self._captions_candidates(root) if p.is_file())
-        return load_annotation_subset(captions, image_root, self.ids_file(context.config),
-                                      dataset=self.name, split="train",
+        return load_annotation_subset(self._captions_file(context.config), image_root,
+                                      self.ids_file(context.config), dataset=self.name, split="train",
                                       cache_dir=Path(context.cache_dir) / "karpathy")
+
+    def fine_tuning_image_ids(self, config: Any) -> set[int]:
+        """The images of the fine-tuning subset, without decoding them."""
+        path = self._captions_file(config)
+        doc = annotation_subset_doc(read_coco_captions(path)[0], read_annotation_ids(self.ids_file(config)),
+                                    split="train", source=path)
+        return {rec["cocoid"] for rec in doc["images"]}
 
     def load(self, split: str, context: StageContext) -> Split:
         _check_split(self.name, split, self.splits)
@@ -201,7 +218,7 @@ class CocoKarpathyProvider(KarpathyProvider):
             return self.fine_tuning_split(context)
         loaded = super().load(split, context)
         if split == "restval":
-            shared = set(loaded.image_ids) & set(self.fine_tuning_split(context).image_ids)
+            shared = set(loaded.image_ids) & self.fine_tuning_image_ids(context.config)
             if shared:
                 raise VbbError(
                     f"the reserved clean split restval shares {len(shared)} images with the "
