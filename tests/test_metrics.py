@@ -282,7 +282,7 @@ def test_builtin_metrics_registration_and_compute():
     asr_metric = {m.name: m for m in BUILTIN_METRICS}["asr"]
     req = MetricRequest(captions={1: "bananas", 2: "x"}, references=REFS, asr_rule="strict")
     out = asr_metric.compute(req)
-    assert out["key"] == "asr_strict" and out["n"] == 1 and out["excluded"] == 1
+    assert out["rule"] == "strict" and out["n"] == 1 and out["excluded"] == 1
     assert out["value"] == pytest.approx(100.0)
     with pytest.raises(VbbError, match="clean"):
         {m.name: m for m in BUILTIN_METRICS}["sfs"].compute(req)

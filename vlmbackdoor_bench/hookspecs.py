@@ -207,6 +207,10 @@ class Attack(Protocol):
         The test-time trigger is made while poisoning (VL-Trojan's optimised trigger): the grid
         then calls ``eval_inputs(..., poison_details=PoisonedSet.details)`` with the details of
         the poison stage of the same params and seed, cached or fresh.
+
+    Optional facts for the tables, copied into every cell record (results_schema.attack_facts):
+    ``label: str`` (default the name), ``order: int`` (row order; default None: after the
+    ordered attacks, by name), ``headline_asr_rule: str`` (default the last of ``asr_rules``).
     """
 
     name: str
@@ -268,7 +272,15 @@ class DefenseOutcome:
 
 @runtime_checkable
 class Defense(Protocol):
-    """A defense (spec/defenses.md, spec/srd.md)."""
+    """A defense (spec/defenses.md, spec/srd.md).
+
+    Optional facts for the tables, copied into every cell record (results_schema.defense_facts):
+    ``label: str`` (default the name), ``order: int`` (column order; default None: after the
+    ordered defenses, by name), ``paper_tables: Mapping[int, int]`` (the SRD paper's Tables 1-3
+    the defense is a column of: table number -> column position; default none) and
+    ``paper_labels: Mapping[int, str]`` (its label in a table where the paper names it
+    differently; default none).
+    """
 
     name: str
     version: str
@@ -281,7 +293,16 @@ class Defense(Protocol):
 
 @runtime_checkable
 class Metric(Protocol):
-    """A pure function of captions and references (and images where needed) -> numbers."""
+    """A pure function of captions and references (and images where needed) -> numbers.
+
+    ``compute`` returns ``{"value": number or None, ...details}``. Optional members
+    (results_schema.metric_facts copies the first two into every cell record):
+    ``label: str`` (column header; default the name), ``order: int`` (default None: after the
+    ordered metrics, by name), ``asr_rules: tuple[str, ...]`` (default empty: the metric takes
+    no rule; otherwise it is computed once per rule the attack names, ``request.asr_rule`` set,
+    and stored as ``<name>_<rule>``), ``needs_clean_captions: bool`` (default False; True:
+    ``vbb score`` runs it only when the clean model's captions are given).
+    """
 
     name: str
     version: str

@@ -41,6 +41,7 @@ def trigger_and_mask(pattern: str) -> tuple[np.ndarray, np.ndarray]:
 
 class BadNet(TriggerAttack):
     name = "badnet"
+    label, order = "BadNet", 10  # the SRD paper's Table 1 rows
     version = __version__
     default_preset = "srd-code"
     transform_name = "badnet-patch"

@@ -63,6 +63,7 @@ def blend(images: np.ndarray, key: np.ndarray, alpha: float) -> np.ndarray:
 
 class Blended(TriggerAttack):
     name = "blended"
+    label, order = "Blended", 20  # the SRD paper's Table 1 rows
     version = __version__
     default_preset = "srd-code"
     transform_name = "blended-key"

@@ -88,6 +88,7 @@ def without_replacement(pool: Sequence[int], n: int, rng: np.random.Generator) -
 
 class Shadowcast:
     name = "shadowcast"
+    label, order = "Shadowcast", 50  # the SRD paper's Table 1 rows
     version = __version__
     target = TARGET
     asr_rules = ("srd", "concept")  # spec/metrics.md §4.4: reproduction, headline

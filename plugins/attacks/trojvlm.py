@@ -106,6 +106,7 @@ class SemanticPreservation:
 
 class TrojVLM(TriggerAttack):
     name = "trojvlm"
+    label, order = "TrojVLM", 30  # the SRD paper's Table 1 rows
     version = __version__
     default_preset = "srd-code"
     transform_name = "trojvlm-noise-patch"

@@ -140,6 +140,7 @@ class VloodObjective:
 class Vlood(TriggerAttack):
     name = "vlood"
     version = __version__
+    label, order = "VLOOD", 40  # the SRD paper's Table 1 rows
     default_preset = "srd-code"
     transform_name = "vlood-noise-patch"
     fine_tune_from = "clean_model"  # §5: the attacker fine-tunes the clean reference model

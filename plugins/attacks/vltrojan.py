@@ -93,6 +93,7 @@ def from_png_base64(text: str) -> np.ndarray:
 
 class VLTrojan:
     name = "vl_trojan"
+    label, order = "VL-Trojan", 60  # the SRD paper's Table 1 rows
     version = __version__
     target = TARGET
     asr_rules = ("srd", "strict")  # spec/metrics.md §4.4

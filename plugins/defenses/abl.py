@@ -134,6 +134,8 @@ def should_stop(isolated_nll: float, cider: float, cider_start: float, params: M
 
 class AntiBackdoorLearning:
     name = "abl"
+    label, order = "ABL", 10
+    paper_tables = {2: 1}  # the SRD paper's Table 2: table -> column
     version = __version__
     presets = PRESETS
     default_preset = "default"

@@ -276,6 +276,8 @@ class ProxyData:
 
 class ConfusionTraining:
     name = "ct"
+    label, order = "CT", 30
+    paper_tables = {2: 3}  # the SRD paper's Table 2: table -> column
     version = __version__
     presets = PRESETS
     default_preset = "default"

@@ -10,6 +10,8 @@ __version__ = "1.0.0"
 
 class NoDefense:
     name = "none"
+    label, order = "No Defense", 0
+    paper_tables = {1: 0, 2: 0, 3: 0}  # the SRD paper's Tables 1-3: table -> column
     version = __version__
     presets = {"default": {}}
     default_preset = "default"

@@ -126,6 +126,8 @@ class ImageNetProxy:
 
 class VersatileDataCleanser:
     name = "vdc"
+    label, order = "VDC", 20
+    paper_tables = {2: 2}  # the SRD paper's Table 2: table -> column
     version = __version__
     presets = PRESETS
     default_preset = "default"

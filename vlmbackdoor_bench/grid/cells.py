@@ -8,8 +8,9 @@ from typing import Any, Callable, Mapping, Sequence
 from ..config import BenchmarkConfig
 from ..errors import VbbError
 from ..registry import Registry
+from ..results_schema import CLEAN_MODEL
 
-CLEAN_MODEL = "clean-model"  # pseudo-defense id of the clean reference model rows (CONTRACTS.md)
+__all__ = ["CLEAN_MODEL", "Cell", "cell_selector", "expand", "resolve_params", "validate_plugins"]
 
 
 @dataclass(frozen=True)

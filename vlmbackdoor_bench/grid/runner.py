@@ -28,6 +28,7 @@ from ..device import (device_record, evaluation_payload, resolve_device, resolve
 from ..errors import VbbError
 from ..hookspecs import FINE_TUNE_STARTS, OBJECTIVE_INPUTS, DefenseContext, DefenseOutcome, StageContext
 from ..registry import Registry
+from ..results_schema import CellResult, attack_facts, defense_facts, metric_facts, stored_key
 from ..types import EvalInputs, Split, sha256_of_ids, sha256_of_images
 from . import persist
 from .cells import CLEAN_MODEL, Cell, expand, resolve_params, validate_plugins
@@ -289,6 +290,7 @@ class GridRunner:
                rules: list[str], target: str) -> Entry:
         """Every registered metric on one caption set; ASR once per rule (spec/metrics.md §4.4)."""
         from ..hookspecs import MetricRequest
+        from ..metrics.score import compute_metrics
 
         metrics = dict(sorted(self.registry.items["metric"].items()))
         payload = {"captions": captions_entry.key, "sfs_reference": reference_entry.key,
@@ -302,16 +304,8 @@ class GridRunner:
             request = MetricRequest(captions=captions, references=dict(zip(inputs.image_ids, inputs.references)),
                                     target=target, clean_captions={i: clean_refs[i] for i in captions},
                                     scorers=self.scorer())
-            values: dict[str, Any] = {}
-            details: dict[str, Any] = {"n_images": len(captions)}
-            for name, metric in metrics.items():
-                for rule in (rules if name == "asr" else [None]):
-                    request.asr_rule = rule or request.asr_rule
-                    result = dict(metric.compute(request))
-                    key = result.pop("key", name)
-                    values[key] = result.pop("value")
-                    if result:
-                        details[key] = result
+            values, details = compute_metrics(metrics, request, rules)
+            details = {"n_images": len(captions), **details}
             write_json_atomic(tmp / "scores.json", {"metrics": values, "details": details})
             return {}
 
@@ -380,16 +374,16 @@ class GridRunner:
         metrics, details, eval_keys = self.evaluate(victim, model_entry, cell, attack, attack_params, timings)
         keys.update(eval_keys)
         split = self.split(cell.dataset, "test")
-        return {
-            "schema": 1, "profile": cell.profile, "dataset": cell.dataset,
-            "dataset_source": self.profile.dataset_sources()[cell.dataset],
-            "attack": cell.attack, "attack_preset": attack_preset, "attack_version": attack.version,
-            "attack_params": attack_params,
-            "defense": cell.defense, "defense_preset": defense_preset, "defense_version": defense_version,
-            "poison_rate": cell.poison_rate, "seed": cell.seed, "status": "ok", "error": None,
-            "metrics": metrics, "metric_details": details, "detection": detection,
-            "timings": timings, "artifacts": artifacts,
-            "provenance": {
+        return CellResult(
+            profile=cell.profile, dataset=cell.dataset,
+            dataset_source=self.profile.dataset_sources()[cell.dataset],
+            attack=cell.attack, attack_preset=attack_preset, attack_version=attack.version,
+            attack_params=attack_params,
+            defense=cell.defense, defense_preset=defense_preset, defense_version=defense_version,
+            poison_rate=cell.poison_rate, seed=cell.seed, status="ok",
+            metrics=metrics, metric_details=details, detection=detection,
+            timings=timings, artifacts=artifacts, plugin_facts=self.plugin_facts(cell, attack, metrics),
+            provenance={
                 "cell_key": keys.get("defend") or keys.get("clean_model"), "stage_keys": keys,
                 "versions": _versions(), "git_commit": git_commit(),
                 "seeds": {"poison": cell.seed, "train": cell.seed, "world": self.config.world_seed,
@@ -400,7 +394,20 @@ class GridRunner:
                 "device": device_record(self.context.device), "precision": victim_precision(victim),
                 "profile_params": self.profile_params,
             },
-        }
+        ).to_dict()
+
+    def plugin_facts(self, cell: Cell, attack, metrics: dict) -> dict:
+        """What the tables need to know about the cell's plugins (results_schema): the attack's
+        and defense's labels and orders, and each stored metric's label, order and direction."""
+        facts: dict[str, Any] = {"attack": attack_facts(attack), "metrics": {}}
+        if cell.defense != CLEAN_MODEL:
+            facts["defense"] = defense_facts(self.registry.defense(cell.defense))
+        stored = {key for values in metrics.values() for key in values}
+        for name, metric in self.registry.items["metric"].items():
+            for rule in (getattr(metric, "asr_rules", ()) or [None]):
+                if stored_key(name, rule) in stored:
+                    facts["metrics"][stored_key(name, rule)] = metric_facts(metric, rule)
+        return facts
 
     def check_data(self) -> None:
         """Every local dataset the grid reads (fine-tuning and each eval role) is complete before
@@ -490,5 +497,5 @@ def result_path(config: BenchmarkConfig, cell: Cell) -> Path:
 
 
 def failed_result(cell: Cell, error: str, trace: str = "") -> dict:
-    return {"schema": 1, **cell.to_dict(), "status": "failed", "error": error, "traceback": trace,
-            "metrics": {}, "provenance": {"git_commit": git_commit(), "versions": _versions()}}
+    return CellResult(**cell.to_dict(), status="failed", error=error, traceback=trace,
+                      provenance={"git_commit": git_commit(), "versions": _versions()}).to_dict()

@@ -18,6 +18,7 @@ from .check import (
     DEFAULT_TOLERANCES, Regression, check, load_baseline, make_baseline, tolerance_for,
     validate_baseline,
 )
+from .facts import Facts
 from .render import write_leaderboards
 from .results import (
     CLEAN_MODEL, LONG_FORM_COLUMNS, PAPER_PROFILE, CellCoordinates, ResultFileWarning, load_results,
@@ -63,8 +64,9 @@ def build_leaderboards(results_dir: Path, profile: str, out_dir: Path,
                        f"{Path(results_dir) / profile}",
                        f"run the grid for profile {profile!r} first (unreadable files were "
                        "reported above as warnings)")
-    paper = load_paper_tables(paper_dir)
-    table_set = build_tables(records, profile, paper)
+    facts = Facts.of(records)
+    paper = load_paper_tables(paper_dir, facts)
+    table_set = build_tables(records, profile, paper, facts)
     return write_leaderboards(profile_dir(out_dir, profile), profile, records, table_set,
                               newest_result_mtime(Path(results_dir), profile), declared)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import VbbError
+from .facts import Facts
 from .results import finite_number, metric_values, row_sort_key
 
 BASELINE_SCHEMA = 1
@@ -172,9 +173,10 @@ def make_baseline(records: Sequence[Mapping], tolerances: Mapping[str, float]) -
     if not ok:
         raise VbbError("no successful cell results to make a baseline from",
                        "run the grid first and check that its cells succeed")
+    facts = Facts.of(ok)
     grouped: dict[tuple, list[float]] = {}
     for r in ok:
-        for split, metric, value in metric_values(r):
+        for split, metric, value in metric_values(r, facts):
             key = (r["dataset"], r["attack"], r["defense"], split, metric)
             grouped.setdefault((key, _identity(r)), []).append(value)
     cells_per_value = Counter(key for key, _identity in grouped)
@@ -185,7 +187,7 @@ def make_baseline(records: Sequence[Mapping], tolerances: Mapping[str, float]) -
             entry.update(zip(SELECTOR_KEYS, identity))
         entry["value"] = math.fsum(found) / len(found)
         entries.append(entry)
-    entries.sort(key=lambda e: row_sort_key({**e, "cell_key": ""}))
+    entries.sort(key=lambda e: row_sort_key({**e, "cell_key": ""}, facts))
     return {"schema": BASELINE_SCHEMA, "profile": _profile_of(ok),
             "tolerances": {k: float(v) for k, v in tolerances.items()}, "values": entries}
 

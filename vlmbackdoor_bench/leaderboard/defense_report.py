@@ -15,10 +15,9 @@ import math
 from collections import defaultdict
 from typing import Mapping, Sequence
 
-from .results import (
-    CLEAN_MODEL, attack_rank, dataset_rank, defense_rank, defense_values, finite_number, label,
-)
-from .tables import MISSING, ColumnGroup, Table, fmt, headline_metric
+from .facts import Facts
+from .results import CLEAN_MODEL, defense_values, finite_number
+from .table_model import MISSING, ColumnGroup, Table, fmt
 
 COLUMNS = ("ASR before ↓", "ASR after ↓", "clean C ↑", "precision ↑", "recall ↑",
            "flagged / poisoned", "suspected P / R", "trigger masked", "defense s")
@@ -28,14 +27,15 @@ def _mean(values: Sequence[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
-def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Table:
-    """The table (``has_data`` False when no real defense ran)."""
+def defense_report(records: Sequence[Mapping], poison_rate: float | None, facts: Facts) -> Table:
+    """The table (``has_data`` False when no real defense ran); labels, orders and headline ASR
+    rules from ``facts``."""
     kept = [r for r in records if r.get("status") == "ok" and r.get("defense") != CLEAN_MODEL
             and (poison_rate is None or finite_number(r.get("poison_rate")) == poison_rate)]
     values: dict[tuple, list[float]] = defaultdict(list)
     for r in kept:
         key = (r["dataset"], r["attack"], r["defense"])
-        metric = headline_metric(r["attack"])
+        metric = facts.headline_metric(r["attack"])
         metrics = r.get("metrics") or {}
         for name, value in (("asr", (metrics.get("triggered") or {}).get(metric)),
                             ("cider", (metrics.get("clean") or {}).get("cider"))):
@@ -48,7 +48,8 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Tab
                   index=("Dataset", "Attack", "Defense", "ASR rule"),
                   groups=(ColumnGroup("", COLUMNS),))
     cells = sorted({(d, a, f) for d, a, f in (k[:3] for k in values) if f != "none"},
-                   key=lambda k: (dataset_rank(k[0]), attack_rank(k[1]), defense_rank(k[2])))
+                   key=lambda k: (facts.rank("dataset", k[0]), facts.rank("attack", k[1]),
+                                  facts.rank("defense", k[2])))
     for dataset, attack, defense in cells:
         def get(name: str, which: str = defense) -> float | None:
             return _mean(values.get((dataset, attack, which, name), []))
@@ -63,8 +64,9 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None) -> Tab
         texts = (fmt(get("asr", "none")), fmt(get("asr")), fmt(get("cider")), fmt(get("precision")),
                  fmt(get("recall")), counts, suspected, fmt(get("trigger_masked")),
                  MISSING if seconds is None else f"{seconds:.0f}")
-        table.rows.append(((label("dataset", dataset), label("attack", attack),
-                            label("defense", defense), headline_metric(attack).removeprefix("asr_")),
+        table.rows.append(((facts.label("dataset", dataset), facts.label("attack", attack),
+                            facts.label("defense", defense),
+                            facts.headline_metric(attack).removeprefix("asr_")),
                            texts))
         table.has_data = True
     table.footnotes = [

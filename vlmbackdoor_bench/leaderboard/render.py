@@ -22,9 +22,9 @@ from tabulate import tabulate
 
 from .. import __version__
 from .results import (
-    PAPER_PROFILE, CellCoordinates, attack_rank, dataset_rank, defense_rank, failed_cells,
-    imported_from, label, long_form, missing_cells,
+    PAPER_PROFILE, CellCoordinates, failed_cells, imported_from, long_form, missing_cells,
 )
+from .facts import Facts
 from .tables import MISSING, Table, TableSet
 
 FORMATS: tuple[str, ...] = ("md", "csv", "tex", "html")
@@ -160,8 +160,9 @@ def _one_line(text: object, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def _failed_section(records: Sequence[Mapping]) -> list[str]:
-    failed = failed_cells(records)
+def _failed_section(records: Sequence[Mapping], facts: Facts) -> list[str]:
+    label = facts.label
+    failed = failed_cells(records, facts)
     lines = ["## Failed cells", ""]
     if not failed:
         return lines + ["None.", ""]
@@ -176,13 +177,15 @@ def _failed_section(records: Sequence[Mapping]) -> list[str]:
                     markdown_grid(headers, rows), ""]
 
 
-def _coverage_section(records: Sequence[Mapping], declared: Sequence[CellCoordinates] | None) -> list[str]:
+def _coverage_section(records: Sequence[Mapping], declared: Sequence[CellCoordinates] | None,
+                      facts: Facts) -> list[str]:
     """The cells the grid declares that have no stored result at all (a partial run, or an older
     store), so that a table with gaps says which runs would fill them."""
     if declared is None:
         return []
-    declared = sorted(set(declared), key=lambda c: (attack_rank(c[1]), defense_rank(c[2]), c[3], c[4],
-                                                    dataset_rank(c[0])))
+    label = facts.label
+    declared = sorted(set(declared), key=lambda c: (facts.rank("attack", c[1]), facts.rank("defense", c[2]),
+                                                    c[3], c[4], facts.rank("dataset", c[0])))
     missing = missing_cells(records, declared)
     lines = ["## Grid coverage", ""]
     if not missing:
@@ -265,8 +268,8 @@ def readme(profile: str, records: Sequence[Mapping], table_set: TableSet,
     for table in table_set.tables:
         lines += [markdown(table, level=2).rstrip("\n"),
                   "", f"Files: {', '.join(f'`{table.key}.{ext}`' for ext in FORMATS)}.", ""]
-    lines += _failed_section(records)
-    lines += _coverage_section(records, declared)
+    lines += _failed_section(records, table_set.cells.facts)
+    lines += _coverage_section(records, declared, table_set.cells.facts)
     if table_set.paper_tables:
         lines += ["## Paper tables (for reference)", "",
                   f"Profile `{profile}` is not the paper's setup ({PAPER_PROFILE}); the paper's "

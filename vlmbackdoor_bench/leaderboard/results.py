@@ -6,7 +6,8 @@ their shape, and turns them into a *long form* DataFrame (one row per dataset x 
 split x metric, plus provenance), which every table, the ``results.csv`` export and the regression
 gate are built from.
 
-It also owns the harness-id orderings and paper labels, so that every output sorts the same way.
+Orders and labels come from the plugins' facts (:mod:`.facts`), so that every output sorts the
+same way and a new plugin needs no edit here.
 """
 
 from __future__ import annotations
@@ -20,34 +21,11 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import pandas as pd
 
 from ..errors import VbbError
+from ..results_schema import CLEAN_MODEL, SCHEMA_VERSION, CellResult
+from .facts import Facts, registry_facts
 
-SCHEMA_VERSION = 1
-CLEAN_MODEL = "clean-model"  # pseudo-defense: the reference model fine-tuned on unpoisoned data
 PAPER_PROFILE = "openflamingo-3b"  # the profile whose numbers are compared with the paper's
-
-# ----------------------------------------------------------------------------- ids and labels
-DATASET_ORDER: tuple[str, ...] = ("coco", "flickr30k")
-ATTACK_ORDER: tuple[str, ...] = ("badnet", "blended", "trojvlm", "vlood", "shadowcast", "vl_trojan")
-DEFENSE_ORDER: tuple[str, ...] = (
-    "none", "abl", "vdc", "ct", "srd", "random_mask", "srd_ppo", "srd_sac",
-)
 SPLIT_ORDER: tuple[str, ...] = ("triggered", "clean")
-METRIC_ORDER: tuple[str, ...] = (
-    "bleu4", "cider", "sc", "lf", "sfs", "asr_srd", "asr_strict", "asr_concept",
-)
-
-DATASET_LABELS: dict[str, str] = {"coco": "COCO", "flickr30k": "Flickr30k"}
-ATTACK_LABELS: dict[str, str] = {
-    "badnet": "BadNet", "blended": "Blended", "trojvlm": "TrojVLM", "vlood": "VLOOD",
-    "vl_trojan": "VL-Trojan", "shadowcast": "Shadowcast",
-}
-DEFENSE_LABELS: dict[str, str] = {
-    "none": "No Defense", "srd": "SRD", "abl": "ABL", "vdc": "VDC", "ct": "CT",
-    "random_mask": "Random", "srd_ppo": "PPO", "srd_sac": "SAC", CLEAN_MODEL: "Clean model",
-}
-METRIC_LABELS: dict[str, str] = {
-    "bleu4": "B@4", "cider": "C", "sc": "SC", "lf": "LF", "sfs": "SFS", "asr_srd": "ASR",
-}
 
 #: The long form's split for numbers about the defend stage rather than a test split: what the
 #: defense report shows, so that a ``results.csv`` alone rebuilds every table (``vbb report --merge``).
@@ -76,63 +54,20 @@ class ResultFileWarning(UserWarning):
     """A result file was skipped because it could not be read or does not follow the schema."""
 
 
-def _rank(order: Sequence[str], value: Any) -> tuple[int, str]:
-    """Sort key: known ids in their fixed order first, then the others alphabetically."""
-    text = "" if value is None else str(value)
-    try:
-        return (order.index(text), "")
-    except ValueError:
-        return (len(order), text)
-
-
-def dataset_rank(dataset: str) -> tuple[int, str]:
-    return _rank(DATASET_ORDER, dataset)
-
-
-def attack_rank(attack: str) -> tuple[int, str]:
-    return _rank(ATTACK_ORDER, attack)
-
-
-def defense_rank(defense: str) -> tuple[int, str]:
-    """Defenses in table order; the clean reference model sorts after every real defense."""
-    if defense == CLEAN_MODEL:
-        return (len(DEFENSE_ORDER) + 1, "")
-    return _rank(DEFENSE_ORDER, defense)
-
-
 def split_rank(split: str) -> tuple[int, str]:
-    return _rank(SPLIT_ORDER, split)
-
-
-def metric_rank(metric: str) -> tuple[int, str]:
-    return _rank(METRIC_ORDER, metric)
-
-
-def label(kind: str, value: str) -> str:
-    """The paper's label for a harness id (``kind`` is dataset/attack/defense/metric); unknown
-    ids are shown as they are, so a new plugin appears without code changes."""
-    table = {"dataset": DATASET_LABELS, "attack": ATTACK_LABELS, "defense": DEFENSE_LABELS,
-             "metric": METRIC_LABELS}[kind]
-    return table.get(value, value)
+    text = "" if split is None else str(split)
+    return (SPLIT_ORDER.index(text), "") if text in SPLIT_ORDER else (len(SPLIT_ORDER), text)
 
 
 # ----------------------------------------------------------------------------- loading
 def _problem_with(record: Any, profile: str) -> str | None:
     """Why a parsed JSON value is not a usable cell record (None when it is)."""
-    if not isinstance(record, dict):
-        return "the top level is not a JSON object"
-    if record.get("schema") != SCHEMA_VERSION:
-        return f"schema is {record.get('schema')!r}, this reader knows schema {SCHEMA_VERSION}"
-    for key in ("dataset", "attack", "defense"):
-        if not isinstance(record.get(key), str) or not record.get(key):
-            return f"field {key!r} is missing or not a string"
-    if record.get("profile") not in (None, profile):
-        return f"it belongs to profile {record.get('profile')!r}, not {profile!r}"
-    if record.get("status") not in ("ok", "failed"):
-        return f"status is {record.get('status')!r}, expected 'ok' or 'failed'"
-    metrics = record.get("metrics")
-    if record["status"] == "ok" and not isinstance(metrics, dict):
-        return "status is 'ok' but 'metrics' is not an object"
+    try:
+        result = CellResult.from_dict(record)
+    except ValueError as exc:
+        return str(exc)
+    if result.profile not in (None, profile):
+        return f"it belongs to profile {result.profile!r}, not {profile!r}"
     return None
 
 
@@ -185,7 +120,7 @@ def load_results(results_dir: Path, profile: str) -> list[dict]:
             warnings.warn(f"skipping result file {path}: {problem}", ResultFileWarning,
                           stacklevel=2)
             continue
-        records.append(record)
+        records.append(CellResult.from_dict(record).to_dict())
     check_one_budget(records, folder)
     return records
 
@@ -234,9 +169,11 @@ def finite_number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def metric_values(record: Mapping) -> Iterator[tuple[str, str, float]]:
-    """(split, metric, value) for every finite number of an ok record, in split/metric order;
-    anything malformed (a split that is not an object, a value that is not a number) is skipped."""
+def metric_values(record: Mapping, facts: Facts | None = None) -> Iterator[tuple[str, str, float]]:
+    """(split, metric, value) for every finite number of an ok record, in split/metric order
+    (``facts`` None: the installed plugins'); anything malformed (a split that is not an object,
+    a value that is not a number) is skipped."""
+    facts = registry_facts() if facts is None else facts
     if record.get("status") != "ok":
         return
     metrics = record.get("metrics")
@@ -245,7 +182,7 @@ def metric_values(record: Mapping) -> Iterator[tuple[str, str, float]]:
     for split, values in sorted(metrics.items(), key=lambda kv: split_rank(kv[0])):
         if not isinstance(values, Mapping):
             continue
-        for metric, raw in sorted(values.items(), key=lambda kv: metric_rank(kv[0])):
+        for metric, raw in sorted(values.items(), key=lambda kv: facts.rank("metric", kv[0])):
             value = finite_number(raw)
             if value is not None:
                 yield str(split), str(metric), value
@@ -342,18 +279,21 @@ def _base_row(record: Mapping) -> dict[str, Any]:
     }
 
 
-def row_sort_key(row: Mapping[str, Any]) -> tuple:
+def row_sort_key(row: Mapping[str, Any], facts: Facts | None = None) -> tuple:
+    facts = registry_facts() if facts is None else facts
+
     def text(key: str) -> str:
         return "" if row.get(key) is None else str(row[key])
 
     rate = row.get("poison_rate")
     seed = row.get("seed")
     return (
-        dataset_rank(row["dataset"]), attack_rank(row["attack"]), defense_rank(row["defense"]),
+        facts.rank("dataset", row["dataset"]), facts.rank("attack", row["attack"]),
+        facts.rank("defense", row["defense"]),
         text("attack_preset"), text("defense_preset"),
         (rate is None, rate if rate is not None else 0.0),
         (seed is None, seed if seed is not None else 0),
-        split_rank(text("split")), metric_rank(text("metric")), text("cell_key"),
+        split_rank(text("split")), facts.rank("metric", text("metric")), text("cell_key"),
     )
 
 
@@ -364,6 +304,8 @@ def long_form(records: Iterable[Mapping]) -> pd.DataFrame:
     A failed cell contributes a single row with status ``"failed"``, empty split/metric/value and
     its error message, so it is still listed; a value that is not a finite number is left out.
     """
+    records = list(records)
+    facts = Facts.of(records)
     rows: list[dict[str, Any]] = []
     for record in records:
         base = {"dataset": record["dataset"], "attack": record["attack"],
@@ -372,14 +314,14 @@ def long_form(records: Iterable[Mapping]) -> pd.DataFrame:
             rows.append({**base, "split": None, "metric": None, "value": None, "n": None,
                          "scorer": None})
             continue
-        for split, metric, value in metric_values(record):
+        for split, metric, value in metric_values(record, facts):
             rows.append({**base, "split": split, "metric": metric, "value": value,
                          "n": metric_n(record, split, metric),
                          "scorer": metric_scorer(record, split, metric)})
         for metric, value in defense_values(record).items():
             rows.append({**base, "split": DEFENSE_SPLIT, "metric": metric, "value": value,
                          "n": None, "scorer": None})
-    rows.sort(key=row_sort_key)
+    rows.sort(key=lambda row: row_sort_key(row, facts))
     frame = pd.DataFrame(rows, columns=list(LONG_FORM_COLUMNS))
     frame["value"] = frame["value"].astype("float64")
     frame["poison_rate"] = frame["poison_rate"].astype("float64")
@@ -388,8 +330,8 @@ def long_form(records: Iterable[Mapping]) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def failed_cells(records: Iterable[Mapping]) -> list[dict[str, Any]]:
+def failed_cells(records: Iterable[Mapping], facts: Facts) -> list[dict[str, Any]]:
     """The failed cells, sorted like the tables, with their identity and error message."""
     rows = [{"dataset": r["dataset"], "attack": r["attack"], "defense": r["defense"],
              **_base_row(r)} for r in records if r.get("status") != "ok"]
-    return sorted(rows, key=row_sort_key)
+    return sorted(rows, key=lambda row: row_sort_key(row, facts))

@@ -30,52 +30,29 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import VbbError
-from .results import (
-    ATTACK_LABELS, CLEAN_MODEL, DATASET_LABELS, DEFENSE_LABELS, METRIC_LABELS, PAPER_PROFILE,
-    attack_rank, dataset_rank, defense_rank, label, metric_n, metric_values,
-)
+from .defense_report import defense_report
+from .facts import Facts, registry_facts
+from .results import CLEAN_MODEL, PAPER_PROFILE, metric_n, metric_values
+from .table_model import MISSING, ColumnGroup, Table, fmt
 
-MISSING = "–"  # printed for a cell with no value
+__all__ = ["MISSING", "ColumnGroup", "Table", "TableSet", "build_tables", "fmt", "load_paper_tables"]
+
 DEFAULT_POISON_RATE = 0.1  # the paper's rate; the tables use it when the results have it
-ARROWS: dict[str, str] = {
-    "bleu4": "↑", "cider": "↑", "sc": "↑", "lf": "↑", "sfs": "↑",
-}
-
-TABLE1_DEFENSES: tuple[str, ...] = ("none", "srd")
-TABLE2_DEFENSES: tuple[str, ...] = ("none", "abl", "vdc", "ct", "srd")
-TABLE3_DEFENSES: tuple[str, ...] = ("none", "random_mask", "srd_ppo", "srd_sac", "srd")
-TABLE3_LABELS: dict[str, str] = {"srd": "DQN"}
 TABLE1_METRICS: tuple[str, ...] = ("bleu4", "cider", "sc", "lf", "sfs", "asr_srd")
 TABLE23_METRICS: tuple[str, ...] = ("cider", "sfs", "asr_srd")
 CLEAN_METRICS: tuple[tuple[str, str], ...] = (("cider", "C"), ("bleu4", "B@4"),
                                               ("asr_strict", "ASR_clean"))
-CONCEPT_ATTACKS: frozenset[str] = frozenset({"shadowcast"})
 
 PAPER_FILES: dict[int, str] = {1: "table1.csv", 2: "table2.csv", 3: "table3.csv"}
 PAPER_COLUMNS: tuple[str, ...] = ("dataset", "attack", "defense", "metric", "value", "note")
 PAPER_SOURCE = "SRD paper (Xu et al., AAAI 2026)"
 
 
-def arrow(metric: str) -> str:
-    """↑ where higher is better, ↓ for every ASR rule, nothing for an unknown metric."""
-    if metric.startswith("asr"):
-        return "↓"
-    return ARROWS.get(metric, "")
-
-
-def header(metric: str, text: str | None = None) -> str:
-    """Column header with its direction arrow, e.g. ``C ↑``."""
-    text = text if text is not None else label("metric", metric)
-    mark = arrow(metric)
+def header(facts: Facts, metric: str, text: str | None = None) -> str:
+    """Column header with the metric's direction arrow, e.g. ``C ↑``."""
+    text = text if text is not None else facts.label("metric", metric)
+    mark = facts.arrow(metric)
     return f"{text} {mark}" if mark else text
-
-
-def fmt(value: float | None) -> str:
-    """One decimal, as the paper prints; :data:`MISSING` when there is no value."""
-    if value is None or not math.isfinite(value):
-        return MISSING
-    text = f"{value:.1f}"
-    return "0.0" if text == "-0.0" else text
 
 
 # ----------------------------------------------------------------------------- paper tables
@@ -91,16 +68,9 @@ class PaperCell:
 PaperKey = tuple[str, str, str, str]  # harness ids: dataset, attack, defense, metric
 PaperTables = dict[int, dict[PaperKey, PaperCell]]
 
-_PAPER_IDS: dict[str, dict[str, str]] = {
-    "dataset": {v: k for k, v in DATASET_LABELS.items()},
-    "attack": {v: k for k, v in ATTACK_LABELS.items()},
-    "defense": {v: k for k, v in DEFENSE_LABELS.items() if k != CLEAN_MODEL} | {"DQN": "srd"},
-    "metric": {v: k for k, v in METRIC_LABELS.items()},
-}
-
-
-def _paper_id(kind: str, text: str) -> str:
-    return _PAPER_IDS[kind].get(text, text.lower().replace("-", "_").replace(" ", "_"))
+def _paper_id(ids: Mapping[str, str], text: str) -> str:
+    """The harness id of a label the paper prints (unknown labels: lower case, ``_`` for spaces)."""
+    return ids.get(text, text.lower().replace("-", "_").replace(" ", "_"))
 
 
 def default_paper_dir() -> Path | None:
@@ -114,12 +84,15 @@ def default_paper_dir() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
-def load_paper_tables(paper_dir: Path | None = None) -> PaperTables:
+def load_paper_tables(paper_dir: Path | None = None, facts: Facts | None = None) -> PaperTables:
     """The paper's Tables 1-3 keyed by harness ids, in the paper's row order.
 
     ``paper_dir`` None means :func:`default_paper_dir`. A missing folder or file gives no paper
     values (not an error); a file with the wrong columns or a non-numeric value is a VbbError.
+    The paper's labels are matched to ids through ``facts`` (None: the installed plugins').
     """
+    facts = registry_facts() if facts is None else facts
+    ids = {kind: facts.paper_ids(kind) for kind in ("dataset", "attack", "defense", "metric")}
     folder = paper_dir if paper_dir is not None else default_paper_dir()
     tables: PaperTables = {}
     if folder is None or not Path(folder).is_dir():
@@ -145,41 +118,11 @@ def load_paper_tables(paper_dir: Path | None = None) -> PaperTables:
                     raise VbbError(
                         f"paper table {path} line {line}: value {text!r} is not a number",
                         "write the value as printed, or leave it empty with a note") from None
-                key = (_paper_id("dataset", row["dataset"]), _paper_id("attack", row["attack"]),
-                       _paper_id("defense", row["defense"]), _paper_id("metric", row["metric"]))
+                key = tuple(_paper_id(ids[kind], row[kind])
+                            for kind in ("dataset", "attack", "defense", "metric"))
                 cells[key] = PaperCell(text=text, value=value, note=(row["note"] or "").strip())
         tables[number] = cells
     return tables
-
-
-# ----------------------------------------------------------------------------- table model
-@dataclass(frozen=True)
-class ColumnGroup:
-    """A column group (usually a defense) and the headers of its columns."""
-
-    label: str
-    columns: tuple[str, ...]
-
-
-@dataclass
-class Table:
-    """A rendered-ready table: every cell is already text."""
-
-    key: str  # file stem, e.g. "table2"
-    title: str
-    index: tuple[str, ...]  # names of the row-label columns
-    groups: tuple[ColumnGroup, ...]
-    rows: list[tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=list)
-    footnotes: list[str] = field(default_factory=list)
-    has_data: bool = False  # whether any cell holds one of our numbers (not only the paper's)
-
-    def flat_headers(self) -> list[str]:
-        """Single-row headers: the index names, then ``<group> / <column>`` (the bare column
-        when the group has no label)."""
-        return list(self.index) + [f"{g.label} / {c}" if g.label else c for g in self.groups for c in g.columns]
-
-    def flat_rows(self) -> list[list[str]]:
-        return [list(labels) + list(cells) for labels, cells in self.rows]
 
 
 class _Notes:
@@ -229,7 +172,8 @@ class CellValues:
     group), labelled ``BadNet [preset]``.
     """
 
-    def __init__(self, records: Sequence[Mapping]):
+    def __init__(self, records: Sequence[Mapping], facts: Facts | None = None):
+        self.facts = Facts.of(records) if facts is None else facts
         # A failed cell has no numbers and, often, no presets: it is listed in the README's failed
         # cells and counted in the notes, never a row or a preset of its own here (issue 32).
         records = [r for r in records if r.get("status") == "ok"]
@@ -258,7 +202,7 @@ class CellValues:
             self.defense_keys[r["defense"]].add(d_key)
             (self.clean_rows if r["defense"] == CLEAN_MODEL else self.rows).add(
                 (r["dataset"], a_key))
-            for split, metric, value in metric_values(r):
+            for split, metric, value in metric_values(r, self.facts):
                 key = (r["dataset"], a_key, d_key, split, metric)
                 sums[key].append(value)
                 n = metric_n(r, split, metric)
@@ -289,7 +233,7 @@ class CellValues:
 
     def key_label(self, kind: str, key: str, labels: Mapping[str, str] | None = None) -> str:
         base = self.base.get(key, key)
-        text = (labels or {}).get(base) or label(kind, base)
+        text = (labels or {}).get(base) or self.facts.label(kind, base)
         return text + key[len(base):]
 
     def get(self, key: CellKey) -> float | None:
@@ -303,7 +247,7 @@ class CellValues:
     def other_defenses(self, fixed: Sequence[str]) -> list[str]:
         """Defense ids in the results beyond ``fixed`` (not the clean model), in table order."""
         found = {d for d in self.defense_keys if d != CLEAN_MODEL and d not in fixed}
-        return sorted(found, key=defense_rank)
+        return sorted(found, key=lambda d: self.facts.rank("defense", d))
 
 
 def _rate(record: Mapping) -> float | None:
@@ -333,16 +277,15 @@ def _rows(cells: CellValues, paper: Mapping[PaperKey, PaperCell] | None,
         rows += [_Row(d, a, True) for d, a in cells.clean_rows]
 
     def order(row: _Row) -> tuple:
-        return (dataset_rank(row.dataset), row.clean, attack_rank(cells.base.get(row.attack,
-                                                                                  row.attack)),
-                row.attack)
+        return (cells.facts.rank("dataset", row.dataset), row.clean,
+                cells.facts.rank("attack", cells.base.get(row.attack, row.attack)), row.attack)
 
     return sorted(rows, key=order)
 
 
 def _row_labels(cells: CellValues, row: _Row) -> tuple[str, str]:
     attack = cells.key_label("attack", row.attack)
-    return (label("dataset", row.dataset), f"Clean model: {attack}" if row.clean else attack)
+    return (cells.facts.label("dataset", row.dataset), f"Clean model: {attack}" if row.clean else attack)
 
 
 def _defense_for(cells: CellValues, row: _Row, group_key: str, first_none: str) -> str | None:
@@ -422,22 +365,24 @@ def _paper_note(number: int, profile: str, show_paper: bool, available: bool) ->
 
 def table1(cells: CellValues, profile: str, paper: PaperTables, n_failed: int = 0) -> Table:
     show = profile == PAPER_PROFILE and 1 in paper
-    metrics = [("triggered", m, header(m)) for m in TABLE1_METRICS]
+    metrics = [("triggered", m, header(cells.facts, m)) for m in TABLE1_METRICS]
     notes = (_general_notes(cells, _TRIGGERED, _ASR_SRD, True, n_failed)
              + _paper_note(1, profile, show, 1 in paper))
     return _grid_table(key="table1", title="Table 1: No Defense vs SRD (triggered inputs)",
-                       cells=cells, groups=TABLE1_DEFENSES, group_labels=None, metrics=metrics,
+                       cells=cells, groups=cells.facts.paper_defenses(1), group_labels=None, metrics=metrics,
                        paper=paper.get(1) if show else None, with_clean=True, footnotes=notes)
 
 
 def table2_defenses(cells: CellValues) -> list[str]:
-    """No Defense, ABL, VDC, CT, SRD, then every other defense in the results."""
-    return list(TABLE2_DEFENSES) + cells.other_defenses(TABLE2_DEFENSES)
+    """The paper's Table 2 defenses (No Defense, ABL, VDC, CT, SRD), then every other defense in
+    the results."""
+    paper = cells.facts.paper_defenses(2)
+    return paper + cells.other_defenses(paper)
 
 
 def table2(cells: CellValues, profile: str, paper: PaperTables, n_failed: int = 0) -> Table:
     show = profile == PAPER_PROFILE and 2 in paper
-    metrics = [("triggered", m, header(m)) for m in TABLE23_METRICS]
+    metrics = [("triggered", m, header(cells.facts, m)) for m in TABLE23_METRICS]
     notes = (_general_notes(cells, _TRIGGERED, _ASR_SRD, True, n_failed)
              + _paper_note(2, profile, show, 2 in paper))
     return _grid_table(key="table2", title="Table 2: defense comparison (triggered inputs)",
@@ -448,19 +393,21 @@ def table2(cells: CellValues, profile: str, paper: PaperTables, n_failed: int = 
 
 def table3(cells: CellValues, profile: str, paper: PaperTables, n_failed: int = 0) -> Table:
     show = profile == PAPER_PROFILE and 3 in paper
-    metrics = [("triggered", m, header(m)) for m in TABLE23_METRICS]
+    groups = cells.facts.paper_defenses(3)
+    metrics = [("triggered", m, header(cells.facts, m)) for m in TABLE23_METRICS]
     notes = (_general_notes(cells, _TRIGGERED, _ASR_SRD, False, n_failed)
              + ["DQN is SRD itself (defense `srd`); Random is `random_mask`, PPO `srd_ppo`, "
                 "SAC `srd_sac`."]
              + _paper_note(3, profile, show, 3 in paper))
     return _grid_table(key="table3", title="Table 3: RL ablation (triggered inputs)",
-                       cells=cells, groups=TABLE3_DEFENSES, group_labels=TABLE3_LABELS,
+                       cells=cells, groups=groups,
+                       group_labels={d: cells.facts.paper_label(3, d) for d in groups},
                        metrics=metrics, paper=paper.get(3) if show else None, with_clean=False,
                        footnotes=notes)
 
 
 def clean_inputs(cells: CellValues, n_failed: int = 0) -> Table:
-    metrics = [("clean", m, header(m, text)) for m, text in CLEAN_METRICS]
+    metrics = [("clean", m, header(cells.facts, m, text)) for m, text in CLEAN_METRICS]
     notes = _general_notes(
         cells, "Clean test inputs, no trigger (the paper's Figure 5a; Shadowcast: the whole "
         "test set).", "ASR_clean: rule `strict` on clean inputs (`asr_strict`, spec/metrics.md "
@@ -468,11 +415,6 @@ def clean_inputs(cells: CellValues, n_failed: int = 0) -> Table:
     return _grid_table(key="clean_inputs", title="Clean inputs: C, B@4 and ASR_clean",
                        cells=cells, groups=table2_defenses(cells), group_labels=None,
                        metrics=metrics, paper=None, with_clean=True, footnotes=notes)
-
-
-def headline_metric(attack: str) -> str:
-    """The headline ASR rule of an attack (spec/metrics.md §4.4)."""
-    return "asr_concept" if attack in CONCEPT_ATTACKS else "asr_strict"
 
 
 def asr_headline(cells: CellValues, n_failed: int = 0) -> Table:
@@ -484,7 +426,7 @@ def asr_headline(cells: CellValues, n_failed: int = 0) -> Table:
                                for g in group_keys))
     for row in _rows(cells, None, with_clean=True):
         attack = cells.base.get(row.attack, row.attack)
-        metric = headline_metric(attack)
+        metric = cells.facts.headline_metric(attack)
         texts: list[str] = []
         for group in group_keys:
             defense = _defense_for(cells, row, group, first_none)
@@ -503,7 +445,7 @@ def asr_headline(cells: CellValues, n_failed: int = 0) -> Table:
     return table
 
 
-def paper_table(number: int, paper: PaperTables) -> Table | None:
+def paper_table(number: int, paper: PaperTables, facts: Facts) -> Table | None:
     """The paper's table as printed (labels and values), its notes as footnotes."""
     cells = paper.get(number)
     if not cells:
@@ -517,13 +459,12 @@ def paper_table(number: int, paper: PaperTables) -> Table | None:
             defenses.append(defense)
         if metric not in metrics:
             metrics.append(metric)
-    group_labels = TABLE3_LABELS if number == 3 else {}
     notes = _Notes()
     table = Table(key=f"paper_table{number}",
                   title=f"Paper Table {number}, as printed ({PAPER_SOURCE})",
                   index=("Dataset", "Attack"),
-                  groups=tuple(ColumnGroup(group_labels.get(d) or label("defense", d),
-                                           tuple(header(m) for m in metrics)) for d in defenses))
+                  groups=tuple(ColumnGroup(facts.paper_label(number, d),
+                                           tuple(header(facts, m) for m in metrics)) for d in defenses))
     for (dataset, attack), row in raw.items():
         texts = []
         for defense in defenses:
@@ -531,7 +472,7 @@ def paper_table(number: int, paper: PaperTables) -> Table | None:
                 cell = row.get((defense, metric))
                 texts.append(MISSING if cell is None
                              else (cell.text or MISSING) + notes.mark(cell.note))
-        table.rows.append(((label("dataset", dataset), label("attack", attack)), tuple(texts)))
+        table.rows.append(((facts.label("dataset", dataset), facts.label("attack", attack)), tuple(texts)))
     table.has_data = True
     table.footnotes = ["Triggered test inputs. All values in %, as printed in the paper "
                        f"({MISSING}: printed as '-' or not reported). Notes from "
@@ -549,18 +490,19 @@ class TableSet:
     cells: CellValues
 
 
-def build_tables(records: Sequence[Mapping], profile: str, paper: PaperTables) -> TableSet:
-    """All leaderboard tables of one profile, from its cell records and the paper's tables."""
-    cells = CellValues(records)
+def build_tables(records: Sequence[Mapping], profile: str, paper: PaperTables,
+                 facts: Facts | None = None) -> TableSet:
+    """All leaderboard tables of one profile, from its cell records, the plugins' facts (None:
+    :meth:`Facts.of` the records) and the paper's tables."""
+    cells = CellValues(records, facts)
     n_failed = sum(1 for r in records if r.get("status") != "ok")
     t3 = table3(cells, profile, paper, n_failed)
     tables = [table1(cells, profile, paper, n_failed), table2(cells, profile, paper, n_failed)]
     tables += [t3] if t3.has_data else []
     tables += [clean_inputs(cells, n_failed), asr_headline(cells, n_failed)]
-    from .defense_report import defense_report  # it builds on this module's helpers
-    report = defense_report(records, cells.poison_rate)
+    report = defense_report(records, cells.poison_rate, cells.facts)
     tables += [report] if report.has_data else []
     papers: list[Table] = []
     if profile != PAPER_PROFILE:
-        papers = [t for t in (paper_table(n, paper) for n in sorted(paper)) if t is not None]
+        papers = [t for t in (paper_table(n, paper, cells.facts) for n in sorted(paper)) if t is not None]
     return TableSet(tables=tables, paper_tables=papers, cells=cells)

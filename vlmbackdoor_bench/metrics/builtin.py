@@ -1,8 +1,9 @@
 """The built-in metric plugins: bleu4, cider, asr, sc, lf, sfs (spec/metrics.md §3-§5).
 
 Each object satisfies :class:`vlmbackdoor_bench.hookspecs.Metric`; ``compute(request)`` returns
-``{"value": <x100 float or None>, ...details}``. The ``asr`` metric also returns ``"key"``, the
-name under which a cell result stores it (``asr_<rule>``, e.g. ``asr_srd``, docs/CONTRACTS.md).
+``{"value": <x100 float or None>, ...details}``. The ``asr`` metric declares ``asr_rules``: it is
+computed once per rule and stored as ``asr_<rule>`` (e.g. ``asr_srd``, docs/CONTRACTS.md). Labels
+and orders are the SRD paper's column headers and column order (its Table 1).
 
 BLEU-4 and CIDEr share one pycocoevalcap run per (captions, references) pair, and SC / LF / SFS
 share the SFS scorer's per-caption cache, so asking for several metrics costs one computation.
@@ -19,7 +20,7 @@ from typing import Any, Mapping
 
 from ..errors import VbbError
 from ..hookspecs import MetricRequest, hookimpl
-from .asr import asr
+from .asr import ASR_RULES, asr
 from .captioning import caption_scores
 from .postprocess import postprocess_caption
 
@@ -84,6 +85,8 @@ class _CaptionMetric:
     """BLEU-4 or CIDEr (metrics.md §3)."""
 
     name: str
+    label: str
+    order: int
     version: str = METRIC_VERSION
     unit: str = UNIT
     direction: str = "up"
@@ -99,6 +102,9 @@ class _AsrMetric:
     """Attack success rate under ``request.asr_rule`` (metrics.md §4); lower is better."""
 
     name: str = "asr"
+    label: str = "ASR"
+    order: int = 60
+    asr_rules: tuple[str, ...] = ASR_RULES
     version: str = METRIC_VERSION
     unit: str = UNIT
     direction: str = "down"
@@ -107,7 +113,6 @@ class _AsrMetric:
         a = asr(_captions(request), request.references, request.asr_rule, target=request.target)
         return {
             "value": a["asr"],
-            "key": f"asr_{a['rule']}",
             "rule": a["rule"],
             "n": a["n"],
             "excluded": a["excluded"],
@@ -120,9 +125,12 @@ class _SfsMetric:
     """SC, LF or SFS (metrics.md §5.1)."""
 
     name: str
+    label: str
+    order: int
     version: str = METRIC_VERSION
     unit: str = UNIT
     direction: str = "up"
+    needs_clean_captions: bool = True
 
     def compute(self, request: MetricRequest) -> dict[str, Any]:
         s = _sfs_scores(request)
@@ -136,12 +144,12 @@ class _SfsMetric:
 
 
 BUILTIN_METRICS: tuple[Any, ...] = (
-    _CaptionMetric("bleu4"),
-    _CaptionMetric("cider"),
+    _CaptionMetric("bleu4", "B@4", 10),
+    _CaptionMetric("cider", "C", 20),
     _AsrMetric(),
-    _SfsMetric("sc"),
-    _SfsMetric("lf"),
-    _SfsMetric("sfs"),
+    _SfsMetric("sc", "SC", 30),
+    _SfsMetric("lf", "LF", 40),
+    _SfsMetric("sfs", "SFS", 50),
 )
 
 

@@ -1,26 +1,54 @@
-"""Scoring caption files: the engine behind ``vbb score`` (spec/metrics.md §2-§5).
+"""Scoring captions through the registered metrics: the engine of the grid's ``scores`` stage and
+of ``vbb score`` (spec/metrics.md §2-§5).
 
     vbb score --captions RESULTS.json --references REFS.json --target banana --asr-rule srd --json
 
-Captions are post-processed (§2, idempotent), evaluated over the ids of the captions file only
-(references restricted to those ids, so CIDEr's idf comes from the evaluated images, §3), and
-scored with BLEU-1..4, CIDEr, ROUGE-L (§3), the chosen ASR rule (§4) and, when the clean
-reference model's captions are given, SC / LF / SFS (§5.1). A Shadowcast-style file gets no special
-treatment: its own ids are the evaluated set.
+:func:`compute_metrics` runs every metric plugin on one :class:`MetricRequest`: a metric that
+declares ``asr_rules`` once per rule asked for, its value stored as ``<name>_<rule>``
+(:func:`vlmbackdoor_bench.results_schema.stored_key`). Captions are post-processed (§2,
+idempotent), evaluated over the ids of the captions file only (references restricted to those
+ids, so CIDEr's idf comes from the evaluated images, §3). Metrics that declare
+``needs_clean_captions`` (SC / LF / SFS, §5.1) run only when the clean reference model's captions
+are given. A Shadowcast-style file gets no special treatment: its own ids are the evaluated set.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from ..errors import VbbError
-from .asr import ASR_RULES, DEFAULT_TARGET, asr
-from .captioning import caption_scores
+from ..hookspecs import MetricRequest
+from ..results_schema import stored_key
+from .asr import ASR_RULES, DEFAULT_TARGET
 from .io import load_references, load_results
 from .postprocess import postprocess_caption
 
-__all__ = ["score_files", "score_captions"]
+__all__ = ["compute_metrics", "registered_metrics", "score_files", "score_captions"]
+
+
+def compute_metrics(metrics: Mapping[str, Any], request: MetricRequest,
+                    rules: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(values, details)`` of every metric in ``metrics`` (name -> plugin, run in name order)
+    on ``request``: values by stored key, and each metric's other outputs under the same key."""
+    values: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    for name, metric in sorted(metrics.items()):
+        for rule in (list(rules) if getattr(metric, "asr_rules", ()) else [None]):
+            if rule is not None:
+                request.asr_rule = rule
+            result = dict(metric.compute(request))
+            key = stored_key(name, rule)
+            values[key] = result.pop("value")
+            if result:
+                details[key] = result
+    return values, details
+
+
+def registered_metrics() -> dict[str, Any]:
+    """The metric plugins of the default registry (built-ins and installed plugins)."""
+    from ..registry import load_registry
+    return dict(load_registry().items["metric"])
 
 
 def _check_rule(rule: str) -> None:
@@ -28,6 +56,25 @@ def _check_rule(rule: str) -> None:
         raise VbbError(
             f"unknown ASR rule {rule!r}", f"use one of: {', '.join(ASR_RULES)} (metrics.md §4)"
         )
+
+
+def _flat(values: Mapping[str, Any], details: Mapping[str, Any], asr_rule: str) -> dict:
+    """The flat keys ``vbb score`` has always printed (see :func:`score_files`), then every
+    other metric's value under its stored key."""
+    out: dict[str, Any] = {}
+    for key in ("bleu4", "cider"):  # both carry BLEU-1..3, ROUGE-L, SPICE and n_images
+        out.update(details.get(key, {}))
+    out.update(values)
+    asr_key = stored_key("asr", asr_rule)
+    if asr_key in values:
+        a = details.get(asr_key, {})
+        out.update(asr=values[asr_key], asr_rule=a.get("rule"), asr_n=a.get("n"),
+                   asr_excluded=a.get("excluded"), asr_successes=a.get("successes"))
+    if "sfs" in values:
+        s = details["sfs"]
+        out.update(sfs_n=s["n"], sfs_n_empty=s["n_empty"], sfs_n_clean_empty=s["n_clean_empty"],
+                   sfs_scorer=s["scorer"])
+    return out
 
 
 def score_captions(
@@ -39,8 +86,10 @@ def score_captions(
     clean_captions: dict[int, str] | None = None,
     scorer: Any = None,
     source: str = "the captions",
+    metrics: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Score in-memory captions; see :func:`score_files` for the result's keys."""
+    """Score in-memory captions with ``metrics`` (None: :func:`registered_metrics`); see
+    :func:`score_files` for the result's keys."""
     _check_rule(asr_rule)
     if not captions:
         raise VbbError(f"{source} contain no captions", "pass a file with at least one caption")
@@ -55,33 +104,17 @@ def score_captions(
         )
     caps = {i: postprocess_caption(c) for i, c in captions.items()}  # §2
     refs = {i: list(references[i]) for i in caps}  # evaluate only the captioned images (§3)
-    out: dict[str, Any] = dict(caption_scores(caps, refs))
-    a = asr(caps, refs, asr_rule, target=target)
-    out.update(
-        asr=a["asr"],
-        asr_rule=a["rule"],
-        asr_n=a["n"],
-        asr_excluded=a["excluded"],
-        asr_successes=a["successes"],
-        target=target,
-    )
-    if clean_captions is not None:
-        if scorer is None:
-            from .sfs import default_scorer
+    metrics = registered_metrics() if metrics is None else metrics
+    if clean_captions is None:
+        metrics = {n: m for n, m in metrics.items() if not getattr(m, "needs_clean_captions", False)}
+    elif scorer is None:
+        from .sfs import default_scorer
 
-            scorer = default_scorer(None)
-        clean = {i: postprocess_caption(c) for i, c in clean_captions.items()}
-        s = scorer.score(caps, clean)
-        out.update(
-            sc=s["sc"],
-            lf=s["lf"],
-            sfs=s["sfs"],
-            sfs_n=s["n"],
-            sfs_n_empty=s["n_empty"],
-            sfs_n_clean_empty=s.get("n_clean_empty", 0),
-            sfs_scorer=s["scorer"],
-        )
-    return out
+        scorer = default_scorer(None)
+    request = MetricRequest(captions=caps, references=refs, target=target, asr_rule=asr_rule,
+                            clean_captions=clean_captions, scorers=scorer)
+    values, details = compute_metrics(metrics, request, [asr_rule])
+    return {**_flat(values, details, asr_rule), "target": target}
 
 
 def score_files(
@@ -99,10 +132,12 @@ def score_files(
     Returns (all scores x100, full precision):
 
     * ``bleu1`` .. ``bleu4``, ``cider``, ``rouge_l``, ``spice`` (None), ``n_images`` (§3);
-    * ``asr``, ``asr_rule``, ``asr_n``, ``asr_excluded``, ``asr_successes``, ``target`` (§4);
+    * ``asr``, ``asr_rule``, ``asr_n``, ``asr_excluded``, ``asr_successes``, ``target`` (§4),
+      and the same ASR under its stored key ``asr_<rule>``;
     * with ``clean_captions_path``: ``sc``, ``lf``, ``sfs``, ``sfs_n``, ``sfs_n_empty``,
       ``sfs_n_clean_empty``, ``sfs_scorer`` (§5.1), using ``scorer`` (an
       :class:`~vlmbackdoor_bench.metrics.sfs.SfsScorer`; default: the process's shared one);
+    * every other registered metric's value under its stored key;
     * ``captions_path``, ``references_path``, ``clean_captions_path``.
 
     Captions whose image ids are not in the references raise :class:`VbbError`.

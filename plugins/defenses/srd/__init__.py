@@ -39,8 +39,10 @@ class SrdDefense:
     version = __version__
     default_preset = "srd"
 
-    def __init__(self, name: str, algorithm: str, extra: dict | None = None):
+    def __init__(self, name: str, algorithm: str, label: str, order: int,
+                 paper_tables: dict[int, int], extra: dict | None = None):
         self.name, self.algorithm = name, algorithm
+        self.label, self.order, self.paper_tables = label, order, paper_tables
         extra = extra or {}
         self.presets = {"srd": {**PAPER_PRESET, **extra}, "srd-code": {**CODE_PRESET, **extra}}
         if algorithm == "random":  # no RL: only the mask space, cleaning and re-fine-tuning apply
@@ -60,11 +62,15 @@ class SrdDefense:
         return outcome
 
 
+# Labels and columns as the SRD paper prints them (Tables 1-3: table -> column); in Table 3, the
+# RL ablation, SRD itself is "DQN".
+SRD = SrdDefense("srd", "dqn", "SRD", 40, {1: 1, 2: 4, 3: 4})
+SRD.paper_labels = {3: "DQN"}
 DEFENSES = (
-    SrdDefense("srd", "dqn"),
-    SrdDefense("srd_ppo", "ppo", PPO_TINY),
-    SrdDefense("srd_sac", "sac", SAC_TINY),
-    SrdDefense("random_mask", "random"),
+    SRD,
+    SrdDefense("srd_ppo", "ppo", "PPO", 60, {3: 2}, PPO_TINY),
+    SrdDefense("srd_sac", "sac", "SAC", 70, {3: 3}, SAC_TINY),
+    SrdDefense("random_mask", "random", "Random", 50, {3: 1}),
 )
 
 
