@@ -56,7 +56,7 @@ def metric_facts(metric: Any, rule: str | None = None) -> dict:
         order = None if order is None else [order, rules.index(rule) if rule in rules else len(rules)]
         text = text if rule == REPRODUCTION_ASR_RULE else f"{text} ({rule})"
     return {"label": text, "order": order, "direction": getattr(metric, "direction", None),
-            "unit": getattr(metric, "unit", None)}
+            "unit": getattr(metric, "unit", None), "asr_rule": rule}
 
 
 # ----------------------------------------------------------------------------- the record

@@ -22,7 +22,7 @@ from ..config import BenchmarkConfig
 from ..errors import VbbError
 from .cells import Cell
 from .dag import STAGE_KINDS, StageTask, plan, run_task
-from .runner import RunSummary, error_message, failed_result, result_path
+from .outcomes import RunSummary, error_message, failed_result, result_path
 from .store import write_json_atomic
 
 POLL_SECONDS = 0.5
@@ -87,8 +87,10 @@ def _log_of_running_task(message: str) -> None:
 
 @dataclass(frozen=True)
 class GridStage:
-    """What a grid task computes (dag.run_task), with this worker process's GridRunner."""
+    """What a grid task computes (dag.run_task), with this worker process's GridRunner (the
+    class is handed over, not imported, so that runner.py and this module import no cycle)."""
     config: BenchmarkConfig
+    runner_class: type
 
     def __call__(self, task: StageTask, log: Callable[[str], None]) -> Any:
         import ray
@@ -101,9 +103,8 @@ class GridStage:
         if key not in _RUNNERS:
             from ..allocator import keep_freed_memory
             from ..registry import load_registry
-            from .runner import GridRunner
             keep_freed_memory()  # as `vbb run` does (allocator.py)
-            _RUNNERS[key] = GridRunner(self.config, load_registry(self.config.plugin_dirs),
+            _RUNNERS[key] = self.runner_class(self.config, load_registry(self.config.plugin_dirs),
                                        log=_log_of_running_task)
         return run_task(_RUNNERS[key], task)
 
@@ -205,7 +206,7 @@ def run_on_ray(runner, cells: list[Cell]) -> RunSummary:
         options = {kind: stage_options(config, kind, gpu_cluster) for kind in STAGE_KINDS}
         runner.log(f"grid: {len(cells)} cells as {len(tasks)} stage tasks on Ray "
                    f"({cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs)")
-        outcomes = execute(tasks, GridStage(config), lambda task: options[task.kind], config.max_retries,
+        outcomes = execute(tasks, GridStage(config, type(runner)), lambda task: options[task.kind], config.max_retries,
                            runner.log)
     finally:
         if started_here:

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
-import subprocess
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -32,36 +29,9 @@ from ..results_schema import CellResult, attack_facts, defense_facts, metric_fac
 from ..types import EvalInputs, Split, sha256_of_ids, sha256_of_images
 from . import persist
 from .cells import CLEAN_MODEL, Cell, expand, resolve_params, validate_plugins
+from .outcomes import RunSummary, versions, error_message, failed_result, git_commit, result_path
 from ..leaderboard.results import budget_difference
 from .store import Entry, Store, content_key, write_json_atomic
-
-
-@dataclass
-class RunSummary:
-    ok: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def record(self, cell: Cell, error: str | None) -> None:
-        if error is None:
-            self.ok.append(cell.cell_id)
-        else:
-            self.failed[cell.cell_id] = error
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-    return {"vlmbackdoor_bench": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 class GridRunner:
@@ -382,10 +352,11 @@ class GridRunner:
             defense=cell.defense, defense_preset=defense_preset, defense_version=defense_version,
             poison_rate=cell.poison_rate, seed=cell.seed, status="ok",
             metrics=metrics, metric_details=details, detection=detection,
-            timings=timings, artifacts=artifacts, plugin_facts=self.plugin_facts(cell, attack, metrics),
+            timings=timings, artifacts=artifacts,
+            plugin_facts=plugin_facts(self.registry, cell.attack, cell.defense, metrics),
             provenance={
                 "cell_key": keys.get("defend") or keys.get("clean_model"), "stage_keys": keys,
-                "versions": _versions(), "git_commit": git_commit(),
+                "versions": versions(), "git_commit": git_commit(),
                 "seeds": {"poison": cell.seed, "train": cell.seed, "world": self.config.world_seed,
                           "base": self.profile_params.get("base_seed")},
                 "manifests": {"train": self.split("coco", "train").manifest.to_dict(),
@@ -395,19 +366,6 @@ class GridRunner:
                 "profile_params": self.profile_params,
             },
         ).to_dict()
-
-    def plugin_facts(self, cell: Cell, attack, metrics: dict) -> dict:
-        """What the tables need to know about the cell's plugins (results_schema): the attack's
-        and defense's labels and orders, and each stored metric's label, order and direction."""
-        facts: dict[str, Any] = {"attack": attack_facts(attack), "metrics": {}}
-        if cell.defense != CLEAN_MODEL:
-            facts["defense"] = defense_facts(self.registry.defense(cell.defense))
-        stored = {key for values in metrics.values() for key in values}
-        for name, metric in self.registry.items["metric"].items():
-            for rule in (getattr(metric, "asr_rules", ()) or [None]):
-                if stored_key(name, rule) in stored:
-                    facts["metrics"][stored_key(name, rule)] = metric_facts(metric, rule)
-        return facts
 
     def check_data(self) -> None:
         """Every local dataset the grid reads (fine-tuning and each eval role) is complete before
@@ -462,6 +420,21 @@ class GridRunner:
         return error
 
 
+def plugin_facts(registry: Registry, attack: str, defense: str, metrics: dict) -> dict:
+    """What the tables need to know about a cell's plugins (results_schema): the attack's and
+    defense's labels and orders, and the label, order and direction of each number in
+    ``metrics`` (split -> stored key -> value)."""
+    facts: dict[str, Any] = {"attack": attack_facts(registry.attack(attack)), "metrics": {}}
+    if defense != CLEAN_MODEL:
+        facts["defense"] = defense_facts(registry.defense(defense))
+    stored = {key for values in metrics.values() for key in values}
+    for name, metric in registry.items["metric"].items():
+        for rule in (getattr(metric, "asr_rules", ()) or [None]):
+            if stored_key(name, rule) in stored:
+                facts["metrics"][stored_key(name, rule)] = metric_facts(metric, rule)
+    return facts
+
+
 def budget_of(config: BenchmarkConfig, profile_params: dict) -> dict:
     """What a cell's numbers depend on beyond its coordinates: the profile with its resolved
     parameters (world sizes, training recipe) and the world seed; ``key`` is a short hash of it.
@@ -485,17 +458,3 @@ def checked_outcome(defense: str, outcome: Any) -> DefenseOutcome:
                        "not a DefenseOutcome",
                        "return hookspecs.DefenseOutcome(victim, DefenseReport(...)) from defend()")
     return outcome
-
-
-def error_message(exc: BaseException) -> str:
-    """What a failed cell's result says: a VbbError as it reads, anything else with its type."""
-    return str(exc) if isinstance(exc, VbbError) else f"{type(exc).__name__}: {exc}"
-
-
-def result_path(config: BenchmarkConfig, cell: Cell) -> Path:
-    return config.results_dir / config.profile / f"{cell.cell_id}.json"
-
-
-def failed_result(cell: Cell, error: str, trace: str = "") -> dict:
-    return CellResult(**cell.to_dict(), status="failed", error=error, traceback=trace,
-                      provenance={"git_commit": git_commit(), "versions": _versions()}).to_dict()

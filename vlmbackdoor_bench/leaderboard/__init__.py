@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import VbbError
+from ..results_schema import CLEAN_MODEL
 from .check import (
     DEFAULT_TOLERANCES, Regression, check, load_baseline, make_baseline, tolerance_for,
     validate_baseline,
@@ -21,7 +22,7 @@ from .check import (
 from .facts import Facts
 from .render import write_leaderboards
 from .results import (
-    CLEAN_MODEL, LONG_FORM_COLUMNS, PAPER_PROFILE, CellCoordinates, ResultFileWarning, load_results,
+    LONG_FORM_COLUMNS, PAPER_PROFILE, CellCoordinates, ResultFileWarning, load_results,
     long_form, missing_cells, newest_result_mtime,
 )
 from .tables import Table, TableSet, build_tables, default_paper_dir, load_paper_tables

@@ -16,7 +16,8 @@ from collections import defaultdict
 from typing import Mapping, Sequence
 
 from .facts import Facts
-from .results import CLEAN_MODEL, defense_values, finite_number
+from ..results_schema import CLEAN_MODEL
+from .results import defense_values, finite_number
 from .table_model import MISSING, ColumnGroup, Table, fmt
 
 COLUMNS = ("ASR before ↓", "ASR after ↓", "clean C ↑", "precision ↑", "recall ↑",

@@ -80,6 +80,10 @@ class Facts:
             order = self._get(kind, text).get("order")
         return (*_order_key(order), text)
 
+    def is_rule_metric(self, metric: str) -> bool:
+        """Whether a stored key is one ASR rule of a metric computed per rule."""
+        return self._get("metric", metric).get("asr_rule") is not None
+
     def headline_metric(self, attack: str) -> str:
         """The stored key of an attack's headline ASR (spec/metrics.md §4.4)."""
         rule = self._get("attack", attack).get("headline_asr_rule") or DEFAULT_HEADLINE_ASR_RULE

@@ -18,7 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from ..errors import VbbError
-from .results import (DEFENSE_SPLIT, DEFENSE_VALUES, LONG_FORM_COLUMNS, SCHEMA_VERSION,
+from ..results_schema import SCHEMA_VERSION
+from .results import (DEFENSE_SPLIT, DEFENSE_VALUES, LONG_FORM_COLUMNS,
                       provenance_imported_from, set_defense_value)
 
 #: What makes two records the same cell: a store record replaces an imported one with this identity.

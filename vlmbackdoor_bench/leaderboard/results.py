@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import pandas as pd
 
 from ..errors import VbbError
-from ..results_schema import CLEAN_MODEL, SCHEMA_VERSION, CellResult
+from ..results_schema import CellResult
 from .facts import Facts, registry_facts
 
 PAPER_PROFILE = "openflamingo-3b"  # the profile whose numbers are compared with the paper's

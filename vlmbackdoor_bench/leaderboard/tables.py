@@ -5,7 +5,8 @@ index columns and column groups; :mod:`.render` turns it into Markdown, CSV, LaT
 
 Layouts (all values in %, spec/metrics.md §1):
 
-* Table 1: rows dataset x attack; groups No Defense, SRD; B@4, C, SC, LF, SFS, ASR (triggered).
+* Table 1: rows dataset x attack; groups No Defense, SRD; B@4, C, SC, LF, SFS, ASR (triggered),
+  then every other metric plugin's number (one not stored per ASR rule).
 * Table 2: rows dataset x attack; groups No Defense, ABL, VDC, CT, SRD, then every other defense
   found in the results; C, SFS, ASR (triggered).
 * Table 3: rows dataset x attack; groups No Defense, Random, PPO, SAC, DQN (= ``srd``); C, SFS, ASR.
@@ -25,14 +26,15 @@ import math
 import os
 import statistics
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import VbbError
 from .defense_report import defense_report
 from .facts import Facts, registry_facts
-from .results import CLEAN_MODEL, PAPER_PROFILE, metric_n, metric_values
+from ..results_schema import CLEAN_MODEL
+from .results import PAPER_PROFILE, metric_n, metric_values
 from .table_model import MISSING, ColumnGroup, Table, fmt
 
 __all__ = ["MISSING", "ColumnGroup", "Table", "TableSet", "build_tables", "fmt", "load_paper_tables"]
@@ -213,6 +215,13 @@ class CellValues:
         self.spreads = {k: statistics.stdev(v) for k, v in sums.items() if len(v) > 1}
         self.ns = {k: tuple(sorted(v)) for k, v in ns.items()}
 
+    def other_metrics(self, split: str, fixed: Sequence[str]) -> list[str]:
+        """Metrics of ``split`` in the results beyond ``fixed``, in their declared order; one
+        stored per ASR rule is left out (the tables show the rules they name)."""
+        found = {k[4] for k in self.values if k[3] == split and k[4] not in fixed}
+        return sorted((m for m in found if not self.facts.is_rule_metric(m)),
+                      key=lambda m: self.facts.rank("metric", m))
+
     def attack_key(self, record: Mapping) -> str:
         attack = record["attack"]
         key = (f"{attack} [{record.get('attack_preset')}]" if attack in self._attack_multi
@@ -365,7 +374,8 @@ def _paper_note(number: int, profile: str, show_paper: bool, available: bool) ->
 
 def table1(cells: CellValues, profile: str, paper: PaperTables, n_failed: int = 0) -> Table:
     show = profile == PAPER_PROFILE and 1 in paper
-    metrics = [("triggered", m, header(cells.facts, m)) for m in TABLE1_METRICS]
+    shown = list(TABLE1_METRICS) + cells.other_metrics("triggered", TABLE1_METRICS)
+    metrics = [("triggered", m, header(cells.facts, m)) for m in shown]
     notes = (_general_notes(cells, _TRIGGERED, _ASR_SRD, True, n_failed)
              + _paper_note(1, profile, show, 1 in paper))
     return _grid_table(key="table1", title="Table 1: No Defense vs SRD (triggered inputs)",
