@@ -113,6 +113,14 @@ def test_without_ray_the_error_names_the_extra(monkeypatch, tmp_path):
     assert not (tmp_path / "cache" / "store" / "base").exists()
 
 
+def test_an_address_without_the_ray_executor_is_refused(tmp_path, capsys):
+    from vlmbackdoor_bench.cli import main
+    (tmp_path / "benchmark.toml").write_text('[benchmark]\ncache_dir = "cache"\n')
+    assert main(["--config", str(tmp_path / "benchmark.toml"), "run", "--address", "auto"]) == 2
+    assert "--address names a Ray cluster, but the executor is local" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
 def test_the_local_executor_never_imports_ray(tmp_path):
     import subprocess
     code = ("import sys; from vlmbackdoor_bench.cli import main; "

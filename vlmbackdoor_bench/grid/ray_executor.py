@@ -183,7 +183,7 @@ def execute(tasks: list[StageTask], compute: Callable[[StageTask, Callable[[str]
                 if kind_of[name] == "cell":
                     counts["ok" if outcomes[name] is None else "failed"] += 1
                     bar.update(1)
-            bar.set_postfix(ok=counts["ok"], failed=counts["failed"], running=len(running), refresh=False)
+            bar.set_postfix(ok=counts["ok"], failed=counts["failed"], running=len(running))
         drain()
     finally:
         bar.close()
