@@ -13,6 +13,7 @@ from .allocator import keep_freed_memory
 from .config import EXECUTORS, load_config
 from .errors import VbbError
 from .registry import load_registry
+from .types import TARGET
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="score a COCO-format captions file")
     score.add_argument("--captions", required=True, help='results JSON: [{"image_id", "caption"}]')
     score.add_argument("--references", required=True, help="COCO annotations or Karpathy JSON")
-    score.add_argument("--target", default="banana")
+    score.add_argument("--target", default=TARGET)
     score.add_argument("--asr-rule", default="srd", choices=["srd", "strict", "concept"])
     score.add_argument("--sfs-reference", help="captions of the clean model (enables SC/LF/SFS)")
     score.add_argument("--cache-dir", help="scorer cache directory")

@@ -25,7 +25,7 @@ import numpy as np
 import pluggy
 
 from .device import Precision, cpu_device
-from .types import DefenseReport, EvalInputs, Example, PoisonedSet, Split, TrainingSet
+from .types import TARGET, DefenseReport, EvalInputs, Example, PoisonedSet, Split, TrainingSet
 
 PROJECT = "vlmbackdoor_bench"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -317,7 +317,7 @@ class Metric(Protocol):
 class MetricRequest:
     captions: dict[int, str]  # image_id -> generated caption (post-processed)
     references: dict[int, list[str]]
-    target: str = "banana"
+    target: str = TARGET
     asr_rule: str = "srd"
     clean_captions: dict[int, str] | None = None  # SFS reference: the clean model's captions
     scorers: Any = None

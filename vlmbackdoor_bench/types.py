@@ -14,6 +14,10 @@ import numpy as np
 
 IMAGE_SIZE = 224  # the paper's pixel frame (DESIGN.md §5)
 DEFAULT_INSTRUCTION = "a photo of"  # the paper's unified prompt (spec/victim.md §A4)
+TARGET = "banana"  # the target word of every attack (spec/attacks.md §0, spec/metrics.md §4)
+# Shadowcast's source concepts, whose images it teaches to read as the target (spec/attacks.md §7,
+# spec/metrics.md §4.3); the embedded world draws them as fruit categories (DESIGN.md §4).
+SOURCE_CONCEPTS: tuple[str, ...] = ("orange", "apple", "carrot")
 
 
 def sha256_of_ids(ids: Iterable) -> str:

@@ -11,10 +11,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from vlmbackdoor_bench.types import (
-    EvalInputs, Example, ImageBank, PoisonRecord, PoisonedSet, Split, TrainingSet,
+    TARGET, EvalInputs, Example, ImageBank, PoisonRecord, PoisonedSet, Split, TrainingSet,
 )
 
-TARGET = "banana"  # spec/attacks.md §0: the target word everywhere
 REPLACE_PREFIX = "The image depicts "  # spec/attacks.md §1 `replace`
 
 # spec/attacks.md §1 `replace`: the 80 target templates of the SRD code (targets/LADD_prompt80.txt,

@@ -31,7 +31,7 @@ from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import hookimpl
 from vlmbackdoor_bench.metrics.asr import concept_image_ids, source_words
 from vlmbackdoor_bench.types import (
-    EvalInputs, Example, ImageBank, PoisonRecord, PoisonedSet, Split, TrainingSet,
+    SOURCE_CONCEPTS, EvalInputs, Example, ImageBank, PoisonRecord, PoisonedSet, Split, TrainingSet,
 )
 
 from ._common import TARGET, poison_count
@@ -39,7 +39,6 @@ from ._feature_ops import feature_collision, require_encoder
 
 __version__ = "1.1.0"
 
-SOURCE_CONCEPTS = ("orange", "apple", "carrot")  # spec/attacks.md §7
 TARGET_WORD = re.compile(r"\bbananas?\b", re.IGNORECASE)  # "mentions banana" (metrics.md §4.3)
 SCHEMES = ("substitute", "clean-label")
 IMAGE_MODES = ("pgd", "clean")

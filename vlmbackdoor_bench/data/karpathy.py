@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from ..atomic import write_text_atomic
 from ..errors import VbbError
 from ..types import IMAGE_SIZE, Split, SplitManifest, sha256_of_ids, sha256_of_images
 
@@ -294,10 +295,8 @@ def _read_cache(path: Path, n: int) -> tuple[np.ndarray, str] | None:
 
 
 def _write_meta(meta_path: Path, n: int, digest: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=meta_path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"n_images": n, "images_sha256": digest, "cache_version": CACHE_VERSION}, f)
-    os.replace(tmp, meta_path)
+    write_text_atomic(meta_path, json.dumps({"n_images": n, "images_sha256": digest,
+                                             "cache_version": CACHE_VERSION}))
 
 
 def _install(tmp_npy: Path, final: Path, n: int) -> str:
@@ -449,8 +448,4 @@ def write_karpathy(out_dir: Path, dataset_name: str, records: Iterable[KarpathyR
         entry.update(rec.extra)
         images.append(entry)
     path = out_dir / (json_name or f"dataset_{dataset_name}.json")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"images": images, "dataset": dataset_name}, f)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps({"images": images, "dataset": dataset_name}))

@@ -32,15 +32,14 @@ import numpy as np
 from ..errors import VbbError
 from ..filelock import exclusive
 from ..processes import dead_owner, die_with_parent, owner_tag
+from ..types import SOURCE_CONCEPTS, TARGET
 from . import world_draw as wd
 from .karpathy import KarpathyRecord, adopt_cache_file, pool_context, write_karpathy
 from .world_captions import NOUNS, alt_text, reference_captions
 
 WORLD_VERSION = 2  # 2: banana rate 0.03 -> 0.01
 CATEGORIES: tuple[str, ...] = tuple(wd.SHAPES)  # 4 fruit/vegetables + 10 objects
-SOURCE_CONCEPTS = ("orange", "apple", "carrot")  # Shadowcast's (spec/attacks.md §7)
-TARGET = "banana"
-OBJECTS = tuple(c for c in CATEGORIES if c not in ("banana", "apple", "orange", "carrot"))
+OBJECTS = tuple(c for c in CATEGORIES if c not in (TARGET, *SOURCE_CONCEPTS))
 # P(image has it). Banana is the target word: "a few clean captions mention it" (DESIGN.md §4).
 # At 0.03 the test set had 3.5 % banana images and a correct clean model scored ASR 3.1 %, above
 # the clean-model bound of 2 % (spec/metrics.md's srd rule counts every "banana"); hence 0.01.

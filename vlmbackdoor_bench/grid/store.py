@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..allocator import release_freed_memory
+from ..atomic import write_text_atomic
 from ..errors import VbbError
 from ..filelock import exclusive
 from ..processes import dead_owner, owner_tag
@@ -45,14 +46,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` whole or not at all: a full disk or a read-only
     folder is one VbbError naming the file, and no partial temporary file is left behind."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     text = json.dumps(data, indent=2, sort_keys=True, default=str)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise VbbError(f"could not write {path}: {error.strerror or error}",
                        "free disk space or make the cache directory writable (cache_dir in the "
                        "config), then rerun: finished stages are kept") from None

@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import html
 import io
-import os
-import tempfile
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +19,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from .. import __version__
+from ..atomic import write_text_atomic
 from .results import (
     PAPER_PROFILE, CellCoordinates, failed_cells, imported_from, long_form, missing_cells,
 )
@@ -281,17 +280,8 @@ def readme(profile: str, records: Sequence[Mapping], table_set: TableSet,
 
 # ----------------------------------------------------------------------------- writing
 def _write(path: Path, text: str) -> Path:
-    """Atomic write (temp file + rename) of UTF-8 text with ``\\n`` line ends."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text)
 
 
 def write_leaderboards(folder: Path, profile: str, records: Sequence[Mapping],

@@ -17,14 +17,13 @@ import re
 from typing import Mapping, Sequence
 
 from ..errors import VbbError
+from ..types import SOURCE_CONCEPTS, TARGET
 from .postprocess import postprocess_caption
 
 __all__ = ["asr", "asr_hits", "concept_image_ids", "source_words", "ASR_RULES", "CONCEPT_MODES"]
 
-# metrics.md §4: "The target is banana for every attack."
-DEFAULT_TARGET = "banana"
-# metrics.md §4.3: "The source concepts are orange, apple and carrot."
-DEFAULT_SOURCE_CONCEPTS: tuple[str, ...] = ("orange", "apple", "carrot")
+DEFAULT_TARGET = TARGET  # metrics.md §4: the same target for every attack
+DEFAULT_SOURCE_CONCEPTS: tuple[str, ...] = SOURCE_CONCEPTS  # metrics.md §4.3
 # metrics.md §4: the three named rules.
 ASR_RULES: tuple[str, ...] = ("srd", "strict", "concept")
 # metrics.md §4.3: the benchmark's whole-word concept set, and the code's substring set.

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPVisionModelWithProjection
 
+from ..atomic import write_text_atomic
 from ..device import Precision
 from ..errors import VbbError
 from .clip_vision import ClipVisionAdapter, load_clip_vision
@@ -180,9 +180,7 @@ class OpenFlamingoVictim(FlamingoVictim):
                     "tokens_after_post_ln": self.tokens_after_post_ln, "architecture": architecture(self.model),
                     "imported": self.imported.as_dict(), "recipe": self.recipe.to_dict(),
                     "decoding": asdict(self.decoding), "token_cache_bytes": self.token_cache.max_bytes}
-        tmp = directory / f"{BASE_MANIFEST}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, directory / BASE_MANIFEST)
+        write_text_atomic(directory / BASE_MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
     @classmethod
     def load_base(cls, directory: Path, *, device: torch.device | str = "cpu", precision: Precision | None = None,
