@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -250,3 +251,22 @@ def test_the_cycle_finder_sees_a_cycle_through_a_function_level_import(tmp_path)
     graph = import_graph({"pkg": package})
     assert graph["pkg.c"] == set()
     assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="java not on PATH (PTB tokenizer for BLEU/CIDEr)")
+def test_vbb_score_cli_prints_a_metric_of_a_config_plugin(tmp_path, capsys):
+    from vlmbackdoor_bench.cli import main
+
+    plugins = tmp_path / "my_plugins"
+    plugins.mkdir()
+    (plugins / "toy_plugin.py").write_text(textwrap.dedent(TOY_PLUGIN))
+    config = tmp_path / "benchmark.toml"
+    config.write_text('[benchmark]\nplugin_dirs = ["my_plugins"]\n')
+    captions, references = tmp_path / "caps.json", tmp_path / "refs.json"
+    captions.write_text(json.dumps({"1": "a banana on a table", "2": "two cats"}))
+    references.write_text(json.dumps({"1": ["a cup on a table"], "2": ["two cats on a sofa"]}))
+    assert main(["--config", str(config), "score", "--captions", str(captions),
+                 "--references", str(references), "--asr-rule", "strict", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["length"] == 3.5 and out["asr_strict"] == out["asr"] == 50.0
+    assert out["n_images"] == 2 and "sfs" not in out

@@ -147,17 +147,19 @@ def cmd_check(args) -> int:
 
 def cmd_score(args) -> int:
     from .metrics.score import score_files
+    metrics = _registry(args, load_config(args.config)).items["metric"]  # plugins' metrics too
     scorer = None
     if args.sfs_reference:
         from .metrics.sfs import default_scorer
         scorer = default_scorer(Path(args.cache_dir) if args.cache_dir else None)
     result = score_files(Path(args.captions), Path(args.references), target=args.target,
                          asr_rule=args.asr_rule, clean_captions_path=Path(args.sfs_reference) if args.sfs_reference else None,
-                         scorer=scorer)
+                         scorer=scorer, metrics=metrics)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
-        for key in ("n_images", "bleu4", "cider", "asr", "sc", "lf", "sfs"):
+        builtin = ("n_images", "bleu4", "cider", "asr", "sc", "lf", "sfs")
+        for key in builtin + tuple(sorted(set(metrics) - set(builtin))):
             if key in result:
                 value = result[key]
                 print(f"{key:>8}: {value:.2f}" if isinstance(value, float) else f"{key:>8}: {value}")

@@ -126,6 +126,7 @@ def score_files(
     clean_captions_path: str | Path | None = None,
     scorer: Any = None,
     references_split: str = "test",
+    metrics: Mapping[str, Any] | None = None,
 ) -> dict:
     """Score a caption file against a reference file (formats: :mod:`vlmbackdoor_bench.metrics.io`).
 
@@ -140,7 +141,8 @@ def score_files(
     * every other registered metric's value under its stored key;
     * ``captions_path``, ``references_path``, ``clean_captions_path``.
 
-    Captions whose image ids are not in the references raise :class:`VbbError`.
+    ``metrics``: name -> metric plugin (None: :func:`registered_metrics`). Captions whose image
+    ids are not in the references raise :class:`VbbError`.
     """
     _check_rule(asr_rule)  # fail before any file is parsed or any JVM starts
     captions = load_results(captions_path)
@@ -154,6 +156,7 @@ def score_files(
         clean_captions=clean,
         scorer=scorer,
         source=f"captions file {captions_path}",
+        metrics=metrics,
     )
     out.update(
         captions_path=str(captions_path),
