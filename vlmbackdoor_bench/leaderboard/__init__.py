@@ -3,8 +3,10 @@
 The CLI's ``vbb report`` calls :func:`build_leaderboards`; ``vbb check`` calls
 :func:`check_against_baseline` (and :func:`write_baseline` to record a new baseline).
 
-Modules: :mod:`.results` (loading, long form), :mod:`.tables` (layouts, paper values),
-:mod:`.render` (Markdown/CSV/LaTeX/HTML and README), :mod:`.check` (baselines).
+Modules: :mod:`.results` (loading, long form), :mod:`.facts` (the plugins' labels, orders and
+directions, from the records), :mod:`.table_model` (the table every layout fills), :mod:`.tables`
+(layouts, paper values), :mod:`.defense_report`, :mod:`.render` (Markdown/CSV/LaTeX/HTML and
+README), :mod:`.check` (baselines), :mod:`.merge` (``results.csv`` back into records).
 """
 
 from __future__ import annotations
