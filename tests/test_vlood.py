@@ -14,6 +14,7 @@ from attack_helpers import make_split
 from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.grid import persist, runner as runner_module
 from vlmbackdoor_bench.grid.runner import GridRunner
+from vlmbackdoor_bench.hookspecs import StageContext
 from vlmbackdoor_bench.victims.tiny import TinyArch, TinyVictim, build_model
 from vlmbackdoor_bench.victims.tokenizer import train_tokenizer
 from vlmbackdoor_bench.victims.training import Recipe
@@ -210,6 +211,7 @@ def grid_with_fakes(monkeypatch, tmp_path):
     grid.split = lambda role, split: None
     grid.profile = SimpleNamespace(finetune_recipe=lambda p: Recipe())
     grid.profile_params = {}
+    grid.context = StageContext(cache_dir=tmp_path, config=None)  # the CPU at float32
     built = {}
 
     def derived_victim(stage, payload, build):
