@@ -7,10 +7,12 @@ stage. A failing cell is recorded as failed and the grid goes on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 import traceback
+from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -50,7 +52,12 @@ class GridRunner:
         self.budget = budget_of(config, self.profile_params)
         self.context = self._stage_context()
         self._splits: dict[tuple[str, str], Split] = {}
-        self._victims: dict[str, Any] = {}
+        # Loaded models by store key, least recently used first. A profile may bound how many
+        # derived models stay loaded (``max_loaded_models``: a 3B model's trainable copy is ~4 GB);
+        # the base is never dropped, since every clone shares its frozen modules.
+        self._victims: OrderedDict[str, Any] = OrderedDict()
+        self._max_loaded = getattr(self.profile, "max_loaded_models", None)
+        self._base_key: str | None = None
         self._scorer = None
 
     def _stage_context(self) -> StageContext:
@@ -109,6 +116,7 @@ class GridRunner:
         entry = self.store.get_or_build("base", payload, build)
         if entry.key not in self._victims:
             self._victims[entry.key] = self.profile.load(entry.path, self.context)
+        self._base_key = entry.key
         return self._victims[entry.key], entry
 
     def derived_victim(self, stage: str, payload: dict, train_fn: Callable[[Path], dict]) -> tuple[Any, Entry]:
@@ -119,7 +127,18 @@ class GridRunner:
             victim = base.clone()
             victim.load_trainable(entry.path)
             self._victims[entry.key] = victim
+            self._drop_least_recent_models()
+        self._victims.move_to_end(entry.key)
         return self._victims[entry.key], entry
+
+    def _drop_least_recent_models(self) -> None:
+        """Forget the least recently used derived models beyond the profile's bound (they reload
+        from the store when needed again)."""
+        if self._max_loaded is None:
+            return
+        derived = [key for key in self._victims if key != self._base_key]
+        for key in derived[:max(0, len(derived) - self._max_loaded)]:
+            del self._victims[key]
 
     def clean_model(self, seed: int) -> tuple[Any, Entry]:
         """The clean reference model: base fine-tuned on the unpoisoned set (DESIGN.md §6)."""
@@ -221,7 +240,11 @@ class GridRunner:
             poisoned = persist.load_poisoned(poison_entry.path, self.split("coco", "train"))
             context = self.defense_context(backdoored.clone(), poisoned.training_set, seed, tmp / "artifacts")
             context.workdir.mkdir()
-            outcome = checked_outcome(defense.name, defense.defend(context, params))
+            # The images a defense encodes here (masked or relabelled copies) serve no later
+            # stage: their encoder tokens stay out of the token cache's disk tier.
+            one_off = getattr(backdoored, "one_off_images", None)
+            with one_off() if one_off is not None else contextlib.nullcontext():
+                outcome = checked_outcome(defense.name, defense.defend(context, params))
             outcome.victim.lineage = {"stage": "defend", "backdoor": backdoor_entry.key,
                                       "defense": defense.name}
             outcome.victim.save(tmp)

@@ -138,6 +138,9 @@ class OpenFlamingo3BProfile:
     """
 
     name = "openflamingo-3b"
+    # Derived models a grid keeps loaded (GridRunner): each holds its own ~1.05 B trainable
+    # parameters (~4.2 GB in fp32) beside the shared frozen 1.5 B; more reload from the store.
+    max_loaded_models = 4
     version = __version__
     DEFAULTS: dict[str, Any] = {
         "clip_vit_l14_dir": "",  # HF CLIPModel directory (openai/clip-vit-large-patch14)
