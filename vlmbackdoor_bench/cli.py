@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--merge", type=Path, action="append", metavar="CSV", help=merge_help)
     check.set_defaults(func=cmd_check)
     bench = sub.add_parser("bench", help="captions/min, fine-tune samples/s and peak memory of the "
-                                         "openflamingo-3b victim (README, \"vbb bench\")")
+                                         "openflamingo-3b victim (docs/cli.md, \"vbb bench\")")
     bench.add_argument("--profile", default="openflamingo-3b",
                        help="the profile measured (openflamingo-3b); its keys come from --config")
     bench.add_argument("--random-weights", action="store_true",

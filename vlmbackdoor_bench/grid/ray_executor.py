@@ -1,4 +1,4 @@
-"""`vbb run --executor ray`: the grid's stage DAG (grid.dag) as Ray tasks (README "Running on Ray").
+"""`vbb run --executor ray`: the grid's stage DAG (grid.dag) as Ray tasks (docs/cli.md, "Running on several GPUs or a Ray cluster").
 
 The driver submits every distinct stage task once, with the tasks it needs as arguments, so Ray
 starts it only after them and no two workers ever build the same store entry; no lock spans hosts.
