@@ -40,30 +40,98 @@ FINE_TUNE_STARTS = ("base", "clean_model")
 
 # --------------------------------------------------------------------------- protocols
 @runtime_checkable
+class FinetuneRecipe(Protocol):
+    """A profile's fine-tuning recipe (spec/victim.md §A3), as :meth:`VictimProfile.finetune_recipe`
+    returns it. The harness never reads its fields: it hands the object back to
+    :meth:`Victim.fine_tune` and hashes :meth:`to_dict` into the store key of every model trained
+    with it (the clean model, each backdoor, each defense that retrains)."""
+
+    def to_dict(self) -> dict:
+        """The recipe as JSON values. Equal dicts must mean equal training: a change here
+        re-keys (and so retrains) every model fine-tuned with the recipe."""
+
+
+@runtime_checkable
 class Victim(Protocol):
-    """A captioning model under test (DESIGN.md §3, spec/victim.md)."""
+    """A captioning model under test (DESIGN.md §3, spec/victim.md), made by a
+    :class:`VictimProfile` (``build_base``, ``load``) and cloned by the grid for every model it
+    derives from the base. Images are uint8 arrays (B, 224, 224, 3) in the paper's pixel frame.
+
+    **Used by the grid** (every victim has them): ``profile``, ``decoding``, ``lineage``,
+    :meth:`generate`, :meth:`fine_tune`, :meth:`clone`, :meth:`save`, :meth:`save_full`,
+    :meth:`load_trainable`.
+
+    **Used by built-in attacks and defenses** (a victim without one runs with every plugin that
+    does not call it): :meth:`caption_nll` (ABL, CT, VDC), :meth:`vision_features` and
+    :meth:`media_features` (CT), :meth:`encode_normalised`, ``pixel_mean`` and ``pixel_std``
+    (VL-Trojan, Shadowcast).
+
+    **Optional, read by the grid when present:**
+
+    ``precision: dict | Precision``
+        ``{"weights", "train_autocast", "eval"}`` dtype names, recorded in each cell's provenance
+        (:func:`vlmbackdoor_bench.device.victim_precision`; without it the dtype of ``model``'s
+        parameters and "unreported").
+    ``device``, ``model``
+        The torch device the victim computes on and its ``torch.nn.Module``
+        (:func:`vlmbackdoor_bench.device.victim_device`; default the CPU).
+    ``one_off_images() -> context manager``
+        Entered around :meth:`Defense.defend`: images encoded inside it serve no later stage, so
+        a victim that caches encoder outputs on disk may keep them in memory only.
+    """
 
     profile: str
+    #: The decoding settings, a flat dataclass instance (3 beams, <= 20 new tokens,
+    #: spec/metrics.md §2). Its fields (``vars(decoding)``) are part of the store key of every
+    #: caption set the victim makes and are recorded in each cell's provenance.
+    decoding: Any
+    #: Where a model came from, set by the grid before it calls :meth:`save` (e.g.
+    #: ``{"stage": "backdoor", "base": <key>, "poison": <key>}``); a victim writes it with its
+    #: weights' metadata. A fresh base victim has ``{}``.
+    lineage: dict
 
     def generate(self, images: np.ndarray, instruction: str = ...) -> list[str]:
-        """Captions for uint8 (B, 224, 224, 3) images: 3 beams, <= 20 new tokens, post-processed
-        as spec/metrics.md §2."""
+        """Caption each image; called positionally as ``generate(images, instruction)``.
+
+        :param images: uint8 (B, 224, 224, 3).
+        :param instruction: the prompt before the caption (types.DEFAULT_INSTRUCTION, or an
+            attack's text trigger from :class:`EvalInputs`).
+        :returns: one caption per image, post-processed as spec/metrics.md §2, decoded with
+            ``decoding``.
+        """
 
     def caption_nll(
         self, images: np.ndarray, captions: Sequence[str], instructions: Sequence[str] | None = None
     ) -> np.ndarray:
-        """Per-sample mean token NLL of each caption under teacher forcing (label mask §A4)."""
+        """Per-sample mean token NLL of each caption under teacher forcing (label mask
+        spec/victim.md §A4).
+
+        :param images: uint8 (B, 224, 224, 3), row i paired with ``captions[i]``.
+        :param captions: the captions to score.
+        :param instructions: a prompt per row (None: types.DEFAULT_INSTRUCTION for all).
+        :returns: float array (B,).
+        """
 
     def fine_tune(
-        self, training_set: TrainingSet, *, seed: int, objective: "TrainingObjective | None" = None,
-        progress: str = "",
+        self, training_set: TrainingSet, *, seed: int, recipe: FinetuneRecipe | None = None,
+        objective: "TrainingObjective | None" = None, progress: str = "",
     ) -> dict:
-        """Fine-tune in place with the profile's recipe on the trainable set (perceiver + gated
-        cross-attention + input embeddings); returns a log (losses, steps, seconds). With an
-        ``objective`` its ``loss`` replaces the plain cross-entropy (see TrainingObjective)."""
+        """Fine-tune this victim in place (its trainable set: perceiver + gated cross-attention +
+        input embeddings for the Flamingo victims).
+
+        :param training_set: the examples and their image bank (poisoned or clean).
+        :param seed: seeds batch order and any randomness of training.
+        :param recipe: the cell's recipe from :meth:`VictimProfile.finetune_recipe`; the grid
+            always passes it (None: the victim's own default, the base model's recipe).
+        :param objective: an attack's :class:`TrainingObjective`; its ``loss`` replaces the
+            plain caption cross-entropy.
+        :param progress: a label for progress output.
+        :returns: a JSON-able log (losses, steps, seconds), stored with the model.
+        """
 
     def vision_features(self, images: np.ndarray, *, grad: bool = False) -> Any:
-        """Patch-token features of the frozen vision encoder, (B, N, D) torch tensor."""
+        """Patch-token features of the frozen vision encoder, (B, N, D) torch tensor; without
+        ``grad`` they may come from a cache, with it they are computed afresh under autograd."""
 
     def media_features(self, images: np.ndarray) -> Any:
         """What this model's perceiver resampler makes of each image: its output latents
@@ -80,16 +148,19 @@ class Victim(Protocol):
         (VL-Trojan's trigger, Shadowcast's feature collision, spec/attacks.md §6-§7)."""
 
     def clone(self) -> "Victim":
-        ...
+        """An independent copy whose training leaves this victim unchanged (frozen parts may be
+        shared). The grid clones the base for every derived model."""
 
     def save(self, directory: Path) -> None:
-        """Write trainable weights (safetensors) and metadata into ``directory``."""
+        """Write the trainable weights and metadata (``decoding``, ``lineage``) into
+        ``directory``, an empty directory the store commits atomically afterwards."""
 
     def save_full(self, directory: Path) -> None:
-        """Write every weight (the base model)."""
+        """Write every weight, enough for :meth:`VictimProfile.load` (the base model)."""
 
     def load_trainable(self, directory: Path) -> None:
-        """Load weights written by ``save`` (strict on the trainable subset, spec/victim.md §A6)."""
+        """Load weights written by :meth:`save` into this victim (a clone of the base), strict
+        on the trainable subset (spec/victim.md §A6)."""
 
 
 @dataclass
@@ -146,45 +217,86 @@ class TrainingObjective(Protocol):
 
 @runtime_checkable
 class VictimProfile(Protocol):
-    """How to obtain the base (public pretrained) victim and its fine-tuning recipe."""
+    """How to obtain the base (public pretrained) victim, its data and its fine-tuning recipe.
+
+    The grid calls, in this order: :meth:`params` (once, with ``[profile.<name>]`` of
+    benchmark.toml), :meth:`check_available`, :meth:`dataset_sources`, then per stage
+    :meth:`base_params` and :meth:`build_base` or :meth:`load` for the base model, and
+    :meth:`finetune_recipe` for every model it trains.
+
+    Optional member: ``max_loaded_models: int`` (default None: no bound): how many models
+    derived from the base the grid keeps loaded at once; the least recently used beyond it are
+    dropped and reload from the store (a 3B victim's trainable copy is ~4 GB).
+    """
 
     name: str
     version: str
 
     def params(self, overrides: Mapping[str, Any]) -> dict:
-        """Defaults merged with [profile.<name>] of benchmark.toml; unknown keys -> VbbError."""
+        """The profile's parameters: its defaults merged with ``overrides``.
+
+        :param overrides: ``[profile.<name>]`` of benchmark.toml.
+        :returns: every parameter (recorded in each cell's provenance and budget).
+        :raises VbbError: for an unknown key or a value of the wrong type.
+        """
 
     def check_available(self, params: Mapping[str, Any]) -> None:
-        """Raise VbbError naming every missing local path (weights, data); never download."""
+        """Raise one VbbError naming every missing local path (weights, data); never download."""
 
     def dataset_sources(self) -> Mapping[str, str]:
-        """Map benchmark dataset roles ("coco", "flickr30k") to registered dataset names."""
+        """Map the benchmark's dataset roles to registered dataset names. The role "coco" is
+        required (fine-tuning and the reserved clean split come from it); every role listed
+        here may appear in ``datasets`` of benchmark.toml (e.g. "flickr30k")."""
 
     def base_params(self, params: Mapping[str, Any]) -> dict:
         """The part of ``params`` that determines the base model (hashed into its store key)."""
 
-    def finetune_recipe(self, params: Mapping[str, Any]) -> Any:
-        """The fine-tuning recipe (spec/victim.md §A3) for every model the harness trains."""
+    def finetune_recipe(self, params: Mapping[str, Any]) -> FinetuneRecipe:
+        """The fine-tuning recipe (spec/victim.md §A3) of every model the harness trains."""
 
     def build_base(self, context: "StageContext", params: Mapping[str, Any],
                    pretrain: Split | None, train: Split) -> tuple[Victim, dict]:
-        """The public pretrained model (the tiny profile pretrains it here) and a log."""
+        """Make the public pretrained model; called positionally, once per store key.
+
+        :param context: cache directory, device and precision to build on.
+        :param params: from :meth:`params`.
+        :param pretrain: the "coco" dataset's ``pretrain`` split when it has one (the tiny
+            profile pretrains its base on it), else None.
+        :param train: the "coco" dataset's fine-tuning split.
+        :returns: the victim (the grid saves it with :meth:`Victim.save_full`) and a JSON-able
+            log stored with it.
+        """
 
     def load(self, directory: Path, context: "StageContext") -> Victim:
-        """Load a base victim saved by ``save_full``; derived models load with
-        ``base.clone().load_trainable(dir)``."""
+        """Load a base victim written by :meth:`Victim.save_full` onto ``context.device``.
+        Derived models are loaded by the grid as ``base.clone().load_trainable(directory)``."""
 
 
 @runtime_checkable
 class DatasetProvider(Protocol):
-    """A caption dataset: ``load(split)`` returns a :class:`Split` with its manifest."""
+    """A caption dataset, registered by name and named by a profile's ``dataset_sources``.
+
+    The grid loads ``train`` and ``test`` of the "coco" role, ``test`` of every other role it
+    evaluates on, ``pretrain`` when listed in ``splits`` (the base model's data), and the first
+    of ``restval`` / ``pretrain`` that is listed as the defenders' reserved clean split
+    (:class:`DefenseContext`). Splits are loaded once per process and shared by every stage.
+
+    Optional member: ``check_available(config) -> None``, called before anything is built with
+    ``StageContext.config``: raise one VbbError naming every missing local file.
+    """
 
     name: str
     version: str
     splits: Sequence[str]
 
     def load(self, split: str, context: "StageContext") -> Split:
-        ...
+        """The split's images, references and manifest (the manifest's hashes identify the data
+        in every store key and result).
+
+        :param split: one of ``splits``.
+        :param context: ``context.config`` carries the grid's ``world_seed``, ``world_sizes``
+            and ``data_paths``; ``context.cache_dir`` is where to keep derived files.
+        """
 
 
 @runtime_checkable
@@ -215,21 +327,48 @@ class Attack(Protocol):
 
     name: str
     version: str
+    #: preset name -> constants; ``[attack.<name>]`` of benchmark.toml picks one (``preset``)
+    #: and overrides its constants (an unknown key is an error). The merged constants are the
+    #: ``params`` of every call below and are hashed into the poison stage's store key.
     presets: Mapping[str, Mapping[str, Any]]
     default_preset: str
-    target: str  # "banana" everywhere (spec/attacks.md §0)
-    asr_rules: Sequence[str]  # e.g. ("srd", "strict"); the first is the reproduction column
+    #: The target word whose presence in a triggered caption counts as success (the metrics'
+    #: ``MetricRequest.target``); "banana" everywhere (spec/attacks.md §0).
+    target: str
+    #: The ASR rules the triggered captions are scored with, e.g. ("srd", "strict")
+    #: (spec/metrics.md §4); each metric that takes a rule is stored once per rule.
+    asr_rules: Sequence[str]
 
     def poison(
         self, train: Split, *, poison_rate: float, seed: int, params: Mapping[str, Any],
         victim: Victim | None = None,
     ) -> PoisonedSet:
-        """Return the poisoned training set; records say exactly which instances changed."""
+        """Poison the fine-tuning split; called once per (params, seed) and cached.
+
+        :param train: the "coco" dataset's ``train`` split, clean.
+        :param poison_rate: the share of caption instances to poison (benchmark.toml).
+        :param seed: the cell's seed; the same seed must give the same set.
+        :param params: the resolved preset constants.
+        :param victim: the public base model, for attacks that optimise against its encoder
+            (read-only; the grid always passes it).
+        :returns: the training set the backdoor fine-tuning sees, its :class:`PoisonRecord`
+            ground truth (never shown to defenses) and JSON-able ``details``.
+        """
 
     def eval_inputs(
-        self, split: Split, *, kind: str, seed: int, params: Mapping[str, Any]
+        self, split: Split, *, kind: str, seed: int, params: Mapping[str, Any],
+        poison_details: Mapping[str, Any] | None = None,
     ) -> EvalInputs:
-        """Inputs of the ``kind`` = "triggered" | "clean" split (spec/metrics.md §1)."""
+        """The images a test split is captioned from (spec/metrics.md §1).
+
+        :param split: a ``test`` split of an evaluated dataset role.
+        :param kind: "triggered" (scored with ASR under ``asr_rules``) or "clean" (scored for
+            caption quality, ASR "strict").
+        :param seed: the cell's seed.
+        :param params: the resolved preset constants.
+        :param poison_details: passed only to attacks with ``eval_uses_poison``:
+            :attr:`PoisonedSet.details` of the poison stage with the same params and seed.
+        """
 
 
 @dataclass
@@ -266,6 +405,10 @@ class DefenseContext:
 
 @dataclass
 class DefenseOutcome:
+    """What :meth:`Defense.defend` returns: the model to evaluate (the grid saves it with
+    :meth:`Victim.save`) and what the defense did (removed, relabelled or masked samples,
+    artefacts), from which the grid computes detection precision and recall."""
+
     victim: Victim
     report: DefenseReport
 
@@ -284,11 +427,20 @@ class Defense(Protocol):
 
     name: str
     version: str
+    #: preset name -> constants, resolved with ``[defense.<name>]`` of benchmark.toml as for
+    #: attacks; hashed into the defend stage's store key with ``version``.
     presets: Mapping[str, Mapping[str, Any]]
     default_preset: str
 
     def defend(self, context: DefenseContext, params: Mapping[str, Any]) -> DefenseOutcome:
-        ...
+        """Purify one backdoored model; called once per (defense, params, backdoored model, seed)
+        and cached.
+
+        :param context: the backdoored model (a clone the defense may change), its training set
+            without poison labels, and everything else a defender may use.
+        :param params: the resolved preset constants.
+        :returns: a :class:`DefenseOutcome`; any other value fails the cell with a VbbError.
+        """
 
 
 @runtime_checkable
@@ -305,16 +457,27 @@ class Metric(Protocol):
     """
 
     name: str
-    version: str
+    version: str  # hashed into the scores stage's store key: bump it when values change
     unit: str  # "%" for everything the paper prints
     direction: str  # "up" (higher is better) or "down"
 
     def compute(self, request: "MetricRequest") -> dict[str, Any]:
-        ...
+        """Score one caption set (a cell's triggered or clean split, or ``vbb score``'s file).
+
+        :param request: the post-processed captions, their references and the attack's target;
+            ``asr_rule`` is set when the metric declares ``asr_rules``; ``clean_captions`` and
+            ``scorers`` are set in the grid (the clean model's captions of the same images).
+        :returns: ``{"value": number or None, ...}``; the value is stored under the metric's
+            name (``<name>_<rule>`` per rule), every other key in the record's
+            ``metric_details``. All must be JSON values.
+        """
 
 
 @dataclass
 class MetricRequest:
+    """One caption set to score, as :meth:`Metric.compute` receives it (the same object is
+    handed to every metric of a scores stage, ``asr_rule`` updated per rule)."""
+
     captions: dict[int, str]  # image_id -> generated caption (post-processed)
     references: dict[int, list[str]]
     target: str = TARGET
