@@ -190,7 +190,8 @@ class TrainingStep:
 
 
 class TrainingObjective(Protocol):
-    """A training loss an attack contributes to its backdoor fine-tuning (TrojVLM SP, VLOOD).
+    """A training loss an attack (TrojVLM SP, VLOOD) or a defense (ABL, RobustIT) contributes
+    to a fine-tuning.
 
     The victim calls the hooks below, in this order, at every step:
 
@@ -198,6 +199,15 @@ class TrainingObjective(Protocol):
         Examples with the same key always share a step (VLOOD: an instance's clean and poisoned
         copies). Batches are then drawn over groups, and the recipe's batch size counts groups.
         Without it every example is its own group.
+    ``batch_inputs(examples, images) -> (images, instructions)`` (optional, before each forward)
+        Replace what a step trains on (a defense's input diversity, RobustIT): ``images`` are the
+        examples' uint8 (B, 224, 224, 3) images; return one image and one instruction per
+        example (captions never change). The victim encodes the returned images afresh.
+    ``adapter_output(name, module, output, positions) -> output`` (optional, in every forward)
+        Sees, and may replace, the output (..., C) of every linear layer of the adapters
+        (perceiver, gated cross-attention), named by its parameter prefix (RobustIT's channel
+        masks). ``positions`` is the bool (B, T) attention mask of the batch's text where the
+        output's positions are text tokens, None where they are media latents.
     ``loss(step) -> scalar tensor`` (required)
         The whole loss that is minimised at this step; ``step.caption_loss`` is the plain
         cross-entropy, so an extra term is ``step.caption_loss + weight * extra``.

@@ -209,9 +209,12 @@ class FlamingoVictim:
         last micro-batch. Without micro-batching the share is 1 and nothing changes."""
         torch.manual_seed(seed)
         examples = training_set.examples
+        batch_inputs = getattr(objective, "batch_inputs", None)
         encoding_started = time.perf_counter()
-        bank_tokens, row_of = self.encode_bank(training_set)  # an image's tokens never change
+        # an image's tokens never change, unless the objective replaces each step's images
+        bank_tokens, row_of = self.encode_bank(training_set) if batch_inputs is None else (None, {})
         encoder_seconds = time.perf_counter() - encoding_started  # ~0 for images in the token cache
+        input_seconds = [0.0]  # batch_inputs and encoding its images, summed over the steps
         groups = _groups(examples, getattr(objective, "group_key", None))
         self.model.train()
         self.model.vision_encoder.eval()  # a frozen encoder keeps its BatchNorm statistics
@@ -227,12 +230,20 @@ class FlamingoVictim:
         def micro_losses(micro_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
             index = next(step_index)
             parts = [[examples[i] for g in micro.tolist() for i in groups[g]] for micro in micro_batches]
-            encoded = [self.encode_texts([e.caption for e in chosen], [e.instruction for e in chosen])
-                       for chosen in parts]
+            replaced = None
+            if batch_inputs is not None:
+                started = time.perf_counter()
+                replaced = [self._replaced_inputs(training_set, chosen, batch_inputs) for chosen in parts]
+                input_seconds[0] += time.perf_counter() - started
+            encoded = [self.encode_texts([e.caption for e in chosen],
+                                         replaced[k][0] if replaced else [e.instruction for e in chosen])
+                       for k, chosen in enumerate(parts)]
             label_tokens = [int((labels[:, 1:] != -100).sum()) for _, _, labels in encoded]
             total = max(sum(label_tokens), 1)  # the global batch's scored tokens
-            for chosen, texts, n_tokens in zip(parts, encoded, label_tokens):
-                tokens = bank_tokens[[row_of[e.image_index] for e in chosen]].to(self.device, torch.float32)
+            for k, (chosen, texts, n_tokens) in enumerate(zip(parts, encoded, label_tokens)):
+                tokens = replaced[k][1] if replaced else bank_tokens[[row_of[e.image_index] for e in chosen]]
+                tokens = tokens.to(self.device, torch.float32)
+                text_mask["current"] = texts[1]
                 with autocast(self.device, train_autocast):
                     fwd = self._scores(texts, tokens)
                     if objective is None:
@@ -248,15 +259,66 @@ class FlamingoVictim:
         def after_step() -> None:
             steps_log.append(dict(after_hook(last.pop("step"))))
 
-        with self._activation_checkpointing(recipe.activation_checkpointing):
+        text_mask: dict[str, torch.Tensor] = {}  # the attention mask of the micro-batch in the forward
+        with self._activation_checkpointing(recipe.activation_checkpointing), \
+                self._adapter_hooks(getattr(objective, "adapter_output", None), text_mask):
             log = run_training(self.model, recipe, len(groups), micro_losses, seed=seed, desc=progress,
                                after_step=after_step if after_hook else None)
         if objective is not None:
             log["objective"] = {"name": objective.name, "settings": dict(objective.settings),
                                 "steps": steps_log}
+        if batch_inputs is not None:
+            log["input_seconds"] = input_seconds[0]
         log["encoder_seconds"] = encoder_seconds  # the stage's time outside the steps, mostly
         self.model.eval()
         return log
+
+    def _replaced_inputs(self, training_set: TrainingSet, chosen: list[Example], batch_inputs
+                         ) -> tuple[list[str], torch.Tensor]:
+        """The objective's images and instructions for ``chosen`` (TrainingObjective.batch_inputs):
+        (instructions, frozen-encoder tokens of its images, encoded here, not from the token cache)."""
+        images = training_set.images.take([e.image_index for e in chosen])
+        images, instructions = batch_inputs(chosen, images)
+        if len(images) != len(chosen) or len(instructions) != len(chosen):
+            raise VbbError(f"the training objective's batch_inputs returned {len(images)} images and "
+                           f"{len(instructions)} instructions for {len(chosen)} examples",
+                           "return one uint8 (224, 224, 3) image and one instruction per example")
+        with torch.no_grad():
+            tokens = self._encode(self.preprocess(np.asarray(images, dtype=np.uint8))[:, 0, 0])[1]
+        return list(instructions), tokens
+
+    def adapter_linears(self) -> dict[str, torch.nn.Module]:
+        """Every linear layer of the adapters (perceiver, gated cross-attention), by parameter-name
+        prefix: the units TrainingObjective.adapter_output sees."""
+        parts = {"perceiver": self.model.perceiver,
+                 "lang_encoder.gated_cross_attn_layers": self.model.lang_encoder.gated_cross_attn_layers}
+        return {f"{prefix}.{name}": module for prefix, part in parts.items()
+                for name, module in part.named_modules() if isinstance(module, torch.nn.Linear)}
+
+    @contextlib.contextmanager
+    def _adapter_hooks(self, adapter_output, text_mask: dict[str, torch.Tensor]) -> Iterator[None]:
+        """For one fine-tuning, ``adapter_output(name, module, output, positions)`` replaces the
+        output of every adapter linear (TrainingObjective). ``positions`` marks the real positions of
+        an output over text tokens (the micro-batch's attention mask, bool (B, T)); None where the
+        positions are media latents (the perceiver, cross-attention keys and values)."""
+        if adapter_output is None:
+            yield
+            return
+
+        def hook_of(name: str, over_text: bool):
+            def hook(module, args, output):
+                positions = text_mask["current"].to(output.device).bool() if over_text else None
+                return adapter_output(name, module, output, positions)
+            return hook
+
+        handles = [module.register_forward_hook(hook_of(name, name.startswith("lang_encoder.")
+                                                        and not name.endswith("attn.to_kv")))
+                   for name, module in self.adapter_linears().items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _training_step(self, chosen: list[Example], fwd: CaptionForward, embeddings: torch.Tensor,
                        index: int) -> TrainingStep:
