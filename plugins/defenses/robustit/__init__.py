@@ -1,0 +1,117 @@
+"""RobustIT, Robust Instruction Tuning (Xun et al., arXiv 2506.05401; spec/robustit.md).
+
+A training-time defense that replaces the attack's fine-tuning run, like ABL: from the clean base
+victim, on the training set as delivered (possibly poisoned), with the standard trainable set
+(perceiver + gated cross-attention = the adapters, LM input embeddings = the text-embedding
+layer; spec/robustit.md §5, spec/victim.md §A2) and the cell's recipe, plus
+
+* Input Diversity Regularization (:mod:`.idr`): fresh random crop/flip, colour jitter and
+  instruction perturbations of every sample at every step;
+* Anomalous Activation Regularization (:mod:`.aar`): the top γ sharpest output channels of every
+  adapter linear masked, sharpness tracked with momentum β, re-selected every step, the final
+  mask written into the delivered weights.
+
+The method section is unreadable; everything beyond one sentence per regulariser is the spec's
+reconstruction, marked UNVERIFIED in :mod:`.settings`. The defender never reads the reserved
+clean set, the backdoored model or poison ids (spec/robustit.md §1, §7.6). Its cost against a
+plain fine-tune of the same recipe is measured in the run (§4).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import replace
+from typing import Any, Mapping
+
+import numpy as np
+
+from vlmbackdoor_bench.errors import VbbError
+from vlmbackdoor_bench.hookspecs import DefenseContext, DefenseOutcome, hookimpl
+from vlmbackdoor_bench.types import DefenseReport, TrainingSet
+
+from .objective import RobustObjective
+from .settings import COST_WARNING_RATIO, PRESETS, resolve
+
+__version__ = "1.0.0"
+
+
+def cell_recipe(context: DefenseContext) -> Any:
+    """The cell's fine-tuning recipe: RobustIT trains with the No Defense run's (§4)."""
+    if context.recipe is None:
+        raise VbbError("RobustIT needs the cell's fine-tuning recipe, and the DefenseContext has none",
+                       "pass recipe= (VictimProfile.finetune_recipe) when building the DefenseContext")
+    return context.recipe
+
+
+def plain_step_seconds(context: DefenseContext, recipe: Any, steps: int) -> dict:
+    """Seconds per optimiser step of a plain fine-tune with ``recipe`` from the base victim on
+    ``steps`` global batches of the training set (a seeded draw), the reference of the cost
+    ratio (§4). Its model is thrown away."""
+    data = context.training_set
+    n = min(len(data), steps * recipe.batch_size)
+    rows = np.sort(np.random.default_rng([context.seed, 0xC057]).choice(len(data), n, replace=False))
+    sample = TrainingSet(data.images, [data.examples[i] for i in rows])
+    log = context.base_victim.clone().fine_tune(sample, seed=context.seed, recipe=replace(recipe, epochs=1),
+                                                progress="robustit cost reference")
+    return {"steps": log["steps"], "seconds": log["seconds"], "encoder_seconds": log.get("encoder_seconds"),
+            "seconds_per_step": log["seconds"] / max(log["steps"], 1)}
+
+
+class RobustInstructionTuning:
+    name = "robustit"
+    label, order = "RobustIT (not in SRD paper)", 80
+    # An extra column of Table 2 beside the paper's defenses (No Defense, ABL, VDC, CT, SRD at
+    # 0-4); the SRD paper has no RobustIT column, so its paper cells stay empty (spec §6).
+    paper_tables = {2: 5}
+    version = __version__
+    presets = PRESETS
+    default_preset = "paper"
+
+    def defend(self, context: DefenseContext, params: Mapping[str, Any]) -> DefenseOutcome:
+        p = resolve(params)
+        recipe = cell_recipe(context)
+        data = context.training_set
+        steps_per_epoch = math.ceil(len(data) / recipe.batch_size)
+        objective = RobustObjective(p, seed=context.seed, steps_per_epoch=steps_per_epoch)
+        victim = context.base_victim.clone()  # §1: RobustIT replaces the attack's fine-tuning run
+        started = time.perf_counter()
+        log = victim.fine_tune(data, seed=context.seed, objective=objective, recipe=recipe, progress="robustit")
+        seconds = time.perf_counter() - started
+        details: dict[str, Any] = {
+            "params": p, "epochs": recipe.epochs, "steps": log["steps"], "fine_tune_seconds": seconds,
+            "step_seconds": log["seconds"], "input_seconds": log.get("input_seconds"),
+            "final_loss": log.get("final_loss"), "loss_per_epoch": log.get("loss_per_epoch"),
+        }
+        if objective.diversity is not None:
+            details["idr_counts"] = dict(objective.diversity.counts)
+        if objective.masks is not None:
+            changed = [s.get("aar_mask_changed", 0.0) for s in log.get("objective", {}).get("steps", [])]
+            details["aar"] = {"layers": len(objective.masks.keep),
+                              "mean_mask_changed": float(np.mean(changed)) if changed else None}
+            if p["aar_final_mask"] == "keep":
+                details["aar"]["masked_channels"] = objective.masks.write_into_weights()
+        if p["cost_reference_steps"]:
+            details["cost"] = self.cost(context, recipe, int(p["cost_reference_steps"]), log)
+        return DefenseOutcome(victim, DefenseReport(details=details))
+
+    @staticmethod
+    def cost(context: DefenseContext, recipe: Any, steps: int, log: Mapping[str, Any]) -> dict:
+        """The regularised run's seconds per step over the plain fine-tune's (§4, on this device):
+        ``ratio``. The plain run trains on cached encoder tokens, while IDR encodes each step's
+        fresh images, so ``ratio`` includes an encoder pass per sample that a training loop
+        without a token cache (OpenFlamingo's) pays either way; ``input_seconds`` is that share."""
+        plain = plain_step_seconds(context, recipe, steps)
+        per_step = log["seconds"] / max(log["steps"], 1)
+        ratio = per_step / plain["seconds_per_step"] if plain["seconds_per_step"] > 0 else None
+        if ratio is not None and ratio > COST_WARNING_RATIO:
+            warnings.warn(f"RobustIT's training cost is {ratio:.2f}x the plain fine-tune's per step "
+                          f"(the paper claims < {COST_WARNING_RATIO:.2f}x, spec/robustit.md §4)", stacklevel=2)
+        return {"ratio": ratio, "seconds_per_step": per_step, "plain": plain,
+                "input_seconds_per_step": (log.get("input_seconds") or 0.0) / max(log["steps"], 1)}
+
+
+@hookimpl
+def register_defenses(register) -> None:
+    register(RobustInstructionTuning())
