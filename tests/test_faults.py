@@ -260,7 +260,7 @@ def test_a_defense_fine_tunes_with_the_cells_recipe():
     recipe = object()
     context = DefenseContext(backdoored=victim, training_set=None, clean_reserved=None,
                              base_victim=victim, scorers=None, seed=7, budget={}, workdir=Path("."),
-                             stage=None, extras={"recipe": recipe})
+                             stage=None, recipe=recipe)
     assert context.fine_tune(victim, "filtered", progress="mine") == {"ok": 1}
     assert calls == [("filtered", {"seed": 7, "recipe": recipe, "progress": "mine"})]
     example = (REPO / "README.md").read_text().split("## Adding a defense", 1)[1].split("```", 2)[1]

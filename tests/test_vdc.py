@@ -7,16 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vlmbackdoor_bench.data.providers import EMBEDDED_COCO, PROVIDERS
 from vlmbackdoor_bench.data.world import CATEGORIES
+from vlmbackdoor_bench.data.world_captions import NOUNS
+from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import DefenseContext, StageContext
 from vlmbackdoor_bench.types import Example, ImageBank, TrainingSet
 from vlmbackdoor_bench.victims.training import Recipe
 from vlmbackdoor_bench_plugins.defenses.vdc import (
     COCO80, DEFAULTS, GENERAL, ImageNetProxy, Lexicon, VersatileDataCleanser, consistency,
-    is_consistent, jaccard, questions_for, world_lexicon,
+    is_consistent, jaccard, questions_for, with_plurals,
 )
 
-WORLD = Lexicon(world_lexicon())
+WORLD_FORMS = with_plurals(EMBEDDED_COCO.lexicon)  # what VDC uses on the embedded world
+WORLD = Lexicon(WORLD_FORMS)
 COCO = Lexicon(COCO80)
 
 
@@ -41,7 +45,9 @@ def test_questions_come_from_the_caption_entities():
 
 
 def test_lexicons_cover_the_world_categories_and_coco_80():
-    assert set(world_lexicon()) == set(CATEGORIES) and len(COCO80) == 80
+    assert set(WORLD_FORMS) == set(CATEGORIES) and len(COCO80) == 80
+    assert all(set(NOUNS[c]) <= set(forms) for c, forms in WORLD_FORMS.items())
+    assert WORLD_FORMS["cup"] == ["coffee cup", "coffee cups", "cup", "cups", "mug", "mugs"]
     assert "banana" in COCO80  # §4: inserted targets are caught by the COCO-80 lexicon
     assert COCO.entities("A man riding a bike next to two hot dogs and a dog.") == [
         "person", "bicycle", "hot dog", "dog"]
@@ -108,7 +114,7 @@ def test_vdc_removes_inconsistent_pairs_and_retrains_the_base(tmp_path: Path):
     base = ScriptedBase(truth)
     context = DefenseContext(backdoored=None, training_set=data, clean_reserved=None, base_victim=base,
                              scorers=None, seed=0, budget={}, workdir=tmp_path,
-                             stage=StageContext(cache_dir=tmp_path, config=None))
+                             stage=StageContext(cache_dir=tmp_path, config=None), lexicon=EMBEDDED_COCO.lexicon)
     outcome = VersatileDataCleanser().defend(context, {"answerer": "base-yes-no", "lexicon": "embedded-world"})
     assert outcome.report.removed_sample_ids == ["p0", "p1"]
     assert base.trained_on == ["c0", "c1", "c2", "c3"] and outcome.victim is base
@@ -117,11 +123,15 @@ def test_vdc_removes_inconsistent_pairs_and_retrains_the_base(tmp_path: Path):
 
 
 def test_auto_lexicon_follows_the_dataset_the_training_set_comes_from(tmp_path: Path):
-    def context(source):
+    def context(source):  # as the grid builds it: the provider's lexicon, if it declares one
+        lexicon = next((getattr(p, "lexicon", None) for p in PROVIDERS if p.name == source), None)
         return DefenseContext(backdoored=None, training_set=None, clean_reserved=None, base_victim=None,
                               scorers=None, seed=0, budget={}, workdir=tmp_path,
-                              stage=StageContext(cache_dir=tmp_path, config=None), dataset_source=source)
+                              stage=StageContext(cache_dir=tmp_path, config=None), dataset_source=source,
+                              lexicon=lexicon)
     embedded = VersatileDataCleanser.lexicon_forms(context("embedded-coco"), "auto")
     coco = VersatileDataCleanser.lexicon_forms(context("coco-karpathy"), "auto")
-    assert embedded == world_lexicon() and coco is COCO80
+    assert embedded == WORLD_FORMS and coco is COCO80
     assert VersatileDataCleanser.lexicon_forms(context(None), "auto") is COCO80
+    with pytest.raises(VbbError, match="declares no lexicon"):
+        VersatileDataCleanser.lexicon_forms(context("coco-karpathy"), "embedded-world")

@@ -397,20 +397,25 @@ class DefenseContext:
     budget: Mapping[str, Any]
     workdir: Path  # artefacts (PNGs, JSON) the defense wants referenced from the cell result
     stage: "StageContext"
-    # Registered name of the dataset the training set comes from (e.g. ``embedded-coco``), so a
-    # defense can pick what it knows about that world (VDC's lexicon) without a registry lookup.
+    # Registered name of the dataset the training set comes from (e.g. ``embedded-coco``).
     dataset_source: str | None = None
+    # The cell's fine-tuning recipe (VictimProfile.finetune_recipe, spec/victim.md §A3), for
+    # defenses that run their own training phases; None outside the grid (tests): the victim's own.
+    recipe: FinetuneRecipe | None = None
+    # The training set's entity lexicon: category -> the nouns its captions use for it, from the
+    # dataset provider's optional ``lexicon`` attribute (the embedded world declares one; VDC's
+    # questions), or None when the dataset declares none.
+    lexicon: Mapping[str, Sequence[str]] | None = None
     # What the grid adds, each a documented simplification or analysis aid:
     # ``clean_split``: the unpoisoned fine-tuning Split (SRD's state set and surrogate, spec/srd.md
     # §1: "training it on the clean split is a simplification"); ``clean_model``: the clean
-    # reference model (SRD's ``reference = "oracle"``, analysis only); ``recipe``: the cell's
-    # fine-tuning recipe (spec/victim.md §A3), for defenses that run their own training phases.
+    # reference model (SRD's ``reference = "oracle"``, analysis only).
     extras: dict = field(default_factory=dict)
 
     def fine_tune(self, victim: Victim, training_set: TrainingSet, **kwargs: Any) -> dict:
         """Fine-tune ``victim`` as this cell's grid does: its seed and its recipe (a defense that
         calls ``victim.fine_tune`` itself without ``recipe`` trains with the base model's)."""
-        return victim.fine_tune(training_set, seed=self.seed, recipe=self.extras["recipe"], **kwargs)
+        return victim.fine_tune(training_set, seed=self.seed, recipe=self.recipe, **kwargs)
 
 
 @dataclass
@@ -509,6 +514,19 @@ class StageContext:
     progress: Callable[..., Any] | None = None
     device: Any = field(default_factory=cpu_device)
     precision: Precision = field(default_factory=Precision)
+
+    def plugin_store(self, name: str, log: Callable[[str], None] | None = None) -> Any:
+        """A plugin's own content-addressed store under ``cache_dir/name``, for results it reuses
+        across cells (SRD's surrogate and policy). ``get_or_build(stage, payload, build)`` returns
+        the entry of ``payload`` (``key``, ``path``, ``meta``, ``cached``), calling
+        ``build(tmp_dir) -> meta`` only when it is missing; processes of one host sharing the
+        cache build each entry once. Leftovers of killed builds are swept here; ``log`` gets the
+        store's waiting messages."""
+        from .grid.store import Store
+
+        store = Store(Path(self.cache_dir) / name, log=log)
+        store.sweep_stale()
+        return store
 
 
 # --------------------------------------------------------------------------- hookspecs

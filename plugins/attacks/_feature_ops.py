@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmbackdoor_bench.device import victim_device
 from vlmbackdoor_bench.errors import VbbError
+from vlmbackdoor_bench.plugin_api import victim_device
 
 # spec/attacks.md §6: VL-Trojan augments with RandomResizedCrop(224, scale [0.8, 1.0],
 # ratio [3/4, 4/3]); torchvision is never installed (spec/victim.md §B1), so it is done here.

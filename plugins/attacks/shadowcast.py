@@ -29,7 +29,7 @@ import torch
 
 from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import hookimpl
-from vlmbackdoor_bench.metrics.asr import concept_image_ids, source_words
+from vlmbackdoor_bench.plugin_api import concept_image_ids, source_words
 from vlmbackdoor_bench.types import (
     SOURCE_CONCEPTS, EvalInputs, Example, ImageBank, PoisonRecord, PoisonedSet, Split, TrainingSet,
 )

@@ -22,29 +22,15 @@ NLL_CHUNK = 512  # instances whose images are gathered at once (a 224 px uint8 i
 
 
 def finetune_recipe(context: DefenseContext) -> Any:
-    """The recipe of the cell's fine-tunings: ``extras["recipe"]`` if the harness passes it,
-    else the victim profile's recipe for the budget (= the profile params, the grid's own
-    source), else the base victim's own (which may predate [profile] budget overrides)."""
-    if context.extras.get("recipe") is not None:
-        return context.extras["recipe"]
-    profile = profile_of(context)
-    if profile is not None:
-        return profile.finetune_recipe(context.budget)
+    """The recipe of the cell's fine-tunings: ``context.recipe`` (the grid always passes it),
+    else the base victim's own (a context built outside the grid, e.g. in a test)."""
+    if context.recipe is not None:
+        return context.recipe
     recipe = getattr(context.base_victim, "recipe", None)
     if recipe is None:
         raise VbbError("the defense cannot find the fine-tuning recipe of this cell",
-                       "pass it as DefenseContext.extras['recipe'] or use a victim with .recipe")
+                       "pass it as DefenseContext.recipe or use a victim with .recipe")
     return recipe
-
-
-def profile_of(context: DefenseContext) -> Any:
-    """The registered victim profile of the cell (named by the base victim's ``profile``)."""
-    name = getattr(context.base_victim, "profile", None)
-    if not isinstance(name, str) or not context.budget:
-        return None
-    from vlmbackdoor_bench.registry import load_registry
-
-    return load_registry().victim(name)
 
 
 def scaled_recipe(recipe: Any, **changes: Any) -> Any:

@@ -25,7 +25,7 @@ import torch
 
 from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import DefenseContext, DefenseOutcome, TrainingStep, hookimpl
-from vlmbackdoor_bench.metrics.captioning import caption_scores
+from vlmbackdoor_bench.plugin_api import caption_scores
 from vlmbackdoor_bench.types import DefenseReport, TrainingSet
 
 from ._baseline_common import finetune_recipe, histogram, per_sample_nll, scaled_recipe, subset

@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "top_k": 5,  # §4: "yes" iff the mapped class is in the top 5 ...
     "negative_quantile": 0.95,  # ... or its probability exceeds a threshold fixed on clean data
     "jaccard_threshold": 0.5,  # §4 general question: entity overlap Jaccard ≥ a threshold
-    "lexicon": "auto",  # §4: the COCO-80 lexicon; the embedded world's categories on `tiny`
+    "lexicon": "auto",  # §4: the COCO-80 lexicon; the dataset's own (the embedded world's) on `tiny`
 }
 PRESETS = {"default": DEFAULTS, "base-yes-no": {**DEFAULTS, "answerer": "base-yes-no"}}
 ANSWERERS = ("imagenet-proxy", "base-yes-no")
@@ -97,7 +97,7 @@ class ImageNetProxy:
 
     def probabilities(self, images: np.ndarray):
         import torch
-        from vlmbackdoor_bench.victims.efficientnet import pretrained_efficientnet_lite0
+        from vlmbackdoor_bench.plugin_api import pretrained_efficientnet_lite0
 
         net = pretrained_efficientnet_lite0().folded().to(self.device)  # batch-norm folded: ~1.4x faster
         out = []
@@ -153,12 +153,17 @@ class VersatileDataCleanser:
 
     @staticmethod
     def lexicon_forms(context: DefenseContext, choice: str) -> Mapping[str, Sequence[str]]:
-        """`auto`: the embedded world's categories when the training set comes from the embedded
-        world (the `tiny` profile), else COCO-80 (spec/defenses.md §4)."""
+        """`auto`: the lexicon the training set's dataset declares (``context.lexicon``: the
+        embedded world's categories on `tiny`), else COCO-80 (spec/defenses.md §4);
+        `embedded-world`: the dataset's lexicon, which must exist."""
         if choice == "auto":
-            embedded = (context.dataset_source or "").startswith("embedded")
-            choice = "embedded-world" if embedded else "coco-80"
-        return world_lexicon() if choice == "embedded-world" else COCO80
+            choice = "coco-80" if context.lexicon is None else "embedded-world"
+        if choice == "coco-80":
+            return COCO80
+        if context.lexicon is None:
+            raise VbbError(f"VDC lexicon = 'embedded-world', but the dataset {context.dataset_source!r} "
+                           "declares no lexicon", "use lexicon = 'auto' or 'coco-80' in [defense.vdc]")
+        return with_plurals(context.lexicon)
 
     def vote(self, context: DefenseContext, data: TrainingSet, lexicon: Lexicon,
              params: Mapping[str, Any]) -> tuple[list[float], dict]:
@@ -226,14 +231,6 @@ def plural(noun: str) -> str:
 
 def with_plurals(synonyms: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     return {c: sorted({f for s in forms for f in (s, plural(s))}) for c, forms in synonyms.items()}
-
-
-def world_lexicon() -> dict[str, list[str]]:
-    """The embedded world's categories and the nouns its captions use (DESIGN.md §4)."""
-    from vlmbackdoor_bench.data.world import CATEGORIES
-    from vlmbackdoor_bench.data.world_captions import NOUNS
-
-    return with_plurals({c: NOUNS[c] for c in CATEGORIES})
 
 
 # The 80 COCO object categories (COCO 2014/2017 instances annotations, cocodataset.org), each

@@ -30,7 +30,8 @@ from .coco_captions import (
     annotation_subset_doc, load_annotation_subset, read_annotation_ids, read_coco_captions,
 )
 from .karpathy import load_karpathy_split
-from .world import WORLD_VERSION, WorldSizes, generate_world, world_paths
+from .world import CATEGORIES, WORLD_VERSION, WorldSizes, generate_world, world_paths
+from .world_captions import NOUNS
 
 
 def _cfg(config: Any, key: str, default=None):
@@ -56,6 +57,9 @@ class EmbeddedWorldProvider:
         self.name = name
         self.karpathy = karpathy
         self.splits = tuple(splits)
+        # Each category and the nouns the world's captions use for it: the entity lexicon a
+        # defense receives as DefenseContext.lexicon (VDC's questions, spec/defenses.md §4).
+        self.lexicon = {category: list(NOUNS[category]) for category in CATEGORIES}
 
     def world(self, context: StageContext) -> Path:
         """The world folder, generated now if needed (once per seed and sizes)."""

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import BenchmarkConfig
@@ -31,6 +30,8 @@ from ..results_schema import CellResult, attack_facts, defense_facts, metric_fac
 from ..types import EvalInputs, Split, sha256_of_ids, sha256_of_images
 from . import persist
 from .cells import CLEAN_MODEL, Cell, expand, resolve_params, validate_plugins
+from .dag import plan
+from .progress import GridProgress, recorded_seconds
 from .outcomes import RunSummary, versions, error_message, failed_result, git_commit, result_path
 from ..leaderboard.results import budget_difference
 from .store import Entry, Store, content_key, write_json_atomic
@@ -217,15 +218,17 @@ class GridRunner:
 
     def defense_context(self, backdoored, training_set, seed: int, workdir: Path) -> DefenseContext:
         """What a defender gets (DESIGN.md §3): never the poison labels."""
+        source = self.profile.dataset_sources()["coco"]
         return DefenseContext(
             backdoored=backdoored, training_set=training_set,
             clean_reserved=self.reserved_clean_split(), base_victim=self.base_victim()[0],
             scorers=self.scorer(), seed=seed, budget=dict(self.profile_params), workdir=workdir,
-            stage=self.context, dataset_source=self.profile.dataset_sources()["coco"],
+            stage=self.context, dataset_source=source,
+            recipe=self.profile.finetune_recipe(self.profile_params),
+            lexicon=getattr(self.registry.dataset(source), "lexicon", None),
             # Documented simplifications a defense may use (hookspecs.DefenseContext.extras).
             extras={"clean_split": self.split("coco", "train"),
-                    "clean_model": self.clean_model(seed)[0],
-                    "recipe": self.profile.finetune_recipe(self.profile_params)},
+                    "clean_model": self.clean_model(seed)[0]},
         )
 
     def defended(self, defense, params: dict, backdoored, backdoor_entry: Entry,
@@ -415,8 +418,14 @@ class GridRunner:
             summary = run_on_ray(self, cells)
         else:
             summary = RunSummary()
-            for cell in tqdm(cells, desc="grid", unit="cell"):
-                summary.record(cell, self.run_and_save(cell))
+            progress = GridProgress(plan(cells, self.registry.attack), 1, recorded_seconds(self.store.root))
+            for cell in cells:
+                progress.started(cell.cell_id)
+                error = self.run_and_save(cell)
+                progress.cell_finished_locally(cell.cell_id, error is None,
+                                               json.loads(result_path(self.config, cell).read_text())["timings"])
+                summary.record(cell, error)
+            progress.close()
         summary.seconds = time.perf_counter() - started
         return summary
 

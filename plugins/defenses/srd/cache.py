@@ -1,19 +1,19 @@
 """Attack-independent SRD stages (spec/srd.md §0: the surrogate and the policy are built once per
-(dataset, seed, preset) and reused for every attack cell), kept in the harness's content-addressed
-store under ``context.stage.cache_dir/srd``. Payloads name the parameters, the defender-data
-fingerprint, the seed and the base model's identity; the store's lock makes grid workers of one
-host sharing the cache (``vbb run --executor ray``) build each entry once."""
+(dataset, seed, preset) and reused for every attack cell), kept in the plugin store the harness
+lends SRD (``context.stage.plugin_store("srd")``, under ``cache_dir/srd``). Payloads name the
+parameters, the defender-data fingerprint, the seed and the base model's identity; the store's
+lock makes grid workers of one host sharing the cache (``vbb run --executor ray``) build each
+entry once."""
 
 from __future__ import annotations
 
 import hashlib
 import sys
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from vlmbackdoor_bench.grid.store import Entry, Store
+from vlmbackdoor_bench.hookspecs import StageContext
 
 CACHE_FORMAT = 2  # bump when a cached entry's meaning changes (2: entries moved into the Store layout)
 
@@ -30,11 +30,15 @@ def victim_identity(victim) -> str:
     return h.hexdigest()[:24]
 
 
-def cached_stage(root: Path, stage: str, payload: dict, build: Callable[[Path], dict]) -> tuple[Entry, dict]:
-    """The store entry ``root/stage/<key of payload>``, built by ``build(tmp_dir) -> meta`` when
-    missing, and its summary for the defense report (key, cached, path, build metadata)."""
-    store = Store(root, log=lambda message: print(f"srd {message}", file=sys.stderr, flush=True))
-    store.sweep_stale()  # a killed build's temporary directory (the grid sweeps only its own store)
+def srd_store(stage_context: StageContext) -> Any:
+    """SRD's store (StageContext.plugin_store), its waiting messages on stderr."""
+    return stage_context.plugin_store("srd", log=lambda message: print(f"srd {message}", file=sys.stderr,
+                                                                       flush=True))
+
+
+def cached_stage(store: Any, stage: str, payload: dict, build: Callable[[Any], dict]) -> tuple[Any, dict]:
+    """The entry ``stage/<key of payload>`` of SRD's ``store``, built by ``build(tmp_dir) -> meta``
+    when missing, and its summary for the defense report (key, cached, path, build metadata)."""
     entry = store.get_or_build(stage, {"format": CACHE_FORMAT, **payload}, build)
     meta = {k: v for k, v in entry.meta.items() if k not in ("stage", "key", "payload")}
     return entry, {"key": entry.key, "cached": entry.cached, "path": str(entry.path), **meta}

@@ -4,7 +4,6 @@ stage 4 (re-fine-tuning), with the interpretability figures (spec/srd.md §0).""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import sys
 import time
@@ -15,13 +14,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmbackdoor_bench.device import run_payload, training_payload
 from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import DefenseContext, DefenseOutcome
+from vlmbackdoor_bench.plugin_api import Recipe, run_payload, training_payload
 from vlmbackdoor_bench.types import DefenseReport
 
 from . import artifacts, dqn
-from .cache import cached_stage, victim_identity
+from .cache import cached_stage, srd_store, victim_identity
 from .cleaning import UniformPolicy, clean_training_set
 from .env import MaskingVectorEnv, MaskRewarder
 from .geometry import mask_box, n_actions
@@ -50,22 +49,10 @@ def algorithms() -> dict:
     return {"dqn": dqn, "ppo": ppo, "sac": sac}
 
 
-def standard_recipe(victim, budget):
-    """The profile's standard fine-tuning recipe (spec/victim.md §A3) from the budget the grid
-    hands the defense; ``None`` lets the victim use its own."""
-    from vlmbackdoor_bench.victims import profiles
-    for profile in (profiles.TinyProfile(), profiles.OpenFlamingo3BProfile()):
-        if profile.name == getattr(victim, "profile", None):
-            try:
-                return profile.finetune_recipe(budget)
-            except KeyError:
-                return None
-    return None
-
-
 def fine_tune(victim, training_set, *, seed: int, recipe, progress: str) -> dict:
+    """``victim.fine_tune`` with ``recipe``, or with the victim's own when the context has none."""
     kwargs = {"seed": seed, "progress": progress}
-    if recipe is not None and "recipe" in inspect.signature(victim.fine_tune).parameters:
+    if recipe is not None:
         kwargs["recipe"] = recipe
     return victim.fine_tune(training_set, **kwargs)
 
@@ -111,11 +98,10 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
     profile = getattr(context.backdoored, "profile", "")
     p, scaled = resolve(params, defaults, profile)
     sizes = tuple(p["mask_sizes"])
-    recipe = context.extras.get("recipe") or standard_recipe(context.backdoored, context.budget)
+    recipe = context.recipe
     rl = algorithm != "random"
     fidelity = FidelityScores(context.scorers, clip=p["clip_scores"]) if rl else None
     reference_victim, reference_used = reference_captioner(context, p) if rl else (None, None)
-    cache_root = Path(context.stage.cache_dir) / "srd"
     timings: dict = {}
     details: dict = {"algorithm": algorithm, "params": p, "budget_scaling": scaled,
                      "reference_captioner": reference_used, "action_space": n_actions(sizes)}
@@ -128,14 +114,15 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
         data = defender_data(context)
         states, surrogate_set = build_states(data, p, context.seed)
         base_id = victim_identity(context.base_victim)
+        store = srd_store(context.stage)
         details.update(defender_data=data.source, state_set=states.details)
-        surrogate, surrogate_info = obtain_surrogate(context, p, surrogate_set, data, base_id, recipe, cache_root)
+        surrogate, surrogate_info = obtain_surrogate(context, p, surrogate_set, data, base_id, recipe, store)
         details["surrogate"] = surrogate_info
         timings["surrogate"] = time.perf_counter() - stage
         stage = time.perf_counter()
         with torch_threads(p["rl_threads"]):
             policy, train_log, policy_info = obtain_policy(context, p, algorithm, states, surrogate, surrogate_info,
-                                                           reference_victim, fidelity, data, base_id, cache_root)
+                                                           reference_victim, fidelity, data, base_id, store)
         details["policy"] = policy_info
         timings["policy"] = time.perf_counter() - stage
     stage = time.perf_counter()
@@ -152,7 +139,6 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
     stage = time.perf_counter()
     refinetune_recipe = recipe
     if p["refinetune"] == "code":
-        from vlmbackdoor_bench.victims.training import Recipe
         # spec/srd.md §7 srd-code: 20 epochs, lr 1e-4, batch 300, 1 % warmup; the victim's LM dropout kept
         refinetune_recipe = Recipe(lm_dropout=getattr(recipe, "lm_dropout", True))
     victim = context.backdoored
@@ -172,7 +158,7 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
     return DefenseOutcome(victim, report)
 
 
-def obtain_surrogate(context, p, surrogate_set, data, base_id, recipe, cache_root):
+def obtain_surrogate(context, p, surrogate_set, data, base_id, recipe, store):
     """spec/srd.md §1: the grid's TrojVLM srd-code cell model when it passes one, else the
     defender-owned surrogate trained (once, cached) on the custom set."""
     given = context.extras.get("srd_code_surrogate") if p["surrogate"] == "trojvlm-cell" else None
@@ -189,7 +175,7 @@ def obtain_surrogate(context, p, surrogate_set, data, base_id, recipe, cache_roo
         victim.save(tmp)
         return {"loss_per_epoch": log.get("loss_per_epoch"), "steps": log.get("steps")}
 
-    entry, info = cached_stage(cache_root, "surrogate", payload, build)
+    entry, info = cached_stage(store, "surrogate", payload, build)
     victim = context.base_victim.clone()
     victim.load_trainable(entry.path)
     source = "custom poisoned set (defender-owned)"
@@ -199,7 +185,7 @@ def obtain_surrogate(context, p, surrogate_set, data, base_id, recipe, cache_roo
 
 
 def obtain_policy(context, p, algorithm, states, surrogate, surrogate_info, reference_victim, fidelity,
-                  data, base_id, cache_root):
+                  data, base_id, store):
     """Stage 2: train the policy on the masking environment (once, cached) and load it."""
     module = algorithms()[algorithm]
     config = module.config_from(p, context.seed)
@@ -233,7 +219,7 @@ def obtain_policy(context, p, algorithm, states, surrogate, surrogate_info, refe
         return {"algorithm": algorithm, "timesteps": log["timesteps"], "seconds": log["seconds"],
                 "steps_per_second": log["steps_per_second"], "generations": rewarder.generations}
 
-    entry, info = cached_stage(cache_root, f"policy-{algorithm}", payload, build)
+    entry, info = cached_stage(store, f"policy-{algorithm}", payload, build)
     model = module.make_model(config.obs_size, n_act)
     model.load_state_dict(load_file(str(entry.path / "policy.safetensors")))
     model.to(context.stage.device)  # the cleaning policy runs where it trained
