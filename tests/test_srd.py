@@ -284,15 +284,23 @@ def test_paper_state_set_fixed_trigger_and_inserted_target():
 
 def test_presets_validation_and_tiny_scaling():
     p, scaled = settings.resolve({}, settings.PAPER_PRESET, "tiny")
-    assert scaled == {"total_timesteps": {"spec": 10_000, "tiny": 640}, "obs_size": {"spec": 224, "tiny": 84},
-                      "cleaning_trials": {"spec": 5, "tiny": 1}}
-    assert p["cleaning_trials"] == 1
+    assert scaled == {"reference": {"spec": "base", "tiny": "reserved"}, "episode_length": {"spec": 150, "tiny": 10},
+                      "target_update_interval": {"spec": 10_000, "tiny": 1_000},
+                      "exploration_fraction": {"spec": 0.1, "tiny": 0.5}, "obs_size": {"spec": 224, "tiny": 84},
+                      "n_envs": {"spec": 16, "tiny": 8}}
+    assert p["cleaning_trials"] == 5 and p["total_timesteps"] == 10_000  # the spec's on every profile
+    # a key the configuration sets itself wins over its tiny default (oracle analysis on tiny)
+    p, scaled = settings.resolve({"reference": "oracle", "obs_size": 112}, settings.PAPER_PRESET, "tiny")
+    assert p["reference"] == "oracle" and p["obs_size"] == 112 and "reference" not in scaled
+    p, _ = settings.resolve(settings.CODE_PRESET, settings.PAPER_PRESET, "tiny")  # srd-code on tiny
+    assert p["refinetune"] == "standard" and p["reference"] == "blip-large" and p["surrogate_asr_min"] == 0.0
     p, scaled = settings.resolve({}, settings.PAPER_PRESET, "openflamingo-3b")
     assert scaled == {} and p["total_timesteps"] == 10_000 and p["mask_sizes"] == [20, 40, 60, 80]
     code, _ = settings.resolve({}, settings.CODE_PRESET, "openflamingo-3b")
     assert code["mask_sizes"] == [20, 40, 60, 80, 200] and code["reward_table"] == "code"
     for bad in ({"reward_table": "fancy"}, {"total_timesteps": "many"}, {"clip_scores": 1},
-                {"nonsense": 1}, {"obs_size": 20}, {"mask_sizes": [20, 300]}):
+                {"nonsense": 1}, {"obs_size": 20}, {"mask_sizes": [20, 300]}, {"surrogate_asr_min": 1.5},
+                {"surrogate_epochs": -1}, {"tiny_episode_length": 0}, {"tiny_reference": "blip"}):
         with pytest.raises(VbbError):
             settings.resolve(bad, settings.PAPER_PRESET, "tiny")
     names = {d.name for d in srd.DEFENSES}
@@ -371,17 +379,53 @@ def test_defense_trains_once_cleans_every_instance_and_refinetunes(tmp_path, nam
     assert again.backdoored.fine_tuned and not any(len(v.fine_tuned) for v in (again.base_victim,))
 
 
-def test_tiny_profile_cleans_with_one_trial_and_no_generation(tmp_path):
+def reserved_split(n=6):
+    """A reserved clean split (disjoint from fine-tuning): plain images, clean captions."""
+    from vlmbackdoor_bench.types import Split, SplitManifest
+    return Split("embedded-coco", "reserved", list(range(900, 900 + n)), plain_images(n),
+                 [[CLEAN, CLEAN]] * n, [[f"r{i}a", f"r{i}b"] for i in range(n)],
+                 SplitManifest("embedded-coco", "reserved", n, "ids", "images"))
+
+
+class CountingPixelVictim(PixelVictim):
+    """A PixelVictim whose clones share one log of fine-tuning set sizes."""
+
+    def __init__(self, box=None, log=None):
+        super().__init__(box)
+        self.log = [] if log is None else log
+
+    def fine_tune(self, training_set, **kwargs):
+        self.log.append(len(training_set))
+        return super().fine_tune(training_set, **kwargs)
+
+    def clone(self):
+        return CountingPixelVictim(self.box, self.log)
+
+
+def test_tiny_profile_cleans_best_of_5_with_the_reserved_captioner(tmp_path):
     defense = next(d for d in srd.DEFENSES if d.name == "srd")
-    params = {**defense.presets["srd"], **SMALL_RL, "tiny_total_timesteps": 48, "tiny_obs_size": 36}
+    params = {**defense.presets["srd"], **SMALL_RL, "tiny_obs_size": 36, "tiny_n_envs": 4, "tiny_episode_length": 4,
+              "tiny_target_update_interval": 16}
     context = defense_context(tmp_path)
     context.backdoored.profile = "tiny"
+    context.base_victim = CountingPixelVictim()
+    context.clean_reserved = reserved_split()
     details = defense.defend(context, params).report.details
-    assert details["budget_scaling"]["cleaning_trials"] == {"spec": 5, "tiny": 1}
-    assert details["cleaning"]["selection"] == "none" and "generations" not in details["cleaning"]
-    assert details["cleaning"]["mean_trials"] == 1.0
-    # the policy trains on the defender's surrogate; one-trial cleaning never captions with M_bd
-    assert context.backdoored.generated == 0 and details["policy"]["train"]["generations"] > 0
+    assert details["params"]["cleaning_trials"] == 5 and details["cleaning"]["trials_max"] == 5
+    assert details["cleaning"]["selection"] == "best-of-trials"
+    # the surrogate on the 29 clean instances, then r(I)'s captioner once on the reserved 12 captions
+    assert context.base_victim.log == [29, 12] and details["reference"]["split"] == "reserved"
+    assert details["reference_captioner"].startswith("base victim fine-tuned on the reserved clean split")
+    rl = details["srd_rl"]
+    assert rl["target_syncs"] == 3 and rl["episodes_finished"] == 12  # 48 steps: syncs at 16, 32, 48
+    again = defense_context(tmp_path, "again")  # the reference captioner is cached like the surrogate
+    again.backdoored.profile, again.base_victim, again.clean_reserved = "tiny", context.base_victim, reserved_split()
+    assert defense.defend(again, params).report.details["reference"]["cached"]
+    assert context.base_victim.log == [29, 12]
+    no_split = defense_context(tmp_path, "none")
+    no_split.backdoored.profile = "tiny"
+    with pytest.raises(VbbError, match="reserved clean split"):
+        defense.defend(no_split, params)
 
 
 def test_surrogate_learns_the_fixed_state_trigger(tmp_path):

@@ -23,10 +23,8 @@ from .settings import CODE_PRESET, PAPER_PRESET
 __version__ = "1.0.0"
 
 # Algorithm-specific preset keys (SB3 defaults live in each algorithm's config dataclass).
-PPO_TINY = {
-    # spec/srd.md §8: n_steps 2,048 of 10,000 steps = ~5 PPO updates; the tiny budget keeps ~5
-    # updates of its 640 steps (128 transitions per rollout).
-    "n_steps": 2048, "tiny_n_steps": 128,
+PPO_PARAMS = {
+    "n_steps": 2048,  # spec/srd.md §8: 2,048 of 10,000 steps = ~5 PPO updates, every profile
 }
 SAC_TINY = {
     # spec/srd.md §8: batch 256 with a gradient step per transition is ~60x the DQN's gradient
@@ -47,10 +45,12 @@ class SrdDefense:
         self.presets = {"srd": {**PAPER_PRESET, **extra}, "srd-code": {**CODE_PRESET, **extra}}
         if algorithm == "random":  # no RL: only the mask space, cleaning and re-fine-tuning apply
             drop = ("total_timesteps", "learning_starts", "obs_size", "n_envs", "episode_length",
-                    "tiny_total_timesteps", "tiny_obs_size", "state_set", "state_set_size",
-                    "max_state_fraction", "surrogate", "cleaning_trials", "tiny_cleaning_trials",
-                    "cleaning_epsilon", "rl_threads",
-                    "reward_table", "clip_scores", "reference", "prompt")
+                    "tiny_obs_size", "tiny_n_envs", "tiny_episode_length", "state_set", "state_set_size",
+                    "max_state_fraction", "surrogate", "surrogate_asr_min", "surrogate_epochs",
+                    "heldout_states", "cleaning_trials", "cleaning_epsilon", "rl_threads",
+                    "target_update_interval", "tiny_target_update_interval", "exploration_fraction",
+                    "tiny_exploration_fraction", "reward_table", "clip_scores", "reference",
+                    "tiny_reference", "prompt")
             self.presets = {k: {n: v for n, v in preset.items() if n not in drop} for k, preset in self.presets.items()}
 
     def defend(self, context: DefenseContext, params) -> DefenseOutcome:
@@ -68,7 +68,7 @@ SRD = SrdDefense("srd", "dqn", "SRD", 40, {1: 1, 2: 4, 3: 4})
 SRD.paper_labels = {3: "DQN"}
 DEFENSES = (
     SRD,
-    SrdDefense("srd_ppo", "ppo", "PPO", 60, {3: 2}, PPO_TINY),
+    SrdDefense("srd_ppo", "ppo", "PPO", 60, {3: 2}, PPO_PARAMS),
     SrdDefense("srd_sac", "sac", "SAC", 70, {3: 3}, SAC_TINY),
     SrdDefense("random_mask", "random", "Random", 50, {3: 1}),
 )

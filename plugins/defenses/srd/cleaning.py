@@ -56,7 +56,8 @@ def clean_training_set(training_set: TrainingSet, policy, rewarder: MaskRewarder
     """Every instance exactly once, keyed by sample id (spec/srd.md §6).
 
     ``select``: the best-of-``trials`` procedure scored by ``rewarder`` (keep the highest strictly
-    positive reward, first on ties, stop at +3, else the last trial); without it (random
+    positive reward, first on ties, stop at +3, else the last trial; a mask is scored once per
+    image, and an instance whose trials all drew one mask keeps it unscored); without it (random
     masking, §8, or a single trial, which is kept whatever it scores) one sampled action per
     instance is kept and nothing is captioned."""
     rng = np.random.default_rng([seed, 0xC1EA])
@@ -69,6 +70,7 @@ def clean_training_set(training_set: TrainingSet, policy, rewarder: MaskRewarder
     chosen = np.zeros(len(examples), dtype=np.int64)
     kept_reward = [None] * len(examples)
     used_trials = np.zeros(len(examples), dtype=np.int64)
+    unscored = 0  # instances whose trials all drew the same mask
     for start in range(0, len(rows), CHUNK_IMAGES):
         chunk = rows[start:start + CHUNK_IMAGES]
         images = training_set.images.take(chunk)
@@ -80,35 +82,48 @@ def clean_training_set(training_set: TrainingSet, policy, rewarder: MaskRewarder
             chosen[members] = sample_actions(probs[at], rng)
             used_trials[members] = 1
             continue
+        # every trial's action, drawn up front on the original image (§6 step 2)
+        draws = np.stack([sample_actions(probs[at], rng) for _ in range(trials)], axis=1)
+        used_trials[members] = trials
+        # an instance whose trials all drew one mask keeps that mask whatever it scores (§6 steps
+        # 3-4), so it is not captioned; only instances with a real choice are scored
+        one_mask = (draws == draws[:, :1]).all(axis=1)
+        chosen[[members[i] for i in np.flatnonzero(one_mask)]] = draws[one_mask, 0]
+        unscored += int(one_mask.sum())
+        scored_rows = np.flatnonzero(~one_mask)
+        if not len(scored_rows):
+            continue
+        members, at, draws = [members[i] for i in scored_rows], at[scored_rows], draws[scored_rows]
         keys = [("image", examples[k].image_index) for k in members]
         member_prompts = [prompts[k] for k in members]
         refs, s0, f0 = rewarder.baseline(keys, images[at], member_prompts)  # §6 step 1 with M_bd
         best = np.full(len(members), -np.inf)
         active = np.ones(len(members), dtype=bool)
-        for _ in range(trials):
+        for trial in range(trials):
             live = np.flatnonzero(active)
             if not len(live):
                 break
-            actions = sample_actions(probs[at[live]], rng)  # on the original image (§6 step 2)
+            actions = draws[live, trial]
             masked = apply_masks(images[at[live]], actions, sizes)
             r, _, _, _ = rewarder.score([keys[i] for i in live], actions, masked,
                                         [member_prompts[i] for i in live], [refs[i] for i in live],
                                         s0[live], f0[live])
             for j, i in enumerate(live):
                 k = members[i]
-                used_trials[k] += 1
                 if r[j] > 0 and r[j] > best[i]:  # highest strictly positive, first on ties (§6 step 3)
                     best[i], chosen[k], kept_reward[k] = r[j], actions[j], float(r[j])
                 elif best[i] <= 0:  # nothing positive yet: the last trial's mask (§6 step 4)
                     chosen[k], kept_reward[k] = actions[j], float(r[j])
                 if r[j] >= BEST_REWARD:  # stop early at +3 (§6 step 3)
                     active[i] = False
+                    used_trials[k] = trial + 1
     cleaned = masked_training_set(training_set, chosen, sizes)
     ids = [e.sample_id for e in examples]
     scored = [r for r in kept_reward if r is not None]
     details = {"n_instances": len(examples), "n_images": len(rows),
                "n_masked_images": len(cleaned.images.extra), "selection": "best-of-trials" if select else "none",
                "trials_max": trials if select else 1, "mean_trials": float(used_trials.mean()) if len(examples) else 0.0,
+               "single_mask_instances": unscored if select else None,
                "positive_fraction": float(np.mean([r > 0 for r in scored])) if scored else None,
                "reward_counts": {str(v): int(c) for v, c in zip(*np.unique(scored, return_counts=True))} if scored else {}}
     return CleaningResult(cleaned, dict(zip(ids, chosen.tolist())), dict(zip(ids, kept_reward)),

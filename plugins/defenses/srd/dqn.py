@@ -144,7 +144,7 @@ def train_dqn(envs, config: DQNConfig, progress=None, device: torch.device | str
     obs, _ = envs.reset(seed=config.seed)
     obs = resize_observations(obs, config.obs_size)
     log = {"config": asdict(config), "step_rewards": [], "episode_returns": [], "losses": [],
-           "target_syncs": [], "actions": []}
+           "target_syncs": [], "actions": [], "epsilon_at_first_gradient_step": None}
     global_step, pending_updates, started = 0, 0.0, time.perf_counter()
     while global_step < config.total_timesteps:
         epsilon = linear_schedule(config.exploration_initial_eps, config.exploration_final_eps,
@@ -167,6 +167,8 @@ def train_dqn(envs, config: DQNConfig, progress=None, device: torch.device | str
             pending_updates += n_envs / config.train_freq * config.gradient_steps
             while pending_updates >= 1.0:
                 pending_updates -= 1.0
+                if log["epsilon_at_first_gradient_step"] is None:
+                    log["epsilon_at_first_gradient_step"] = epsilon
                 loss = td_loss(q_network, target_network, buffer.sample(config.batch_size, device), config.gamma)
                 optimizer.zero_grad()
                 loss.backward()
@@ -181,14 +183,15 @@ def train_dqn(envs, config: DQNConfig, progress=None, device: torch.device | str
             progress(global_step, config.total_timesteps)
     seconds = time.perf_counter() - started
     log.update(timesteps=global_step, gradient_steps=len(log["losses"]), seconds=seconds,
-               steps_per_second=global_step / max(seconds, 1e-9), final_epsilon=config.exploration_final_eps)
+               steps_per_second=global_step / max(seconds, 1e-9), final_epsilon=epsilon)
     return q_network.eval(), log
 
 
 def config_from(params: dict, seed: int) -> DQNConfig:
     """The preset's DQN: SB3 defaults (spec/srd.md §5) with the preset's budget knobs."""
     return DQNConfig(learning_starts=params["learning_starts"], total_timesteps=params["total_timesteps"],
-                     obs_size=params["obs_size"], seed=seed)
+                     target_update_interval=params["target_update_interval"],
+                     exploration_fraction=params["exploration_fraction"], obs_size=params["obs_size"], seed=seed)
 
 
 def make_policy(model: QNetwork, config: DQNConfig, params: dict) -> DQNPolicy:

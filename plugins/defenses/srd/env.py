@@ -35,8 +35,11 @@ class MaskRewarder:
         self.fidelity, self.table, self.sizes = fidelity, table, tuple(sizes)
         self._captions: dict[tuple, str] = {}
         self._references: dict[tuple, str] = {}
+        self._rewards: dict[tuple, tuple[float, str, float, float]] = {}  # (r, caption, S, F)
         self.generations = 0
         self.seconds = 0.0
+        self.reward_queries = 0  # rewards asked for
+        self.reward_evaluations = 0  # rewards computed (the rest came from the cache)
 
     def _generate(self, model, cache: dict, keys: list[tuple], images: np.ndarray,
                   prompts: Sequence[str]) -> list[str]:
@@ -73,11 +76,22 @@ class MaskRewarder:
 
     def score(self, keys: Sequence, actions: Sequence[int], masked: np.ndarray, prompts: Sequence[str],
               refs: Sequence[str], s0: np.ndarray, f0: np.ndarray):
-        """(rewards, captions, S, F) of masked images against their baselines."""
-        caps = self.captions(keys, actions, masked, prompts)
-        s, f = self.fidelity(caps, refs)
-        r = rewards(self.table, s, f, s0, f0, [not c.strip() for c in caps])
-        return r, caps, s, f
+        """(rewards, captions, S, F) of masked images against their baselines. Each masked image,
+        (``keys[k]``, ``actions[k]``, prompt), is evaluated once: its baseline is fixed per image and
+        prompt, so a repeated mask reads its reward from the cache."""
+        reward_keys = [(key, int(a), p) for key, a, p in zip(keys, actions, prompts)]
+        todo = list({rk: k for k, rk in enumerate(reward_keys) if rk not in self._rewards}.values())
+        if todo:
+            caps = self.captions([keys[k] for k in todo], [actions[k] for k in todo], masked[todo],
+                                 [prompts[k] for k in todo])
+            s, f = self.fidelity(caps, [refs[k] for k in todo])
+            r = rewards(self.table, s, f, np.asarray(s0)[todo], np.asarray(f0)[todo], [not c.strip() for c in caps])
+            for j, k in enumerate(todo):
+                self._rewards[reward_keys[k]] = (float(r[j]), caps[j], float(s[j]), float(f[j]))
+            self.reward_evaluations += len(todo)
+        self.reward_queries += len(keys)
+        r, caps, s, f = zip(*(self._rewards[rk] for rk in reward_keys)) if keys else ((), (), (), ())
+        return np.array(r, dtype=np.float32), list(caps), np.array(s), np.array(f)
 
 
 class StateBaselines:
@@ -126,6 +140,11 @@ class MaskingVectorEnv(VectorEnv):
         self.returns = np.zeros(self.num_envs)
         self.originals = np.zeros((self.num_envs, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
         self.steps = 0
+        self.visited: set[int] = set()  # states stepped at least once
+        self.episodes_finished = 0
+        # observations the agent acted on that were the unmasked state image (an episode's
+        # first step); cleaning queries unmasked images only, so this share is reported
+        self.unmasked_observations = 0
 
     def _start(self, envs: Sequence[int]) -> None:
         """§3 reset: a state index uniformly at random; its image, S0, F0, r and prompt."""
@@ -150,6 +169,8 @@ class MaskingVectorEnv(VectorEnv):
             [("state", i) for i in idx], actions, masked, [self.states.prompts[i] for i in idx],
             [self.baselines.refs[i] for i in idx], np.array([self.baselines.s0[i] for i in idx]),
             np.array([self.baselines.f0[i] for i in idx]))
+        self.visited.update(idx)
+        self.unmasked_observations += int((self.t == 0).sum())
         self.t += 1
         self.steps += self.num_envs
         self.returns += r
@@ -158,6 +179,7 @@ class MaskingVectorEnv(VectorEnv):
         obs = masked
         if terminated.any():
             done = np.flatnonzero(terminated).tolist()
+            self.episodes_finished += len(done)
             infos["final_obs"], infos["_final_obs"] = masked.copy(), terminated.copy()
             infos["episode_return"], infos["_episode_return"] = self.returns.copy(), terminated.copy()
             self._start(done)

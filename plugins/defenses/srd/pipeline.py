@@ -14,22 +14,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import DefenseContext, DefenseOutcome
-from vlmbackdoor_bench.plugin_api import Recipe, run_payload, training_payload
+from vlmbackdoor_bench.plugin_api import Recipe, run_payload
 from vlmbackdoor_bench.types import DefenseReport
 
 from . import artifacts, dqn
 from .cache import cached_stage, srd_store, victim_identity
 from .cleaning import UniformPolicy, clean_training_set
+from .diagnostics import check_surrogate, heldout_states, mask_diagnostics, srd_rl_summary, surrogate_backdoor
 from .env import MaskingVectorEnv, MaskRewarder
 from .geometry import mask_box, n_actions
+from .models import fine_tune, obtain_surrogate, reference_captioner
 from .reward import FidelityScores
 from .settings import PAPER_PRESET, resolve
 from .state_set import StateSet, code_state_set, defender_data, paper_state_set
-
-STATE_SET_VERSION = 1  # bump when the state-set or surrogate construction changes
-
 
 @contextlib.contextmanager
 def torch_threads(n: int):
@@ -47,32 +45,6 @@ def algorithms() -> dict:
     """algorithm -> its cleanrl-style module (config class, train, make_model, Policy)."""
     from . import ppo, sac
     return {"dqn": dqn, "ppo": ppo, "sac": sac}
-
-
-def fine_tune(victim, training_set, *, seed: int, recipe, progress: str) -> dict:
-    """``victim.fine_tune`` with ``recipe``, or with the victim's own when the context has none."""
-    kwargs = {"seed": seed, "progress": progress}
-    if recipe is not None:
-        kwargs["recipe"] = recipe
-    return victim.fine_tune(training_set, **kwargs)
-
-
-def reference_captioner(context: DefenseContext, p: dict):
-    """spec/srd.md §2: the clean base victim (`srd`), the clean reference model (``oracle``,
-    analysis only), or BLIP-large (`srd-code`), which is never local offline."""
-    clean_model = context.extras.get("clean_model")
-    if p["reference"] == "base":
-        return context.base_victim, "base victim (public pretrained checkpoint)"
-    if p["reference"] == "oracle":
-        if clean_model is None:
-            raise VbbError("SRD reference = 'oracle' needs the clean reference model, which the grid "
-                           "does not pass", "use reference = 'base', or have the grid put the clean "
-                           "model in DefenseContext.extras['clean_model']")
-        return clean_model, "ORACLE: clean reference model (analysis only)"
-    if clean_model is not None:
-        return clean_model, "clean reference model (BLIP-large not available offline)"
-    return context.base_victim, ("base victim (BLIP-large not available offline and the grid passes "
-                                 "no clean reference model)")
 
 
 def build_states(data, p: dict, seed: int):
@@ -101,10 +73,11 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
     recipe = context.recipe
     rl = algorithm != "random"
     fidelity = FidelityScores(context.scorers, clip=p["clip_scores"]) if rl else None
-    reference_victim, reference_used = reference_captioner(context, p) if rl else (None, None)
+    reference_victim = None
+    store = srd_store(context.stage)
     timings: dict = {}
     details: dict = {"algorithm": algorithm, "params": p, "budget_scaling": scaled,
-                     "reference_captioner": reference_used, "action_space": n_actions(sizes)}
+                     "action_space": n_actions(sizes)}
     if scaled:
         details["budget_scaling_reason"] = ("tiny profile (2 CPU cores): RL budget scaled by the "
                                             "preset's tiny_* defaults, see settings.PAPER_PRESET")
@@ -114,16 +87,28 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
         data = defender_data(context)
         states, surrogate_set = build_states(data, p, context.seed)
         base_id = victim_identity(context.base_victim)
-        store = srd_store(context.stage)
         details.update(defender_data=data.source, state_set=states.details)
         surrogate, surrogate_info = obtain_surrogate(context, p, surrogate_set, data, base_id, recipe, store)
         details["surrogate"] = surrogate_info
+        heldout = heldout_states(data, states, p["heldout_states"], context.seed)
+        backdoor = surrogate_backdoor(surrogate, heldout)
+        print(f"srd surrogate: ASR {backdoor['surrogate_asr']:.1%} on {len(heldout)} held-out triggered state "
+              f"images, {backdoor['surrogate_asr_clean']:.1%} clean", file=sys.stderr, flush=True)
+        check_surrogate(backdoor, p)  # before RL (issue 31)
         timings["surrogate"] = time.perf_counter() - stage
+        stage = time.perf_counter()
+        reference_victim, reference_used, reference_info = reference_captioner(context, p, recipe, base_id, store)
+        details.update(reference_captioner=reference_used, reference=reference_info)
+        timings["reference"] = time.perf_counter() - stage
         stage = time.perf_counter()
         with torch_threads(p["rl_threads"]):
             policy, train_log, policy_info = obtain_policy(context, p, algorithm, states, surrogate, surrogate_info,
                                                            reference_victim, fidelity, data, base_id, store)
+            masks = mask_diagnostics(policy, heldout, sizes)
         details["policy"] = policy_info
+        details["srd_rl"] = srd_rl_summary(algorithm, train_log, backdoor, masks, reference_used)
+        print("srd_rl: " + json.dumps({k: v for k, v in details["srd_rl"].items() if not isinstance(v, list)},
+                                      default=str), file=sys.stderr, flush=True)
         timings["policy"] = time.perf_counter() - stage
     stage = time.perf_counter()
     # A single trial is kept whatever its reward (§6 steps 3-4): scoring it would change nothing.
@@ -158,32 +143,6 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
     return DefenseOutcome(victim, report)
 
 
-def obtain_surrogate(context, p, surrogate_set, data, base_id, recipe, store):
-    """spec/srd.md §1: the grid's TrojVLM srd-code cell model when it passes one, else the
-    defender-owned surrogate trained (once, cached) on the custom set."""
-    given = context.extras.get("srd_code_surrogate") if p["surrogate"] == "trojvlm-cell" else None
-    if given is not None:
-        return given, {"source": "grid: TrojVLM srd-code cell model"}
-    payload = {"state_set_version": STATE_SET_VERSION, "state_set_size": p["state_set_size"],
-               "max_state_fraction": p["max_state_fraction"], "defender_data": data.fingerprint,
-               "seed": context.seed, "base": base_id, "recipe": recipe.to_dict() if recipe is not None else None,
-               **training_payload(context.stage.device, context.stage.precision)}  # {} on CPU fp32
-
-    def build(tmp: Path) -> dict:
-        victim = context.base_victim.clone()
-        log = fine_tune(victim, surrogate_set, seed=context.seed, recipe=recipe, progress="srd surrogate")
-        victim.save(tmp)
-        return {"loss_per_epoch": log.get("loss_per_epoch"), "steps": log.get("steps")}
-
-    entry, info = cached_stage(store, "surrogate", payload, build)
-    victim = context.base_victim.clone()
-    victim.load_trainable(entry.path)
-    source = "custom poisoned set (defender-owned)"
-    if p["surrogate"] == "trojvlm-cell":
-        source += "; the TrojVLM srd-code cell model is not in DefenseContext.extras"
-    return victim, {"source": source, **info}
-
-
 def obtain_policy(context, p, algorithm, states, surrogate, surrogate_info, reference_victim, fidelity,
                   data, base_id, store):
     """Stage 2: train the policy on the masking environment (once, cached) and load it."""
@@ -214,7 +173,9 @@ def obtain_policy(context, p, algorithm, states, surrogate, surrogate_info, refe
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(tmp / "policy.safetensors"))
         log.update(generations=rewarder.generations, generation_seconds=rewarder.seconds,
-                   states_visited=len(envs.baselines.refs))
+                   reward_queries=rewarder.reward_queries, reward_evaluations=rewarder.reward_evaluations,
+                   states_visited=len(envs.visited), episodes_finished=envs.episodes_finished,
+                   observations=envs.steps, unmasked_observations=envs.unmasked_observations)
         (tmp / "train_log.json").write_text(json.dumps(log, default=float))
         return {"algorithm": algorithm, "timesteps": log["timesteps"], "seconds": log["seconds"],
                 "steps_per_second": log["steps_per_second"], "generations": rewarder.generations}
