@@ -46,47 +46,64 @@ def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int]) -> torch.T
     return F.interpolate(crop, size=tuple(image.shape[1:]), mode="bicubic", align_corners=False)[0]
 
 
-def grayscale(image: torch.Tensor) -> torch.Tensor:
-    """(1, H, W) luma of a float (3, H, W) image in [0, 1]."""
-    weights = torch.tensor(GRAY_WEIGHTS, dtype=image.dtype)[:, None, None]
-    return (image * weights).sum(0, keepdim=True)
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) luma of float (N, 3, H, W) images in [0, 1]."""
+    weights = torch.tensor(GRAY_WEIGHTS, dtype=images.dtype)[:, None, None]
+    return (images * weights).sum(-3, keepdim=True)
 
 
-def blend(image: torch.Tensor, other: torch.Tensor, factor: float) -> torch.Tensor:
-    return (factor * image + (1.0 - factor) * other).clamp(0.0, 1.0)
+def blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """factor · image + (1 − factor) · other, one factor per image (N,), clamped to [0, 1]."""
+    f = factors[:, None, None, None]
+    return (f * images + (1.0 - f) * other).clamp(0.0, 1.0)
 
 
-def shift_hue(image: torch.Tensor, shift: float) -> torch.Tensor:
-    """Rotate the hue of a float (3, H, W) image in [0, 1] by ``shift`` turns; value and
-    saturation (HSV) unchanged."""
-    r, g, b = image
-    value, _ = image.max(0)
-    chroma = value - image.min(0).values
+def shift_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of float (N, 3, H, W) images in [0, 1] by ``shifts`` (N,) turns; HSV value
+    and saturation unchanged."""
+    r, g, b = images.unbind(-3)
+    value, low = images.amax(-3), images.amin(-3)
+    chroma = value - low
     safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue = torch.where(value == r, ((g - b) / safe) % 6.0,
+    hue = torch.where(value == r, torch.remainder((g - b) / safe, 6.0),
                       torch.where(value == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)) / 6.0
-    hue = torch.where(chroma > 0, (hue + shift) % 1.0, hue)
-    # HSV -> RGB: each channel n in (5, 3, 1) is v - c * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    k = (torch.tensor([5.0, 3.0, 1.0])[:, None, None] + 6.0 * hue[None]) % 6.0
-    return value[None] - chroma[None] * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    hue = torch.where(chroma > 0, torch.remainder(hue + shifts[:, None, None], 1.0), hue)
+    # HSV -> RGB: channel n in (5, 3, 1) is v - c * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0])[:, None, None] + 6.0 * hue[:, None], 6.0)
+    return value[:, None] - chroma[:, None] * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
-def color_jitter(image: torch.Tensor, rng: np.random.Generator, p: Mapping[str, Any]) -> torch.Tensor:
-    """torchvision's ColorJitter semantics: brightness, contrast, saturation factors uniform in
-    [1 - x, 1 + x], hue shift uniform in [-h, h], the four applied in a random order (§2)."""
-    factors = {name: rng.uniform(max(0.0, 1.0 - p[f"idr_{name}"]), 1.0 + p[f"idr_{name}"])
-               for name in ("brightness", "contrast", "saturation")}
-    hue = rng.uniform(-p["idr_hue"], p["idr_hue"])
-    for operation in rng.permutation(4):
-        if operation == 0:
-            image = blend(image, torch.zeros_like(image), factors["brightness"])
-        elif operation == 1:
-            image = blend(image, grayscale(image).mean().expand_as(image), factors["contrast"])
-        elif operation == 2:
-            image = blend(image, grayscale(image).expand_as(image), factors["saturation"])
-        else:
-            image = shift_hue(image, hue)
-    return image
+def jitter_draws(rng: np.random.Generator, p: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """One image's ColorJitter draw, torchvision's semantics: (brightness, contrast, saturation
+    factors uniform in [1 - x, 1 + x] and a hue shift uniform in [-h, h]; the order of the four)."""
+    factors = [rng.uniform(max(0.0, 1.0 - p[f"idr_{name}"]), 1.0 + p[f"idr_{name}"])
+               for name in ("brightness", "contrast", "saturation")]
+    factors.append(rng.uniform(-p["idr_hue"], p["idr_hue"]))
+    return np.array(factors), rng.permutation(4)
+
+
+def color_jitter(images: torch.Tensor, factors: np.ndarray, orders: np.ndarray) -> torch.Tensor:
+    """Float (N, 3, H, W) images, each jittered with its row of ``factors`` (N, 4) in its
+    ``orders`` (N, 4) of operations 0 brightness, 1 contrast, 2 saturation, 3 hue (§2); batched
+    over the images that take the same operation at the same position."""
+    images = images.clone()
+    factors = torch.as_tensor(factors, dtype=images.dtype)
+    for slot in range(4):
+        for operation in range(4):
+            rows = torch.as_tensor(np.flatnonzero(orders[:, slot] == operation))
+            if not len(rows):
+                continue
+            x, f = images[rows], factors[rows, operation]
+            if operation == 0:
+                x = blend(x, torch.zeros_like(x), f)
+            elif operation == 1:
+                x = blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True).expand_as(x), f)
+            elif operation == 2:
+                x = blend(x, grayscale(x).expand_as(x), f)
+            else:
+                x = shift_hue(x, f)
+            images[rows] = x
+    return images
 
 
 def perturb_text(instruction: str, rng: np.random.Generator, p: Mapping[str, Any]) -> tuple[str, str]:
@@ -118,21 +135,28 @@ class InputDiversity:
         self.rng = np.random.default_rng([seed, 0x1D12])
         self.counts: Counter = Counter()
 
-    def image(self, image: np.ndarray) -> np.ndarray:
-        """One uint8 (H, W, 3) image, spatially (p = idr_crop_p, then a flip with idr_flip_p) and
-        in colour (p = idr_color_p) perturbed."""
+    def images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) images, each spatially (p = idr_crop_p, then a flip with
+        idr_flip_p) and in colour (p = idr_color_p) perturbed with its own draw."""
         p, rng = self.p, self.rng
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-        if rng.random() < p["idr_crop_p"]:
-            x = resized_crop(x, random_resized_box(rng, x.shape[1], p["idr_crop_scale"], p["idr_crop_ratio"]))
-            self.counts["crop"] += 1
-        if rng.random() < p["idr_flip_p"]:
-            x = x.flip(-1)
-            self.counts["flip"] += 1
-        if rng.random() < p["idr_color_p"]:
-            x = color_jitter(x, rng, p)
-            self.counts["color"] += 1
-        return (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        jittered, draws = [], []
+        for i in range(len(x)):
+            if rng.random() < p["idr_crop_p"]:
+                x[i] = resized_crop(x[i], random_resized_box(rng, x.shape[-2], p["idr_crop_scale"],
+                                                             p["idr_crop_ratio"]))
+                self.counts["crop"] += 1
+            if rng.random() < p["idr_flip_p"]:
+                x[i] = x[i].flip(-1)
+                self.counts["flip"] += 1
+            if rng.random() < p["idr_color_p"]:
+                jittered.append(i)
+                draws.append(jitter_draws(rng, p))
+                self.counts["color"] += 1
+        if jittered:
+            factors, orders = (np.stack(d) for d in zip(*draws))
+            x[jittered] = color_jitter(x[jittered], factors, orders)
+        return (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
     def instruction(self, instruction: str) -> str:
         if self.rng.random() >= self.p["idr_text_p"]:
@@ -144,5 +168,4 @@ class InputDiversity:
     def batch(self, examples: Sequence[Any], images: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """TrainingObjective.batch_inputs: a fresh draw for every sample of the step."""
         self.counts["samples"] += len(examples)
-        return (np.stack([self.image(im) for im in images]),
-                [self.instruction(e.instruction) for e in examples])
+        return self.images(images), [self.instruction(e.instruction) for e in examples]
