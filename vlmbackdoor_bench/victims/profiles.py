@@ -62,7 +62,7 @@ class TinyProfile:
         "finetune_epochs": 2, "finetune_batch_size": 64, "finetune_lr": 1e-3,
         # The frozen GPT-2 LM's dropout (0.1) while fine-tuning: on, as the committed board was
         # made; false = OpenFlamingo-3B's setting (MPT-1B has none, training.Recipe) and 1.2x
-        # faster steps (docs/findings/tiny-board.md, "Fine-tuning without the LM's dropout").
+        # faster steps (docs/methods/victim.md §T).
         "finetune_lm_dropout": True,
         "base_seed": 1234,
         # embedded world sizes (DESIGN.md §4); CI shrinks them for its small grid
