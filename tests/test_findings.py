@@ -74,7 +74,7 @@ def test_the_checker_catches_stale_and_unmarked_numbers():
     assert check_page(f"ASR 99.90<!--r:{key}-->", board)[0] == 1  # two decimals written: 99.899 -> 99.90
     _, problems = check_page(f"ASR 99.8<!--r:{key}-->, 98<!--r:{key}-->", board)
     assert len(problems) == 2 and "the board has 99.899" in problems[0]
-    _, problems = check_page("ASR fell by 12 points, see Table 2, `α = 0.1` and §4.", board)
+    _, problems = check_page("ASR fell by 12 points, see Table 2, `α = 0.1` and \u00a74.", board)
     assert len(problems) == 1 and "without a board marker" in problems[0]
     _, problems = check_page("1.0<!--r:coco/badnet/srd/triggered/asr_strict-->", board)
     assert "names no row" in problems[0]
