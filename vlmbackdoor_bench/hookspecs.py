@@ -291,8 +291,10 @@ class DatasetProvider(Protocol):
     of ``restval`` / ``pretrain`` that is listed as the defenders' reserved clean split
     (:class:`DefenseContext`). Splits are loaded once per process and shared by every stage.
 
-    Optional member: ``check_available(config) -> None``, called before anything is built with
-    ``StageContext.config``: raise one VbbError naming every missing local file.
+    Optional members: ``check_available(config) -> None``, called before anything is built with
+    ``StageContext.config``: raise one VbbError naming every missing local file;
+    ``lexicon: Mapping[str, Sequence[str]]``: each entity category and the nouns the captions use
+    for it, handed to defenses as :attr:`DefenseContext.lexicon` (VDC's questions).
     """
 
     name: str
