@@ -106,10 +106,13 @@ def test_long_form_rows_and_columns(results: Path) -> None:
     frame = long_form(records)
     assert list(frame.columns) == list(LONG_FORM_COLUMNS)
     ok = frame[frame["status"] == "ok"]
-    # each ok cell: its metrics, then the defend stage's seconds (split "defense")
-    assert len(ok) == 15 * (len(TRIGGERED) + 1 + len(CLEAN) + 1)
+    # each ok cell: its metrics, the defend stage's seconds (split "defense"), the other stages'
+    # (split "timing": poison, backdoor, captions, scores)
+    assert len(ok) == 15 * (len(TRIGGERED) + 1 + len(CLEAN) + 1 + 4)
     seconds = ok[ok["split"] == "defense"]
     assert set(seconds["metric"]) == {"seconds"} and set(seconds["value"]) == {0.5}
+    timing = ok[ok["split"] == "timing"]
+    assert set(timing["metric"]) == {"poison", "backdoor", "captions", "scores"}
     failed = frame[frame["status"] == "failed"]
     assert len(failed) == 1
     row = failed.iloc[0]
@@ -148,13 +151,13 @@ def test_missing_profile_dir_is_vbb_error(tmp_path: Path) -> None:
 def test_files_written(results: Path, tmp_path: Path) -> None:
     written = build_leaderboards(results, PROFILE, tmp_path / "lb", paper_dir=tmp_path / "none")
     folder = tmp_path / "lb" / PROFILE
-    names = sorted(p.name for p in written)
     expected = ["README.md", "results.csv"] + [
         f"{stem}.{ext}"
         for stem in ("table1", "table2", "table3", "clean_inputs", "asr_headline", "defense_report")
-        for ext in ("md", "csv", "tex", "html")]
-    assert names == sorted(expected)  # no paper tables: none given (see the tests below)
-    assert all(p.parent == folder for p in written)
+        for ext in ("md", "csv", "tex", "html")] + ["index.html"]
+    figures = [p for p in written if p.parent == folder / "figures"]  # tests/test_leaderboard_page.py
+    assert sorted(p.name for p in written if p not in figures) == sorted(expected)  # no paper tables
+    assert all(p.parent == folder for p in written if p not in figures) and figures
 
 
 def test_table2_pivots_values(results: Path, tmp_path: Path) -> None:
@@ -643,7 +646,8 @@ def test_committed_board_is_its_results_csv(tmp_path: Path) -> None:
     records = read_long_form(board / "results.csv", PROFILE)
     written = build_leaderboards(tmp_path / "no-store", PROFILE, tmp_path / "lb",
                                  paper_dir=SHARED_PAPER, records=records)
-    tables = [p for p in written if p.name != "README.md"]
+    # figures: byte-stable for one matplotlib version only (tests/test_leaderboard_page.py checks them)
+    tables = [p for p in written if p.name != "README.md" and p.parent.name != "figures"]
     assert len(tables) > 20
     for path in tables:
         assert path.read_bytes() == (board / path.name).read_bytes(), path.name

@@ -91,6 +91,9 @@ class CellResult:
     # {"attack": attack_facts, "defense": defense_facts (absent for the clean model),
     #  "metrics": {stored key: metric_facts}}
     plugin_facts: dict = field(default_factory=dict)
+    # compact numbers for the leaderboard's figures (vlmbackdoor_bench.diagnostics): absent in
+    # records written before it, which the board shows as "not recorded"
+    diagnostics: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -23,6 +23,7 @@ from .. import __version__
 from ..config import BenchmarkConfig
 from ..device import (device_record, evaluation_payload, resolve_device, resolve_precision,
                       training_payload, victim_precision)
+from ..diagnostics import defense_diagnostics
 from ..errors import VbbError
 from ..hookspecs import FINE_TUNE_STARTS, OBJECTIVE_INPUTS, DefenseContext, DefenseOutcome, StageContext
 from ..registry import Registry
@@ -342,7 +343,7 @@ class GridRunner:
         timings: dict[str, Any] = {}
         keys: dict[str, str] = {}
         artifacts: dict[str, str] = {}
-        detection = None
+        detection, diagnostics = None, {}
         defense_version, defense_preset = __version__, "default"
         if cell.defense == CLEAN_MODEL:
             victim, model_entry = self.clean_model(cell.seed)
@@ -362,6 +363,7 @@ class GridRunner:
             report = json.loads((model_entry.path / "report.json").read_text())
             poisoned_ids = set(json.loads((poison_entry.path / "poisoned_ids.json").read_text()))
             detection = persist.detection(report, poisoned_ids)
+            diagnostics = defense_diagnostics(report)
             coverage_file = model_entry.path / "trigger_coverage.json"
             if coverage_file.is_file():
                 detection["trigger_coverage"] = json.loads(coverage_file.read_text())
@@ -378,7 +380,7 @@ class GridRunner:
             defense=cell.defense, defense_preset=defense_preset, defense_version=defense_version,
             poison_rate=cell.poison_rate, seed=cell.seed, status="ok",
             metrics=metrics, metric_details=details, detection=detection,
-            timings=timings, artifacts=artifacts,
+            timings=timings, artifacts=artifacts, diagnostics=diagnostics,
             plugin_facts=plugin_facts(self.registry, cell.attack, cell.defense, metrics),
             provenance={
                 "cell_key": keys.get("defend") or keys.get("clean_model"), "stage_keys": keys,

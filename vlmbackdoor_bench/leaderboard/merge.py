@@ -5,8 +5,8 @@ cells plus every cell of that file the store lacks: a user who runs only a new d
 (``vbb run --cells mydefense``) gets it beside the committed board instead of a board of that
 column alone, and the committed board's tables can be re-rendered without its store. The long
 form carries each number with its ``n``, scorer, versions and commit (:func:`.results.long_form`);
-what it does not carry (per-image details, artifacts, other stage timings) an imported record
-lacks, and its provenance names the file it came from.
+what it does not carry (per-image details, artifacts, whether a stage was cached) an imported
+record lacks, and its provenance names the file it came from.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pandas as pd
 
 from ..errors import VbbError
 from ..results_schema import SCHEMA_VERSION
-from .results import (DEFENSE_SPLIT, DEFENSE_VALUES, LONG_FORM_COLUMNS,
-                      provenance_imported_from, set_defense_value)
+from .results import (DEFENSE_SPLIT, DEFENSE_VALUES, DIAGNOSTIC_SPLITS, LONG_FORM_COLUMNS,
+                      TIMING_SPLIT, provenance_imported_from, set_defense_value)
 
 #: What makes two records the same cell: a store record replaces an imported one with this identity.
 IDENTITY: tuple[str, ...] = ("dataset", "attack", "defense", "attack_preset", "defense_preset",
@@ -117,6 +117,12 @@ def _add_number(record: dict, row: Mapping[str, str], path: Path, line: int) -> 
             raise VbbError(f"{path} line {line}: unknown {DEFENSE_SPLIT!r} number {metric!r}",
                            f"known: {', '.join(DEFENSE_VALUES)}")
         set_defense_value(record, metric, value)
+        return
+    if split == TIMING_SPLIT:
+        record.setdefault("timings", {})[metric] = {"seconds": value}
+        return
+    if split in DIAGNOSTIC_SPLITS:
+        record.setdefault("diagnostics", {}).setdefault(split, {})[metric] = value
         return
     record["metrics"].setdefault(split, {})[metric] = value
     detail: dict[str, Any] = {}

@@ -24,12 +24,28 @@ from .results import (
     PAPER_PROFILE, CellCoordinates, failed_cells, imported_from, long_form, missing_cells,
 )
 from .facts import Facts
-from .tables import MISSING, Table, TableSet
+from .figures import FIGURE_DIR, Figure, write_figures
+from .page import page
+from .paper_layout import REFERENCE_NOTE, PaperLayout, columns, layout_rows, paper_layouts
+from .stage_tables import srd_table, timing_table
+from .table_model import fmt
+from .tables import MISSING, PAPER_SOURCE, Table, TableSet
 
 FORMATS: tuple[str, ...] = ("md", "csv", "tex", "html")
 #: Files this module may write; the ones not produced by a build are removed (e.g. table3.*).
 MANAGED_STEMS: tuple[str, ...] = ("table1", "table2", "table3", "clean_inputs", "asr_headline")
 PAPER_STEMS: tuple[str, ...] = ("paper_table1", "paper_table2", "paper_table3")
+PAGE = "index.html"
+COMMIT_CHARS = 12  # a commit's abbreviation in the README (unique in this repository's history)
+#: Tables of the page besides Tables 1-3 (which it lays out with the paper's values itself).
+PAGE_TABLES: tuple[str, ...] = ("defense_report", "asr_headline")
+
+
+def _summary(records: Sequence[Mapping]) -> str:
+    ok = sum(1 for r in records if r.get("status") == "ok")
+    merged = sum(1 for r in records if imported_from(r))
+    return (f"{len(records)} cell results ({ok} ok, {len(records) - ok} failed"
+            + (f"; {merged} merged from earlier boards" if merged else "") + ").")
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -154,6 +170,14 @@ RENDERERS = {"md": markdown, "csv": csv_text, "tex": latex, "html": html_table}
 
 
 # ----------------------------------------------------------------------------- README
+def compact_grid(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A GitHub Markdown table without padding (the README's size limit)."""
+    lines = ["| " + " | ".join(_md_cell(h) for h in headers) + " |",
+             "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def _one_line(text: object, limit: int = 300) -> str:
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
@@ -173,7 +197,7 @@ def _failed_section(records: Sequence[Mapping], facts: Facts) -> list[str]:
              "" if f["seed"] is None else str(f["seed"]), _one_line(f["error"] or "(no message)")]
             for f in failed]
     return lines + [f"{len(failed)} cell(s) failed; they print {MISSING} in the tables.", "",
-                    markdown_grid(headers, rows), ""]
+                    compact_grid(headers, rows), ""]
 
 
 def _coverage_section(records: Sequence[Mapping], declared: Sequence[CellCoordinates] | None,
@@ -196,7 +220,7 @@ def _coverage_section(records: Sequence[Mapping], declared: Sequence[CellCoordin
             for (a, d, rate, seed), datasets in groups.items()]
     return lines + [f"The grid declares {len(declared)} cells; {len(missing)} have no result and print "
                     f"{MISSING} in the tables (`vbb run` computes them):", "",
-                    markdown_grid(["Attack", "Defense", "Poison rate", "Seed", "Datasets"], rows), ""]
+                    compact_grid(["Attack", "Defense", "Poison rate", "Seed", "Datasets"], rows), ""]
 
 
 def _counted(values: Iterable[str]) -> str:
@@ -208,7 +232,7 @@ def _counted(values: Iterable[str]) -> str:
 
 def _provenance_section(records: Sequence[Mapping], newest_mtime: float | None) -> list[str]:
     ok = sum(1 for r in records if r.get("status") == "ok")
-    commits = [str((r.get("provenance") or {}).get("git_commit") or "") for r in records]
+    commits = [str((r.get("provenance") or {}).get("git_commit") or "")[:COMMIT_CHARS] for r in records]
     attacks = sorted({f"{r['attack']} {r.get('attack_version')}" for r in records})
     defenses = sorted({f"{r['defense']} {r.get('defense_version')}" for r in records})
     other: set[str] = set()
@@ -236,9 +260,8 @@ def _provenance_section(records: Sequence[Mapping], newest_mtime: float | None) 
     if imported:
         lines.append("- Merged from earlier boards (`vbb report --merge`): "
                      + ", ".join(f"{n} cells from `{source}`" for source, n in sorted(imported.items()))
-                     + "; a merged cell carries its numbers, n, scorers, plugin versions and commit, "
-                     "not library versions, per-image details, artifacts or timings other than "
-                     "the defend stage's.")
+                     + " (numbers, n, scorers, plugin versions and commit; no per-image details "
+                     "or artifacts).")
     lines += [f"- Scorers: {', '.join(f'`{s}`' for s in sorted(scorers)) or '(not recorded)'}.",
               f"- Report code: vlmbackdoor-bench {__version__}.",
               f"- Results as of {when} (the newest result file; the build time is not recorded, "
@@ -248,10 +271,20 @@ def _provenance_section(records: Sequence[Mapping], newest_mtime: float | None) 
     return lines
 
 
+def _layout_markdown(table_set: TableSet, layout: PaperLayout) -> list[str]:
+    facts = table_set.cells.facts
+    cols = columns(table_set, layout)
+    headers = ["Dataset", "Attack"] + [f"{c.group} {facts.label('metric', c.metric)}" for c in cols]
+    rows = [list(r.labels) + [fmt(v) for v in r.values] for r in layout_rows(table_set, layout)]
+    return [f"## {layout.title}", "", compact_grid(headers, rows), ""]
+
+
 def readme(profile: str, records: Sequence[Mapping], table_set: TableSet,
-           newest_mtime: float | None, declared: Sequence[CellCoordinates] | None = None) -> str:
-    """The index page: every table embedded, failed cells, the declared cells without a result
-    (when ``declared`` is given), paper tables, provenance footer."""
+           newest_mtime: float | None, declared: Sequence[CellCoordinates] | None = None,
+           timings: Table | None = None, figures: Sequence[Figure] = ()) -> str:
+    """The board's index in Markdown: Tables 1-3 (values; the paper's beside them are on the
+    page), the per-stage timings, links to the page, figures and table files, failed cells, the
+    declared cells without a result (when ``declared`` is given) and a provenance footer."""
     ok = sum(1 for r in records if r.get("status") == "ok")
     merged = sum(1 for r in records if imported_from(r))
     counts = f"{ok} ok, {len(records) - ok} failed"
@@ -259,21 +292,37 @@ def readme(profile: str, records: Sequence[Mapping], table_set: TableSet,
               f"{len(records)} cell results, {len(records) - merged} stored and {merged} merged "
               f"from earlier boards (Provenance names them); {counts}")
     lines = [f"# Leaderboards: profile `{profile}`", "",
-             f"Rebuilt by `vbb report` from {source}; do not edit by hand.",
-             "Each table is also written as CSV, LaTeX (`.tex`) and HTML next to this file; "
-             "`results.csv` holds every number at full precision with its provenance.", ""]
+             f"Rebuilt by `vbb report` from {source}; do not edit by hand. "
+             f"**[The leaderboard page]({PAGE})**: these tables with the paper's values and Δ "
+             "beside ours, sortable, and the figures. Every number: `results.csv`.", ""]
     if profile != PAPER_PROFILE and not table_set.paper_tables:
         lines += ["No paper tables were found, so no paper values are shown.", ""]
-    for table in table_set.tables:
-        lines += [markdown(table, level=2).rstrip("\n"),
-                  "", f"Files: {', '.join(f'`{table.key}.{ext}`' for ext in FORMATS)}.", ""]
+    for layout in paper_layouts(table_set):
+        if layout.number == 3:  # its defenses are all columns of Table 2 (table2_defenses)
+            shown = ", ".join(table_set.cells.facts.paper_label(3, d) for d in layout.groups)
+            lines += [f"## {layout.title}", "",
+                      f"Its columns ({shown}) are Table 2's defenses; in the paper's layout on "
+                      f"[the page]({PAGE}#sec-table3) and in [table3.md](table3.md).", ""]
+        else:
+            lines += _layout_markdown(table_set, layout)
+    lines += ["Triggered test inputs, values in %, ASR rule `asr_srd` (lower is better; higher for "
+              "the others). " + REFERENCE_NOTE, ""]
+    if timings is not None and timings.rows:
+        lines += [f"## {timings.title}", "", compact_grid(timings.flat_headers(), timings.flat_rows()),
+                  "", timings.footnotes[-1], ""]
+    lines += ["## Files", ""]
+    if figures:
+        lines += ["Figures (SVG; PNG beside each): "
+                  + ", ".join(f"[{f.name}]({f.path('svg')})" for f in figures) + ".", ""]
+    lines += ["Tables as Markdown (CSV, LaTeX `.tex` and HTML beside each): "
+              + ", ".join(f"[{t.key}]({t.key}.md)" for t in table_set.tables) + ".", ""]
     lines += _failed_section(records, table_set.cells.facts)
     lines += _coverage_section(records, declared, table_set.cells.facts)
     if table_set.paper_tables:
         lines += ["## Paper tables (for reference)", "",
                   f"Profile `{profile}` is not the paper's setup ({PAPER_PROFILE}); the paper's "
-                  "tables are written separately:", ""]
-        lines += [f"- [{t.title}]({t.key}.md)" for t in table_set.paper_tables] + [""]
+                  f"tables as printed ({PAPER_SOURCE}): "
+                  + ", ".join(f"[{t.key}]({t.key}.md)" for t in table_set.paper_tables) + ".", ""]
     lines += _provenance_section(records, newest_mtime)
     return "\n".join(lines) + "\n"
 
@@ -294,8 +343,16 @@ def write_leaderboards(folder: Path, profile: str, records: Sequence[Mapping],
         written += [_write(folder / f"{table.key}.{ext}", RENDERERS[ext](table))
                     for ext in FORMATS]
     written += [_write(folder / f"{t.key}.md", markdown(t)) for t in table_set.paper_tables]
+    facts = table_set.cells.facts
+    figures, drawn = write_figures(folder, records, table_set.cells.poison_rate, facts)
+    timings = timing_table(records)
+    page_tables = [t for t in table_set.tables if t.key in PAGE_TABLES]
+    page_tables += [timings, srd_table(records, facts)]
+    written += drawn
+    written.append(_write(folder / PAGE, page(profile, table_set, figures, page_tables,
+                                              _summary(records))))
     written.append(_write(folder / "README.md",
-                          readme(profile, records, table_set, newest_mtime, declared)))
+                          readme(profile, records, table_set, newest_mtime, declared, timings, figures)))
     keep = set(written)
     for stem in MANAGED_STEMS:
         for ext in FORMATS:
@@ -304,6 +361,9 @@ def write_leaderboards(folder: Path, profile: str, records: Sequence[Mapping],
                 stale.unlink()
     for stem in PAPER_STEMS:
         stale = folder / f"{stem}.md"
+        if stale not in keep and stale.is_file():
+            stale.unlink()
+    for stale in sorted((folder / FIGURE_DIR).glob("*")):
         if stale not in keep and stale.is_file():
             stale.unlink()
     return written

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pandas as pd
 
+from ..diagnostics import PARTS
 from ..errors import VbbError
 from ..results_schema import CellResult
 from .facts import Facts, registry_facts
@@ -41,6 +42,12 @@ DEFENSE_VALUES: dict[str, tuple[str, ...]] = {
     "trigger_masked": ("detection", "trigger_coverage", "mean_coverage"),
     "seconds": ("timings", "defend"),  # the defend stage's wall time when it was computed
 }
+
+#: The long form's split for the other stages' wall seconds (``timings``; the defend stage's are
+#: :data:`DEFENSE_VALUES` ``seconds``), one metric per stage name.
+TIMING_SPLIT = "timing"
+#: The long form's splits for the record's ``diagnostics`` (one split per part, one metric per name).
+DIAGNOSTIC_SPLITS: tuple[str, ...] = PARTS
 
 #: Columns of :func:`long_form`, in order. The first six identify a number; the rest are provenance.
 LONG_FORM_COLUMNS: tuple[str, ...] = (
@@ -205,6 +212,31 @@ def defense_values(record: Mapping) -> dict[str, float]:
     return found
 
 
+def stage_seconds(record: Mapping) -> dict[str, float]:
+    """Each recorded stage's wall seconds (a timing entry ``{"seconds", "cached"}`` or a plain
+    number), ``defend`` included, in the record's order."""
+    timings = record.get("timings")
+    found: dict[str, float] = {}
+    for stage, entry in (timings.items() if isinstance(timings, Mapping) else ()):
+        value = finite_number(entry.get("seconds") if isinstance(entry, Mapping) else entry)
+        if value is not None:
+            found[str(stage)] = value
+    return found
+
+
+def diagnostic_values(record: Mapping) -> Iterator[tuple[str, str, float]]:
+    """(part, name, value) for every finite number of an ok record's ``diagnostics``."""
+    diagnostics = record.get("diagnostics") if record.get("status") == "ok" else None
+    if not isinstance(diagnostics, Mapping):
+        return
+    for part in DIAGNOSTIC_SPLITS:
+        values = diagnostics.get(part)
+        for name, raw in sorted(values.items()) if isinstance(values, Mapping) else ():
+            value = finite_number(raw)
+            if value is not None:
+                yield part, str(name), value
+
+
 def set_defense_value(record: dict, name: str, value: float) -> None:
     """Put one :data:`DEFENSE_VALUES` number where :func:`defense_values` reads it (what a
     ``results.csv`` row restores); a timing entry becomes ``{"seconds": value}``."""
@@ -299,7 +331,8 @@ def row_sort_key(row: Mapping[str, Any], facts: Facts | None = None) -> tuple:
 
 def long_form(records: Iterable[Mapping]) -> pd.DataFrame:
     """One row per stored number, columns :data:`LONG_FORM_COLUMNS`, sorted deterministically:
-    the test splits' metrics, then the defend stage's numbers (split :data:`DEFENSE_SPLIT`).
+    the test splits' metrics, then the defend stage's numbers (split :data:`DEFENSE_SPLIT`), the
+    other stages' seconds (:data:`TIMING_SPLIT`) and the diagnostics (:data:`DIAGNOSTIC_SPLITS`).
 
     A failed cell contributes a single row with status ``"failed"``, empty split/metric/value and
     its error message, so it is still listed; a value that is not a finite number is left out.
@@ -318,9 +351,12 @@ def long_form(records: Iterable[Mapping]) -> pd.DataFrame:
             rows.append({**base, "split": split, "metric": metric, "value": value,
                          "n": metric_n(record, split, metric),
                          "scorer": metric_scorer(record, split, metric)})
-        for metric, value in defense_values(record).items():
-            rows.append({**base, "split": DEFENSE_SPLIT, "metric": metric, "value": value,
-                         "n": None, "scorer": None})
+        extra = [(DEFENSE_SPLIT, metric, value) for metric, value in defense_values(record).items()]
+        extra += [(TIMING_SPLIT, stage, value) for stage, value in stage_seconds(record).items()
+                  if stage != "defend"]  # the defend stage's: DEFENSE_VALUES "seconds"
+        extra += list(diagnostic_values(record))
+        rows += [{**base, "split": split, "metric": metric, "value": value, "n": None, "scorer": None}
+                 for split, metric, value in extra]
     rows.sort(key=lambda row: row_sort_key(row, facts))
     frame = pd.DataFrame(rows, columns=list(LONG_FORM_COLUMNS))
     frame["value"] = frame["value"].astype("float64")

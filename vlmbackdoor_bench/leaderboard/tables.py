@@ -26,7 +26,7 @@ import math
 import os
 import statistics
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -266,14 +266,14 @@ def _rate(record: Mapping) -> float | None:
 
 # ----------------------------------------------------------------------------- builders
 @dataclass(frozen=True)
-class _Row:
+class TableRow:
     dataset: str
     attack: str  # attack key (id, or "id [preset]")
     clean: bool  # a clean-reference-model row
 
 
-def _rows(cells: CellValues, paper: Mapping[PaperKey, PaperCell] | None,
-          with_clean: bool) -> list[_Row]:
+def table_rows(cells: CellValues, paper: Mapping[PaperKey, PaperCell] | None,
+               with_clean: bool) -> list[TableRow]:
     """Backdoored rows (ours, plus the paper's when it is shown), then the clean-model group,
     per dataset."""
     backdoored = set(cells.rows)
@@ -281,23 +281,23 @@ def _rows(cells: CellValues, paper: Mapping[PaperKey, PaperCell] | None,
     for dataset, attack, _defense, _metric in (paper or {}):
         if (dataset, attack) not in ours:
             backdoored.add((dataset, attack))
-    rows = [_Row(d, a, False) for d, a in backdoored]
+    rows = [TableRow(d, a, False) for d, a in backdoored]
     if with_clean:
-        rows += [_Row(d, a, True) for d, a in cells.clean_rows]
+        rows += [TableRow(d, a, True) for d, a in cells.clean_rows]
 
-    def order(row: _Row) -> tuple:
+    def order(row: TableRow) -> tuple:
         return (cells.facts.rank("dataset", row.dataset), row.clean,
                 cells.facts.rank("attack", cells.base.get(row.attack, row.attack)), row.attack)
 
     return sorted(rows, key=order)
 
 
-def _row_labels(cells: CellValues, row: _Row) -> tuple[str, str]:
+def _row_labels(cells: CellValues, row: TableRow) -> tuple[str, str]:
     attack = cells.key_label("attack", row.attack)
     return (cells.facts.label("dataset", row.dataset), f"Clean model: {attack}" if row.clean else attack)
 
 
-def _defense_for(cells: CellValues, row: _Row, group_key: str, first_none: str) -> str | None:
+def _defense_for(cells: CellValues, row: TableRow, group_key: str, first_none: str) -> str | None:
     """The defense key whose numbers fill this row x group (clean rows: only under No Defense)."""
     if row.clean:
         return CLEAN_MODEL if group_key == first_none else None
@@ -342,7 +342,7 @@ def _grid_table(*, key: str, title: str, cells: CellValues, groups: Sequence[str
     table = Table(key=key, title=title, index=("Dataset", "Attack"),
                   groups=tuple(ColumnGroup(cells.key_label("defense", g, group_labels),
                                            tuple(h for _s, _m, h in metrics)) for g in group_keys))
-    for row in _rows(cells, paper, with_clean):
+    for row in table_rows(cells, paper, with_clean):
         texts: list[str] = []
         for group in group_keys:
             defense = _defense_for(cells, row, group, first_none)
@@ -434,7 +434,7 @@ def asr_headline(cells: CellValues, n_failed: int = 0) -> Table:
                   index=("Dataset", "Attack", "Rule"),
                   groups=tuple(ColumnGroup(cells.key_label("defense", g), ("ASR ↓", "n"))
                                for g in group_keys))
-    for row in _rows(cells, None, with_clean=True):
+    for row in table_rows(cells, None, with_clean=True):
         attack = cells.base.get(row.attack, row.attack)
         metric = cells.facts.headline_metric(attack)
         texts: list[str] = []
@@ -498,6 +498,7 @@ class TableSet:
     tables: list[Table]
     paper_tables: list[Table]  # written separately, only for profiles other than the paper's
     cells: CellValues
+    paper: PaperTables = field(default_factory=dict)  # the paper's values, for ours / paper / Δ
 
 
 def build_tables(records: Sequence[Mapping], profile: str, paper: PaperTables,
@@ -515,4 +516,4 @@ def build_tables(records: Sequence[Mapping], profile: str, paper: PaperTables,
     papers: list[Table] = []
     if profile != PAPER_PROFILE:
         papers = [t for t in (paper_table(n, paper, cells.facts) for n in sorted(paper)) if t is not None]
-    return TableSet(tables=tables, paper_tables=papers, cells=cells)
+    return TableSet(tables=tables, paper_tables=papers, cells=cells, paper=paper)
