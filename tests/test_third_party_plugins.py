@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import inspect
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -155,3 +156,21 @@ def test_each_example_accepts_every_argument_its_protocol_declares(protocol, mod
         assert wanted <= offered, f"{name}.{member} lacks {sorted(wanted - offered)}"
         checked += 1
     assert checked >= 1
+
+
+GUIDES = {"adding-an-attack.md": "example_attack.py", "adding-a-defense.md": "example_defense.py",
+          "adding-a-metric.md": "example_metric.py", "adding-a-victim-profile.md": "example_victim.py",
+          "adding-a-dataset.md": "example_dataset.py"}
+
+
+@pytest.mark.parametrize("guide, example", sorted(GUIDES.items()))
+def test_each_guide_is_built_on_its_example(guide, example):
+    """A guide links the example this file runs, and every Python excerpt it shows is the
+    example's code, verbatim (so the guide cannot drift from what is tested)."""
+    text = (EXAMPLES.parent / "guides" / guide).read_text()
+    assert f"](../examples/{example})" in text
+    source = (EXAMPLES / example).read_text()
+    excerpts = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert excerpts
+    for excerpt in excerpts:
+        assert excerpt in source, f"{guide} shows code that {example} does not contain:\n{excerpt}"
