@@ -5,8 +5,9 @@
 :func:`resolve_precision` turn them into what the grid hands every stage through
 ``StageContext.device`` and ``StageContext.precision``.
 
-Plugins may import this module (it is part of the public surface, DESIGN.md §3): a tensor a plugin
-creates to combine with a victim's outputs belongs on :func:`victim_device` of that victim.
+Plugins reach :func:`victim_device` and the payload helpers through
+:mod:`vlmbackdoor_bench.plugin_api` (the public surface): a tensor a plugin creates to combine with
+a victim's outputs belongs on :func:`victim_device` of that victim.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ from tqdm.auto import tqdm
 
 @dataclass(frozen=True)
 class Recipe:
+    """The fine-tuning recipe of the built-in victims (spec/victim.md §A3): the defaults are the
+    benchmark's; a profile's ``finetune_recipe`` sets its budget (epochs, batch) and memory knobs."""
+
     epochs: int = 20  # spec/victim.md §A3 benchmark default
     batch_size: int = 300  # global batch (§A3)
     lr: float = 1e-4  # §A3
