@@ -120,7 +120,9 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
                                      select=select)
     timings["cleaning"] = time.perf_counter() - stage
     details["cleaning"] = {**cleaned.details, **({"generations": rewarder.generations,
-                                                  "generation_seconds": rewarder.seconds} if rewarder else {})}
+                                                  "generation_seconds": rewarder.seconds,
+                                                  "reward_evaluations": rewarder.reward_evaluations}
+                                                 if rewarder else {})}
     stage = time.perf_counter()
     refinetune_recipe = recipe
     if p["refinetune"] == "code":
