@@ -81,13 +81,15 @@ def test_the_checker_catches_stale_and_unmarked_numbers():
 
 
 def test_the_topic_pages_exist_and_the_narrative_page_is_gone():
-    assert sorted(p.stem for p in FINDINGS.glob("*.md")) == sorted(PAGES)
+    names = {p.stem for p in FINDINGS.glob("*.md")}
+    assert set(PAGES) <= names and "tiny-board" not in names
 
 
 def test_every_number_in_the_findings_matches_the_board():
     total, problems = 0, []
-    for page in PAGES:
-        checked, found = check_page((FINDINGS / f"{page}.md").read_text(encoding="utf-8"), BOARD_ROWS, page)
+    for path in sorted(FINDINGS.glob("*.md")):
+        page = path.stem
+        checked, found = check_page(path.read_text(encoding="utf-8"), BOARD_ROWS, page)
         assert checked >= 10, f"docs/findings/{page}.md states fewer than 10 board numbers"
         total += checked
         problems += found
