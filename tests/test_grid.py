@@ -130,7 +130,8 @@ def test_defenders_get_the_reserved_clean_split_and_the_dataset_source(grid, tmp
     assert (reserved.split, len(reserved)) == ("pretrain", 400)  # disjoint from fine-tuning
     assert not set(reserved.image_ids) & set(train.image_ids)
     assert context.dataset_source == "embedded-coco"
-    assert context.extras["recipe"].epochs == 3 and context.budget["finetune_epochs"] == 3
+    assert context.recipe.epochs == 3 and context.budget["finetune_epochs"] == 3
+    assert set(context.lexicon) >= {"banana", "apple", "cup"}  # the embedded world's, for VDC
 
 
 def test_rerun_reuses_the_store(grid):
