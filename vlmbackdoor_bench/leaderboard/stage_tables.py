@@ -65,7 +65,7 @@ def timing_table(records: Sequence[Mapping]) -> Table:
 
 def srd_table(records: Sequence[Mapping], facts: Facts) -> Table:
     """SRD's RL diagnostics per defended model (dataset-independent: the first dataset's record
-    of each attack x defense x preset x seed); columns: every number any record carries."""
+    of each attack x defense x preset x seed); columns: every number any record carries, by name."""
     seen: dict[tuple, Mapping] = {}
     for r in sorted((r for r in records if r.get("status") == "ok" and r["defense"] != CLEAN_MODEL),
                     key=lambda r: facts.rank("dataset", r["dataset"])):
@@ -73,7 +73,7 @@ def srd_table(records: Sequence[Mapping], facts: Facts) -> Table:
         key = (r["attack"], r["defense"], str(r.get("defense_preset")), r.get("seed"))
         if isinstance(values, Mapping) and values and key not in seen:
             seen[key] = values
-    names = list(dict.fromkeys(n for values in seen.values() for n in values))
+    names = sorted({n for values in seen.values() for n in values})  # results.csv keeps no order
     table = Table(key="srd_diagnostics", title="SRD diagnostics (RL stage)",
                   index=("Attack", "Defense", "Seed"), groups=(ColumnGroup("", tuple(names)),))
     for (attack, defense, _preset, seed) in sorted(seen, key=lambda k: (
