@@ -32,6 +32,7 @@ from ..types import EvalInputs, Split, sha256_of_ids, sha256_of_images
 from . import persist
 from .cells import CLEAN_MODEL, Cell, expand, resolve_params, validate_plugins
 from .dag import plan
+from .flops import fine_tune_throughput
 from .progress import GridProgress, recorded_seconds
 from .outcomes import RunSummary, versions, error_message, failed_result, git_commit, result_path
 from ..leaderboard.results import budget_difference
@@ -156,7 +157,8 @@ class GridRunner:
                                    progress="clean model")
             victim.lineage = {"stage": "clean_model", "base": base_entry.key}
             victim.save(tmp)
-            return {"log": log}
+            return {"log": log, "throughput": fine_tune_throughput(victim, persist.clean_training_set(train),
+                                                                   recipe, log, seed)}
 
         return self.derived_victim("clean_model", payload, build)
 
@@ -212,7 +214,7 @@ class GridRunner:
             victim.lineage = {"stage": "backdoor", "base": base_entry.key, "poison": poison_entry.key,
                               **({"start": payload["start"]} if "start" in payload else {})}
             victim.save(tmp)
-            return {"log": log}
+            return {"log": log, "throughput": fine_tune_throughput(victim, poisoned.training_set, recipe, log, seed)}
 
         victim, entry = self.derived_victim("backdoor", payload, build)
         return victim, entry, poison_entry
@@ -348,14 +350,16 @@ class GridRunner:
         if cell.defense == CLEAN_MODEL:
             victim, model_entry = self.clean_model(cell.seed)
             keys["clean_model"] = model_entry.key
-            timings["clean_model"] = {"seconds": model_entry.meta["seconds"], "cached": model_entry.cached}
+            timings["clean_model"] = {"seconds": model_entry.meta["seconds"], "cached": model_entry.cached,
+                                      **model_entry.meta.get("throughput", {})}
         else:
             defense = self.registry.defense(cell.defense)
             defense_preset, defense_params = resolve_params("defense", defense, self.config.defense_params.get(cell.defense, {}))
             defense_version = defense.version
             backdoored, backdoor_entry, poison_entry = self.backdoored(attack, attack_params, cell.seed)
             timings["poison"] = {"seconds": poison_entry.meta["seconds"], "cached": poison_entry.cached}
-            timings["backdoor"] = {"seconds": backdoor_entry.meta["seconds"], "cached": backdoor_entry.cached}
+            timings["backdoor"] = {"seconds": backdoor_entry.meta["seconds"], "cached": backdoor_entry.cached,
+                                   **backdoor_entry.meta.get("throughput", {})}
             victim, model_entry = self.defended(defense, defense_params, backdoored, backdoor_entry,
                                                 poison_entry, cell.seed)
             timings["defend"] = {"seconds": model_entry.meta["seconds"], "cached": model_entry.cached}
