@@ -17,7 +17,9 @@ from PIL import Image
 from vlmbackdoor_bench.diagnostics import binned_curve, defense_diagnostics, grid_matrix, mask_grid
 from vlmbackdoor_bench.leaderboard import build_leaderboards, long_form
 from vlmbackdoor_bench.leaderboard.figures import FIGURES
+from vlmbackdoor_bench.leaderboard.headline import headline_markdown
 from vlmbackdoor_bench.leaderboard.merge import read_long_form
+from vlmbackdoor_bench.leaderboard.tables import table_poison_rate
 from vlmbackdoor_bench.results_schema import CellResult
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,9 +252,17 @@ def test_chromium_sorts_a_column(board: Path, tmp_path: Path):
     assert [float(v) for v in descending if v != "-"] == sorted(numbers, reverse=True)
 
 
-def test_committed_board_and_readme_sizes():
+def test_committed_board_readme_headline_and_sizes():
+    """Both READMEs stay small; the project README's headline table and picture are the committed
+    board's (every number read back from its results.csv)."""
     board = REPO / "leaderboards" / PROFILE
     assert (board / "README.md").stat().st_size <= 10_000
-    assert (REPO / "README.md").stat().st_size <= 10_000
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(readme.encode()) <= 10_000
     names = {p.name for p in (board / "figures").iterdir()}
     assert names == {f"{f.name}.{ext}" for f, _draw in FIGURES for ext in ("png", "svg")}
+    records = read_long_form(board / "results.csv", PROFILE)
+    table = headline_markdown(records, table_poison_rate(records))
+    assert table.count("\n") == 2 + 6 and table in readme
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    assert pictures and all((REPO / p).is_file() for p in pictures)

@@ -45,7 +45,7 @@ class Figure:
         return f"{FIGURE_DIR}/{self.name}.{ext}"
 
 
-class _Board:
+class BoardMeans:
     """Means over seeds of the ok cells at one poison rate (the tables'), keyed by ids."""
 
     def __init__(self, records: Sequence[Mapping], poison_rate: float | None, facts: Facts):
@@ -109,7 +109,7 @@ def _panels(rows: int, cols: int, width: float, height: float):
     return fig, axes
 
 
-def asr_before_after(board: _Board) -> plt.Figure:
+def asr_before_after(board: BoardMeans) -> plt.Figure:
     """Rows datasets, columns defenses; per attack the headline ASR without and with the defense."""
     fig, axes = _panels(len(board.datasets), len(board.defenses), 2.3, 2.4)
     x = np.arange(len(board.attacks))
@@ -135,7 +135,7 @@ def asr_before_after(board: _Board) -> plt.Figure:
     return fig
 
 
-def tradeoff(board: _Board) -> plt.Figure:
+def tradeoff(board: BoardMeans) -> plt.Figure:
     """Per dataset: clean CIDEr lost to the defense (x) against the ASR left (y), one marker per
     defense and one point per attack."""
     fig, axes = _panels(1, len(board.datasets), 4.6, 3.8)
@@ -166,7 +166,7 @@ def tradeoff(board: _Board) -> plt.Figure:
     return fig
 
 
-def detection(board: _Board) -> plt.Figure:
+def detection(board: BoardMeans) -> plt.Figure:
     """Per defense: mean detection precision and recall and, for masking defenses, the share of
     the trigger masked (bars), with each attack's value as a dot."""
     measures = (("precision", "precision"), ("recall", "recall"), ("trigger_masked", "trigger masked"))
@@ -194,7 +194,7 @@ def detection(board: _Board) -> plt.Figure:
     return fig
 
 
-def srd_masks(board: _Board) -> plt.Figure:
+def srd_masks(board: BoardMeans) -> plt.Figure:
     """Rows masking defenses, columns attacks: the share of instances masking each grid block."""
     defenses = board.masking_defenses()
     fig, axes = _panels(len(defenses), len(board.attacks), 1.9, 1.9)
@@ -221,7 +221,7 @@ def srd_masks(board: _Board) -> plt.Figure:
     return fig
 
 
-def srd_rewards(board: _Board) -> plt.Figure:
+def srd_rewards(board: BoardMeans) -> plt.Figure:
     """Per attack: each RL defense's reward curve (means of equal runs of its training steps)."""
     fig, axes = _panels(1, len(board.attacks), 2.3, 2.4)
     for j, attack in enumerate(board.attacks):
@@ -246,7 +246,7 @@ def srd_rewards(board: _Board) -> plt.Figure:
     return fig
 
 
-FIGURES: tuple[tuple[Figure, Callable[[_Board], plt.Figure]], ...] = (
+FIGURES: tuple[tuple[Figure, Callable[[BoardMeans], plt.Figure]], ...] = (
     (Figure("asr_before_after", "ASR before → after, per defense and attack",
             "Headline ASR (rule strict; concept for Shadowcast) of the backdoored model without "
             "defense (grey) and after each defense (blue), per test dataset."), asr_before_after),
@@ -283,7 +283,7 @@ def write_figures(board_dir: Path, records: Sequence[Mapping], poison_rate: floa
     and the paths written."""
     folder = Path(board_dir) / FIGURE_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    board = _Board(records, poison_rate, facts)
+    board = BoardMeans(records, poison_rate, facts)
     figures, written = [], []
     with plt.rc_context({"svg.hashsalt": "vlmbackdoor-bench", "font.family": "DejaVu Sans"}):
         for figure, draw in FIGURES:
