@@ -63,6 +63,25 @@ def test_reward_curve_binned_and_srd_numbers_kept():
     assert defense_diagnostics({"details": {}, "mask_boxes": {}}) == {}
 
 
+def test_runner_report_form_with_srds_own_summary():
+    """What the runner reads back (persist.report_to_dict of the defense's report) with SRD's own
+    ``srd_rl`` summary: its numbers kept, its strings and lists left out, its curve binned."""
+    diagnostics = pytest.importorskip("vlmbackdoor_bench_plugins.defenses.srd.diagnostics",
+                                      reason="SRD plugin not installed")
+    from vlmbackdoor_bench.grid.persist import report_to_dict
+    from vlmbackdoor_bench.types import DefenseReport
+
+    log = {"step_rewards": [[4 * i, -1.0 + 0.05 * i] for i in range(60)], "timesteps": 240,
+           "states_visited": 37, "observations": 0}
+    summary = diagnostics.srd_rl_summary("dqn", log, {}, {"mask_entropy_bits": 2.5}, "clean model")
+    report = report_to_dict(DefenseReport(mask_boxes={"s1": SRD_BOX}, details={"srd_rl": summary}))
+    found = defense_diagnostics(report)
+    assert found["srd_rl"]["states_visited"] == 37.0 and found["srd_rl"]["mask_entropy_bits"] == 2.5
+    assert "algorithm" not in found["srd_rl"] and "reward_curve" not in found["srd_rl"]
+    assert list(found["reward_curve"].values()) == pytest.approx(summary["reward_curve"])
+    assert grid_matrix(found["mask_grid"])[0, 6:].tolist() == [100.0, 100.0]
+
+
 # ----------------------------------------------------------------------------- a small board
 def _record(dataset: str, attack: str, defense: str) -> dict:
     """A schema-2 cell record with numbers that differ per cell, timings and (SRD) diagnostics."""

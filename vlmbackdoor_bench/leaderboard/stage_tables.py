@@ -56,9 +56,8 @@ def timing_table(records: Sequence[Mapping]) -> Table:
         "Seconds a stage took when it was built; a cell that found it in the store records that "
         "build's time, so equal times of one stage are counted once (builds). *_wall: the cell's "
         "own evaluation time, cache lookups included.",
-        f"{timed} of {len(ok)} ok cells carry timings; stages a cell did not record are "
-        f"{NOT_RECORDED} (results written before every stage's time was kept in results.csv "
-        "have only the defend stage's).",
+        f"{timed} of {len(ok)} ok cells carry timings. Cells merged from a results.csv written "
+        "before every stage's time was kept in it carry only the defend stage's.",
     ]
     return table
 
