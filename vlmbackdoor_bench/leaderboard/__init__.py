@@ -5,8 +5,11 @@ The CLI's ``vbb report`` calls :func:`build_leaderboards`; ``vbb check`` calls
 
 Modules: :mod:`.results` (loading, long form), :mod:`.facts` (the plugins' labels, orders and
 directions, from the records), :mod:`.table_model` (the table every layout fills), :mod:`.tables`
-(layouts, paper values), :mod:`.defense_report`, :mod:`.render` (Markdown/CSV/LaTeX/HTML and
-README), :mod:`.check` (baselines), :mod:`.merge` (``results.csv`` back into records).
+(layouts, paper values), :mod:`.defense_report`, :mod:`.stage_tables` (per-stage timings, SRD's
+RL diagnostics), :mod:`.paper_layout` (Tables 1-3 with paper values and reference rows),
+:mod:`.figures` (matplotlib), :mod:`.page` (``index.html``), :mod:`.render` (Markdown/CSV/LaTeX/HTML,
+README, and writing it all), :mod:`.headline` (the project README's table), :mod:`.check`
+(baselines), :mod:`.merge` (``results.csv`` back into records).
 """
 
 from __future__ import annotations
@@ -53,12 +56,14 @@ def build_leaderboards(results_dir: Path, profile: str, out_dir: Path,
     Files go to ``<out_dir>/<profile>/`` (``out_dir`` is the ``leaderboards`` folder):
     ``results.csv``, ``table1``/``table2``/``table3`` (table3 only when it holds results),
     ``clean_inputs``, ``asr_headline`` as ``.md/.csv/.tex/.html``, ``paper_table{1,2,3}.md``
-    for profiles other than the paper's, and ``README.md``. ``paper_dir`` None means
+    for profiles other than the paper's, ``figures/*.png|svg``, the page ``index.html`` and
+    ``README.md``. ``paper_dir`` None means
     ``$VBB_SHARED_DIR/paper_tables`` or ``<repo>/../shared/paper_tables``; absent, no paper
     values are shown. ``declared``: the cells of the grid the results belong to, as
     (dataset, attack, defense, poison rate, seed); those without a result are listed in the README.
     ``records``: the results already loaded by the caller with :func:`load_results` (None: load
-    them here). Returns the paths written. Same results in, byte-identical files out.
+    them here). Returns the paths written. Same results in, byte-identical files out (figures: for
+    one matplotlib version).
     """
     if records is None:
         records = load_results(Path(results_dir), profile)

@@ -8,6 +8,7 @@ byte-stable for one matplotlib version: no dates in the SVG metadata, a fixed SV
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,8 +271,10 @@ def _save(fig: plt.Figure, folder: Path, name: str) -> list[Path]:
     written = []
     for ext in FORMATS:
         path = folder / f"{name}.{ext}"
+        partial = path.with_name(f".{path.name}.tmp")  # whole or not at all, as the tables
         metadata = {"Date": None} if ext == "svg" else {}
-        fig.savefig(path, dpi=DPI, bbox_inches="tight", metadata=metadata)
+        fig.savefig(partial, format=ext, dpi=DPI, bbox_inches="tight", metadata=metadata)
+        os.replace(partial, path)
         written.append(path)
     plt.close(fig)
     return written
