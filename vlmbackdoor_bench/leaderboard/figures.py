@@ -124,8 +124,9 @@ def asr_before_after(board: BoardMeans) -> plt.Figure:
             ax.bar(x + 0.2, [np.nan if v is None else v for v in after], 0.4, color=AFTER_COLOR,
                    label="defended")
             ax.set_ylim(0, 105)
-            ax.set_xticks(x, [board.label("attack", a) for a in board.attacks], rotation=60,
-                          fontsize=7, ha="right")
+            bottom = i == len(board.datasets) - 1  # attack names once, under the last row
+            ax.set_xticks(x, [board.label("attack", a) for a in board.attacks] if bottom else [],
+                          rotation=60, fontsize=7, ha="right")
             ax.tick_params(axis="y", labelsize=7)
             if i == 0:
                 ax.set_title(board.label("defense", defense), fontsize=9)
