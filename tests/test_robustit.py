@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.hookspecs import DefenseContext, StageContext
@@ -41,20 +42,16 @@ def caption_set(n: int = 8) -> TrainingSet:
     return TrainingSet(ImageBank(scenes(4)), [Example(str(i), i % 4, CAPTIONS[i % 4]) for i in range(n)])
 
 
-def to_float(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
-
-
 # ----------------------------------------------------------------------------- IDR: spatial
 def test_a_full_frame_crop_is_the_identity_and_a_partial_one_moves_a_corner_trigger():
     image = scenes(1)[0].copy()
     image[-20:, -20:] = 255  # a BadNet-like white corner patch
-    x = to_float(image)
-    assert torch.allclose(resized_crop(x, (0, 0, 224, 224)), x, atol=1e-5)
-    cropped = resized_crop(x, (0, 0, 150, 150))  # the top-left 150 px: the patch is cut away
-    assert cropped.shape == x.shape and float(cropped[:, -30:, -30:].min()) < 0.95
-    zoomed = resized_crop(x, (74, 74, 150, 150))  # keeps the patch, enlarged 224/150 times
-    white = (zoomed > 0.99).all(0)
+    picture = Image.fromarray(image)
+    assert np.array_equal(np.asarray(resized_crop(picture, (0, 0, 224, 224))), image)
+    cropped = np.asarray(resized_crop(picture, (0, 0, 150, 150)))  # the top-left 150 px: patch cut away
+    assert cropped.shape == image.shape and int(cropped[-30:, -30:].min()) < 240
+    zoomed = np.asarray(resized_crop(picture, (74, 74, 150, 150)))  # keeps it, enlarged 224/150 times
+    white = (zoomed > 250).all(-1)
     assert 25 <= int(white.sum(0).max()) <= 32  # 20 px -> ~30 px on a side
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -83,26 +80,27 @@ def test_colour_jitter_changes_colours_and_never_geometry():
 
 
 def test_hue_keeps_value_and_greys_and_rotates_primaries():
-    red, grey = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.4, 0.4, 0.4])
-    image = torch.stack([red, grey]).T[None, :, :, None]  # (1, 3, 2, 1): a red and a grey pixel
-    out = shift_hue(image, torch.tensor([1 / 3]))[0]
-    assert torch.allclose(out[:, 0, 0], torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)  # red -> green
-    assert torch.allclose(out[:, 1, 0], grey, atol=1e-6)
-    x = to_float(scenes(1)[0])[None]
-    assert torch.allclose(shift_hue(x, torch.tensor([0.25])).amax(1), x.amax(1), atol=1e-6)  # HSV value kept
-    assert torch.allclose(shift_hue(x, torch.tensor([0.0])), x, atol=1e-5)
+    pixels = np.array([[[255, 0, 0], [102, 102, 102]]], np.uint8)  # a red and a grey pixel
+    out = np.asarray(shift_hue(Image.fromarray(pixels), 1 / 3)).astype(int)
+    assert np.abs(out[0, 0] - [0, 255, 0]).max() <= 2  # red -> green
+    assert np.array_equal(out[0, 1], [102, 102, 102])
+    image = Image.fromarray(scenes(1)[0])
+    turned = np.asarray(shift_hue(image, 0.25)).astype(int)
+    assert np.abs(turned.max(-1) - np.asarray(image).astype(int).max(-1)).max() <= 1  # HSV value kept
+    assert np.abs(np.asarray(shift_hue(image, 0.0)).astype(int) - np.asarray(image)).max() <= 2
 
 
-def test_colour_jitter_with_zero_magnitudes_changes_nothing():
-    x = to_float(scenes(1)[0])[None]
+def test_colour_jitter_with_neutral_factors_changes_nothing_and_each_factor_its_own_property():
+    image = Image.fromarray(scenes(1)[0])
+    x = np.asarray(image).astype(int)
     zero = {"idr_brightness": 0.0, "idr_contrast": 0.0, "idr_saturation": 0.0, "idr_hue": 0.0}
     factors, order = jitter_draws(np.random.default_rng(0), zero)
     assert factors.tolist() == [1.0, 1.0, 1.0, 0.0] and sorted(order) == [0, 1, 2, 3]
-    assert torch.allclose(color_jitter(x, factors[None], order[None]), x, atol=1e-5)
-    darker = color_jitter(x, np.array([[0.5, 1.0, 1.0, 0.0]]), np.array([[0, 1, 2, 3]]))
-    assert torch.allclose(darker, x * 0.5, atol=1e-6)  # brightness alone scales every value
-    grey = color_jitter(x, np.array([[1.0, 1.0, 0.0, 0.0]]), np.array([[2, 0, 1, 3]]))
-    assert torch.allclose(grey[0, 0], grey[0, 1], atol=1e-6) and torch.allclose(grey[0, 1], grey[0, 2], atol=1e-6)
+    assert np.array_equal(np.asarray(color_jitter(image, factors, [0, 1, 2])), x)
+    darker = np.asarray(color_jitter(image, np.array([0.5, 1.0, 1.0, 0.0]), [0])).astype(int)
+    assert np.abs(darker - x * 0.5).max() <= 1  # brightness alone scales every value
+    grey = np.asarray(color_jitter(image, np.array([1.0, 1.0, 0.0, 0.0]), [2])).astype(int)
+    assert np.abs(grey - grey[..., :1]).max() <= 1  # saturation 0: every pixel grey
 
 
 # ----------------------------------------------------------------------------- IDR: text

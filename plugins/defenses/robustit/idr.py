@@ -14,13 +14,11 @@ from collections import Counter
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from PIL import Image, ImageEnhance
 
 # spec/robustit.md §2 textual (c): the instruction prefixes swapped for one another (UNVERIFIED)
 PROMPT_PHRASES = ("a photo of", "an image of", "a picture of", "a photograph of")
 TEXT_OPERATIONS = ("drop", "swap", "phrase")  # §2 textual (a), (b), (c)
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, torchvision's rgb_to_grayscale
 
 
 def random_resized_box(rng: np.random.Generator, size: int, scale: Sequence[float],
@@ -39,38 +37,10 @@ def random_resized_box(rng: np.random.Generator, size: int, scale: Sequence[floa
     return 0, 0, size, size  # a square frame: the clamped centre crop is the whole image
 
 
-def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
-    """The ``box`` of a float (3, H, W) image resized back to (H, W), bicubic (§2)."""
+def resized_crop(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """The ``box`` (top, left, height, width) of ``image`` resized back to its size, bicubic (§2)."""
     top, left, height, width = box
-    crop = image[None, :, top:top + height, left:left + width]
-    return F.interpolate(crop, size=tuple(image.shape[1:]), mode="bicubic", align_corners=False)[0]
-
-
-def grayscale(images: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) luma of float (N, 3, H, W) images in [0, 1]."""
-    weights = torch.tensor(GRAY_WEIGHTS, dtype=images.dtype)[:, None, None]
-    return (images * weights).sum(-3, keepdim=True)
-
-
-def blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """factor · image + (1 − factor) · other, one factor per image (N,), clamped to [0, 1]."""
-    f = factors[:, None, None, None]
-    return (f * images + (1.0 - f) * other).clamp(0.0, 1.0)
-
-
-def shift_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of float (N, 3, H, W) images in [0, 1] by ``shifts`` (N,) turns; HSV value
-    and saturation unchanged."""
-    r, g, b = images.unbind(-3)
-    value, low = images.amax(-3), images.amin(-3)
-    chroma = value - low
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue = torch.where(value == r, torch.remainder((g - b) / safe, 6.0),
-                      torch.where(value == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)) / 6.0
-    hue = torch.where(chroma > 0, torch.remainder(hue + shifts[:, None, None], 1.0), hue)
-    # HSV -> RGB: channel n in (5, 3, 1) is v - c * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0])[:, None, None] + 6.0 * hue[:, None], 6.0)
-    return value[:, None] - chroma[:, None] * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    return image.crop((left, top, left + width, top + height)).resize(image.size, Image.BICUBIC)
 
 
 def jitter_draws(rng: np.random.Generator, p: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -82,28 +52,25 @@ def jitter_draws(rng: np.random.Generator, p: Mapping[str, Any]) -> tuple[np.nda
     return np.array(factors), rng.permutation(4)
 
 
-def color_jitter(images: torch.Tensor, factors: np.ndarray, orders: np.ndarray) -> torch.Tensor:
-    """Float (N, 3, H, W) images, each jittered with its row of ``factors`` (N, 4) in its
-    ``orders`` (N, 4) of operations 0 brightness, 1 contrast, 2 saturation, 3 hue (§2); batched
-    over the images that take the same operation at the same position."""
-    images = images.clone()
-    factors = torch.as_tensor(factors, dtype=images.dtype)
-    for slot in range(4):
-        for operation in range(4):
-            rows = torch.as_tensor(np.flatnonzero(orders[:, slot] == operation))
-            if not len(rows):
-                continue
-            x, f = images[rows], factors[rows, operation]
-            if operation == 0:
-                x = blend(x, torch.zeros_like(x), f)
-            elif operation == 1:
-                x = blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True).expand_as(x), f)
-            elif operation == 2:
-                x = blend(x, grayscale(x).expand_as(x), f)
-            else:
-                x = shift_hue(x, f)
-            images[rows] = x
-    return images
+def shift_hue(image: Image.Image, shift: float) -> Image.Image:
+    """Rotate the hue by ``shift`` turns in 8-bit HSV, value and saturation kept (torchvision's
+    adjust_hue on PIL images)."""
+    hue, saturation, value = image.convert("HSV").split()
+    turned = (np.asarray(hue, dtype=np.int16) + int(shift * 255)) % 256
+    return Image.merge("HSV", (Image.fromarray(turned.astype(np.uint8), "L"), saturation, value)).convert("RGB")
+
+
+def color_jitter(image: Image.Image, factors: np.ndarray, order: np.ndarray) -> Image.Image:
+    """torchvision's ColorJitter on a PIL image: operations 0 brightness, 1 contrast,
+    2 saturation (PIL's ImageEnhance blends with black, the mean grey, the greyscale image),
+    3 hue, in ``order``, with ``factors`` (4,) (§2)."""
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for operation in order:
+        if operation < 3:
+            image = enhancers[operation](image).enhance(float(factors[operation]))
+        else:
+            image = shift_hue(image, float(factors[3]))
+    return image
 
 
 def perturb_text(instruction: str, rng: np.random.Generator, p: Mapping[str, Any]) -> tuple[str, str]:
@@ -138,25 +105,22 @@ class InputDiversity:
     def images(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) images, each spatially (p = idr_crop_p, then a flip with
         idr_flip_p) and in colour (p = idr_color_p) perturbed with its own draw."""
+        return np.stack([self.image(image) for image in images]) if len(images) else images
+
+    def image(self, image: np.ndarray) -> np.ndarray:
         p, rng = self.p, self.rng
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        jittered, draws = [], []
-        for i in range(len(x)):
-            if rng.random() < p["idr_crop_p"]:
-                x[i] = resized_crop(x[i], random_resized_box(rng, x.shape[-2], p["idr_crop_scale"],
-                                                             p["idr_crop_ratio"]))
-                self.counts["crop"] += 1
-            if rng.random() < p["idr_flip_p"]:
-                x[i] = x[i].flip(-1)
-                self.counts["flip"] += 1
-            if rng.random() < p["idr_color_p"]:
-                jittered.append(i)
-                draws.append(jitter_draws(rng, p))
-                self.counts["color"] += 1
-        if jittered:
-            factors, orders = (np.stack(d) for d in zip(*draws))
-            x[jittered] = color_jitter(x[jittered], factors, orders)
-        return (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        picture = Image.fromarray(np.ascontiguousarray(image))
+        if rng.random() < p["idr_crop_p"]:
+            box = random_resized_box(rng, picture.height, p["idr_crop_scale"], p["idr_crop_ratio"])
+            picture = resized_crop(picture, box)
+            self.counts["crop"] += 1
+        if rng.random() < p["idr_flip_p"]:
+            picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            self.counts["flip"] += 1
+        if rng.random() < p["idr_color_p"]:
+            picture = color_jitter(picture, *jitter_draws(rng, p))
+            self.counts["color"] += 1
+        return np.asarray(picture, dtype=np.uint8)
 
     def instruction(self, instruction: str) -> str:
         if self.rng.random() >= self.p["idr_text_p"]:
