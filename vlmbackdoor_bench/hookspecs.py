@@ -153,7 +153,8 @@ class Victim(Protocol):
 
     def save(self, directory: Path) -> None:
         """Write the trainable weights and metadata (``decoding``, ``lineage``) into
-        ``directory``, an empty directory the store commits atomically afterwards."""
+        ``directory``, an empty directory the store commits atomically afterwards (the name
+        ``meta.json`` there is the store's own)."""
 
     def save_full(self, directory: Path) -> None:
         """Write every weight, enough for :meth:`VictimProfile.load` (the base model)."""
