@@ -101,6 +101,31 @@ def test_stage_options_default_to_one_cpu_and_one_gpu_on_a_gpu_cluster():
         stage_options(parse_config({"executor": {"resources": {"train": {}}}}), "base", gpu_cluster=False)
 
 
+def test_workers_are_sized_for_the_largest_stage_and_as_many_as_the_cluster_holds():
+    from vlmbackdoor_bench.grid.ray_executor import pool_size, worker_shape
+    tasks = plan([Cell("tiny", "coco", "badnet", "none", 0.1, 0)], lambda name: SimpleNamespace())
+    asks = {"backdoor": {"num_cpus": 2.0, "num_gpus": 0.5}, "poison": {"num_cpus": 1.0, "num_gpus": 1.0}}
+    shape = worker_shape(tasks, lambda task: asks.get(task.kind, {"num_cpus": 1.0, "num_gpus": 0.0}))
+    assert shape == {"num_cpus": 2.0, "num_gpus": 1.0}
+    assert pool_size({"CPU": 16.0, "GPU": 4.0}, shape, n_tasks=100) == 4  # the GPUs bound it
+    assert pool_size({"CPU": 5.0, "GPU": 8.0}, shape, n_tasks=100) == 2  # the CPUs bound it
+    assert pool_size({"CPU": 16.0}, {"num_cpus": 1.0, "num_gpus": 0.0}, n_tasks=3) == 3  # no idle workers
+    assert pool_size({"CPU": 1.0}, {"num_cpus": 4.0}, n_tasks=3) == 1  # one worker, Ray waits for room
+
+
+def test_an_idle_worker_gets_the_ready_task_whose_models_it_holds():
+    from vlmbackdoor_bench.grid.ray_executor import assign
+    needs = {"cell a": ("defend a", "reference"), "cell b": ("defend b", "reference"), "poison c": ("base",)}
+    ran_on = {"defend a": 0, "defend b": 1, "reference": 1, "base": 1}
+    ready, idle = ["poison c", "cell a", "cell b"], [0, 1]
+    # worker 1 holds both of cell b's inputs; worker 0 then takes cell a (its defended model)
+    assert assign(ready, idle, needs, ran_on) == [(1, "cell b"), (0, "cell a")]
+    assert ready == ["poison c"] and idle == []
+    ready, idle = ["poison c", "cell a"], [0]
+    assert assign(ready, idle, needs, ran_on) == [(0, "cell a")]  # its defended model beats plan order
+    assert assign(["poison c"], [0, 1], needs, {}) == [(0, "poison c")]  # no affinity: first worker
+
+
 def test_without_ray_the_error_names_the_extra(monkeypatch, tmp_path):
     from vlmbackdoor_bench.grid.ray_executor import import_ray
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
@@ -138,7 +163,11 @@ def test_the_local_executor_never_imports_ray(tmp_path):
 def ray_cluster():
     if ray is None:
         pytest.skip("Ray is not installed: pip install 'vlmbackdoor-bench[ray]'")
+    import os
     from vlmbackdoor_bench.grid.ray_executor import WORKER_ENV
+    # Ray's memory monitor kills workers when the whole node is nearly full, which on a shared
+    # test machine is other jobs' doing; these tests need ~2 GB.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": WORKER_ENV})
     yield ray
@@ -171,6 +200,23 @@ def test_scheduling_overhead_per_stage_on_a_2000_cell_grid(ray_cluster, capsys):
         print(f"\nscheduling: {len(cells)} cells, {len(tasks)} stage tasks: local {local_seconds:.3f} s, "
               f"Ray {ray_seconds:.1f} s on 2 CPUs: {per_stage_ms:.2f} ms per stage")
     assert per_stage_ms < 50  # the issue's aim
+
+
+@needs_ray
+def test_stage_tasks_run_in_long_lived_workers(ray_cluster):
+    """Every task runs in one of the pool's 2 processes (what they load stays loaded)."""
+    import os
+    from vlmbackdoor_bench.grid.ray_executor import execute
+    config = parse_config({"benchmark": {"attacks": ["a0", "a1"], "defenses": ["d0", "d1"],
+                                         "datasets": ["coco", "flickr30k"]}})
+    tasks = plan(expand(config), lambda name: SimpleNamespace())
+
+    def compute(task, log):
+        return os.getpid()
+
+    outcomes = execute(tasks, compute, lambda task: {"num_cpus": 1.0}, max_retries=0, log=print)
+    assert set(outcomes) == {t.name for t in tasks} and len(set(outcomes.values())) == 2
+    assert os.getpid() not in outcomes.values()
 
 
 PLUGINS = '''

@@ -67,9 +67,13 @@ class GridProgress:
         self.workers = max(1, workers)
         self.recorded = dict(recorded or {})
         self.clock = clock
-        self.measured: dict[str, list[float]] = {}
+        self.measured: dict[str, list[float]] = {}  # kind -> seconds of its tasks that ended
+        self._sums: dict[str, float] = {}  # kind -> sum of measured, so an estimate is O(1)
         self.running: dict[str, float] = {}  # task name -> when it started
         self.done: set[str] = set()
+        self._left: dict[str, int] = {}  # kind -> tasks not done
+        for task in self.tasks.values():
+            self._left[task.kind] = self._left.get(task.kind, 0) + 1
         self.cells_ok = self.cells_failed = 0
         n_cells = sum(task.kind == "cell" for task in self.tasks.values())
         self.bar = tqdm(total=n_cells, desc="grid", unit="cell", file=file, dynamic_ncols=True)
@@ -116,7 +120,7 @@ class GridProgress:
     def expected(self, kind: str) -> float | None:
         """Seconds a task of ``kind`` is expected to take (None: nothing to go by)."""
         if self.measured.get(kind):
-            return fmean(self.measured[kind])
+            return self._sums[kind] / len(self.measured[kind])
         stages = RECORDED_AS[kind]
         if all(stage in self.recorded for stage in stages):
             return sum(self.recorded[stage] for stage in stages)
@@ -124,21 +128,17 @@ class GridProgress:
 
     def eta(self) -> float | None:
         """Seconds until every task has finished, or None when no kind has an estimate yet."""
-        left = [name for name in self.tasks if name not in self.done]
-        if not left:
+        if not any(self._left.values()):
             return 0.0
-        known = {kind: self.expected(kind) for kind in {self.tasks[n].kind for n in left}}
-        fallback = [v for v in (self.expected(k) for k in RECORDED_AS) if v is not None]
+        known = {kind: self.expected(kind) for kind in RECORDED_AS}
+        fallback = [v for v in known.values() if v is not None]
         if not fallback:
             return None
+        expected = {kind: fmean(fallback) if v is None else v for kind, v in known.items()}
         now = self.clock()
-        work = 0.0
-        for name in left:
-            expected = known[self.tasks[name].kind]
-            expected = fmean(fallback) if expected is None else expected
-            if name in self.running:
-                expected = max(0.0, expected - (now - self.running[name]))
-            work += expected
+        work = sum(n * expected[kind] for kind, n in self._left.items())
+        for name, started in self.running.items():  # charged only what is left of them
+            work -= min(expected[self.tasks[name].kind], now - started)
         return work / self.workers
 
     def status(self) -> str:
@@ -151,8 +151,10 @@ class GridProgress:
             return
         self.done.add(name)
         kind = self.tasks[name].kind
+        self._left[kind] -= 1
         if seconds is not None:
             self.measured.setdefault(kind, []).append(seconds)
+            self._sums[kind] = self._sums.get(kind, 0.0) + seconds
         if kind == "cell":
             if ok:
                 self.cells_ok += 1
