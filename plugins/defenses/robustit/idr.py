@@ -10,6 +10,7 @@ victim's normalisation; the caption is never touched.
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
@@ -101,6 +102,7 @@ class InputDiversity:
         self.p = params
         self.rng = np.random.default_rng([seed, 0x1D12])
         self.counts: Counter = Counter()
+        self.seconds = 0.0  # spent perturbing (the rest of a step's input time is encoding)
 
     def images(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) images, each spatially (p = idr_crop_p, then a flip with
@@ -131,5 +133,8 @@ class InputDiversity:
 
     def batch(self, examples: Sequence[Any], images: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """TrainingObjective.batch_inputs: a fresh draw for every sample of the step."""
+        started = time.perf_counter()
         self.counts["samples"] += len(examples)
-        return self.images(images), [self.instruction(e.instruction) for e in examples]
+        out = self.images(images), [self.instruction(e.instruction) for e in examples]
+        self.seconds += time.perf_counter() - started
+        return out
