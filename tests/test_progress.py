@@ -87,10 +87,11 @@ def test_a_local_cell_ends_its_upstream_tasks_with_the_stage_times_it_built():
                              "backdoor badnet seed0", "defend badnet none seed0", backdoored}
     assert progress.measured["poison"] == [3.0] and progress.measured["backdoor"] == [20.0]
     assert "defend" not in progress.measured  # it was cached: no measurement
-    assert progress.measured["cell"] == [50.0 - 3.0 - 20.0]  # the cell's own evaluation
+    assert progress.measured["cell"] == [2.0]  # the cell's own evaluation: the captions it built
+    assert progress.measured["base"] == [50.0 - 3.0 - 20.0 - 2.0]  # the rest of its wall time
     assert progress.cells_ok == 1
-    # left: the flickr reference (5 s recorded) and three cells at the measured 27 s
-    assert progress.eta() == pytest.approx(5 + 3 * 27)
+    # left: the flickr reference (5 s recorded) and three cells at the measured 2 s
+    assert progress.eta() == pytest.approx(5 + 3 * 2.0)
 
 
 def test_without_any_time_to_go_by_the_eta_is_unknown():

@@ -29,6 +29,7 @@ RECORDED_AS = {"base": ("base",), "clean_model": ("clean_model",), "reference": 
                "cell": ("captions", "scores", "captions", "scores")}
 # The cell result timings (runner.run_cell) that are upstream tasks' build times.
 TIMED_STAGES = ("clean_model", "poison", "backdoor", "defend")
+EVALUATION_STAGES = ("captions_", "scores_")  # a cell's own work: captions_clean, scores_triggered, ...
 
 
 def recorded_seconds(store_root: Path) -> dict[str, float]:
@@ -94,21 +95,21 @@ class GridProgress:
         self._refresh()
 
     def cell_finished_locally(self, name: str, ok: bool, timings: dict) -> None:
-        """A cell of the local loop ended: the upstream tasks it needed are done too, and the
-        stages it built (``timings``, its result file's) are measurements of their kinds."""
+        """A cell of the local loop ended: the upstream tasks it needed are done too. Its result
+        timings measure the stages it built, and its own evaluation (the captions and scores it
+        built); what is left of its wall time is the base victim's build, when it built that."""
         started = self.running.pop(name, None)
         built = {stage: t["seconds"] for stage, t in timings.items()
-                 if stage in TIMED_STAGES and isinstance(t, dict) and not t.get("cached", True)}
-        for upstream in self._ancestors(name):
-            if upstream not in self.done:
-                kind = self.tasks[upstream].kind
-                self._end(upstream, True, built.pop(kind, None))
+                 if isinstance(t, dict) and not t.get("cached", True) and "seconds" in t}
+        own = sum(seconds for stage, seconds in built.items() if stage.startswith(EVALUATION_STAGES))
         wall = timings.get("cell_wall")
         if wall is None and started is not None:
             wall = self.clock() - started
-        own = None if wall is None else max(0.0, wall - sum(
-            t["seconds"] for s, t in timings.items()
-            if s in TIMED_STAGES and isinstance(t, dict) and not t.get("cached", True)))
+        measured = {kind: built[kind] for kind in TIMED_STAGES if kind in built}
+        measured["base"] = None if wall is None else max(0.0, wall - sum(built.values()))
+        for upstream in self._ancestors(name):
+            if upstream not in self.done:
+                self._end(upstream, True, measured.get(self.tasks[upstream].kind))
         self._end(name, ok, own)
         self._refresh()
 
