@@ -166,7 +166,9 @@ def test_table2_pivots_values(results: Path, tmp_path: Path) -> None:
     header = list(next(iter(table.values())).keys())
     assert header[:5] == ["Dataset", "Attack", "No Defense / C ↑", "No Defense / SFS ↑",
                           "No Defense / ASR ↓"]
-    assert [h.split(" / ")[0] for h in header[2::3]] == ["No Defense", "ABL", "VDC", "CT", "SRD"]
+    # RobustIT is a Table 2 column (not in the SRD paper) even where it has no results
+    assert [h.split(" / ")[0] for h in header[2::3]] == ["No Defense", "ABL", "VDC", "CT", "SRD",
+                                                         "RobustIT (not in SRD paper)"]
     row = table[("COCO", "BadNet")]
     assert row["ABL / C ↑"] == f"{value('coco', 'badnet', 'abl', 'triggered', 'cider'):.1f}"
     assert row["SRD / ASR ↓"] == f"{value('coco', 'badnet', 'srd', 'triggered', 'asr_srd'):.1f}"
@@ -282,7 +284,7 @@ def test_table3_written_when_it_has_data(tmp_path: Path) -> None:
     # Table 2 grows a column group per extra defense, after SRD
     t2 = read_csv(folder / "table2.csv")
     groups = list(dict.fromkeys(h.split(" / ")[0] for h in t2[("COCO", "BadNet")] if " / " in h))
-    assert groups == ["No Defense", "ABL", "VDC", "CT", "SRD", "Random", "PPO"]
+    assert groups == ["No Defense", "ABL", "VDC", "CT", "SRD", "RobustIT (not in SRD paper)", "Random", "PPO"]
     # keep only cells Table 3 does not show (ABL, clean model): table3 disappears on rebuild
     for path in (root / PROFILE).glob("*.json"):
         if not any(f"-{d}-" in path.name for d in ("abl", "clean-model")):
