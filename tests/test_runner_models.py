@@ -55,7 +55,7 @@ def test_without_a_bound_every_model_stays_loaded():
 def test_a_defense_encodes_its_images_as_one_offs(monkeypatch, tmp_path):
     """The defend stage runs the defense inside the victim's one_off_images() block, so the
     token cache's disk tier is off during defend() and back on afterwards."""
-    from vlmbackdoor_bench.grid import runner as runner_module
+    from vlmbackdoor_bench.grid import persist
     from vlmbackdoor_bench.hookspecs import DefenseOutcome
     from vlmbackdoor_bench.types import DefenseReport
 
@@ -90,7 +90,7 @@ def test_a_defense_encodes_its_images_as_one_offs(monkeypatch, tmp_path):
     grid.defense_context = lambda backdoored, training_set, seed, workdir: SimpleNamespace(workdir=workdir)
     grid.store = SimpleNamespace(get_or_build=lambda stage, payload, build: (
         build(tmp_path), SimpleNamespace(key="defend-1", path=tmp_path))[1])
-    monkeypatch.setattr(runner_module.persist, "load_poisoned",
+    monkeypatch.setattr(persist, "load_poisoned",
                         lambda path, train: SimpleNamespace(training_set=None))
     grid.defended(Defense(), {}, victim, SimpleNamespace(key="b"), SimpleNamespace(path=tmp_path), 0)
     assert seen == [False] and cache.persist and saved == [tmp_path]

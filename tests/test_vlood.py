@@ -12,7 +12,7 @@ import torch
 
 from attack_helpers import make_split
 from vlmbackdoor_bench.errors import VbbError
-from vlmbackdoor_bench.grid import persist, runner as runner_module
+from vlmbackdoor_bench.grid import persist
 from vlmbackdoor_bench.grid.runner import GridRunner
 from vlmbackdoor_bench.hookspecs import StageContext
 from vlmbackdoor_bench.victims.tiny import TinyArch, TinyVictim, build_model
@@ -220,7 +220,7 @@ def grid_with_fakes(monkeypatch, tmp_path):
 
     grid.derived_victim = derived_victim
     poisoned = SimpleNamespace(training_set="paired set", poisoned_ids={"x#1"})
-    monkeypatch.setattr(runner_module.persist, "load_poisoned", lambda path, train: poisoned)
+    monkeypatch.setattr(persist, "load_poisoned", lambda path, train: poisoned)
     original_clone = FakeVictim.clone
     monkeypatch.setattr(FakeVictim, "clone", lambda self: built.setdefault("victim", original_clone(self)))
     return grid, built, clean, poisoned
