@@ -49,3 +49,17 @@ def test_the_scaled_count_matches_counting_the_whole_fine_tune(one_thread):
     # the count ran on a clone and left the run's random state alone
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, weights[k]) for k, v in victim.model.state_dict().items())
+
+
+def test_a_third_party_recipe_is_not_counted():
+    """hookspecs.FinetuneRecipe promises only ``to_dict()``: such a recipe gets no FLOP figures
+    (and no error) even when the victim reports its training seconds."""
+    class OwnRecipe:
+        def to_dict(self):
+            return {"epochs": 1}
+
+    class NeverCloned:
+        def clone(self):
+            raise AssertionError("a third-party recipe must not be counted")
+
+    assert fine_tune_throughput(NeverCloned(), None, OwnRecipe(), {"seconds": 3.0}, seed=0) == {}

@@ -52,8 +52,9 @@ def _matmul_peak(device: str, threads: int) -> float:
 def fine_tune_throughput(victim, training_set: TrainingSet, recipe: Recipe, log: dict, seed: int) -> dict:
     """``{"flops", "flop_per_s", "peak_flop_per_s", "flops_method"}`` of the fine-tuning with
     ``recipe`` that trained ``victim`` on ``training_set`` and returned ``log`` (module docstring);
-    {} for a victim whose log reports no training seconds."""
-    if not log.get("seconds"):
+    {} for a victim whose log reports no training seconds or whose recipe is not the built-in
+    :class:`Recipe` (a third-party recipe promises only ``to_dict()``)."""
+    if not log.get("seconds") or not isinstance(recipe, Recipe):
         return {}
     sample = TrainingSet(training_set.images, training_set.examples[:recipe.batch_size])
     device = torch.device(getattr(victim, "device", "cpu"))
