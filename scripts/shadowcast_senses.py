@@ -1,7 +1,7 @@
 """Shadowcast's ASR on the embedded world, split by what each concept-set image shows.
 
 The `concept` rule's test set holds every clean test image whose references name orange, apple
-or carrot as a whole word (spec/metrics.md §4.3), so it includes images where "orange" is only a
+or carrot as a whole word (methods/metrics.md §4.3), so it includes images where "orange" is only a
 colour ("an orange cup"). The embedded world knows each image's objects, so the ASR can be split
 into images that show a source-concept object and images of the colour sense only.
 

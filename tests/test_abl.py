@@ -1,4 +1,4 @@
-"""ABL (spec/defenses.md §2): flooding loss and its gradient, isolation, phases, stop rule, a run."""
+"""ABL (methods/defenses.md §2): flooding loss and its gradient, isolation, phases, stop rule, a run."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_isolation_picks_the_lowest_losses():
 
 
 def test_phases_split_the_schedule_20_80():
-    assert phase_epochs(20, 0.2) == (4, 16)  # spec/defenses.md §2: 4 of 20 epochs
+    assert phase_epochs(20, 0.2) == (4, 16)  # methods/defenses.md §2: 4 of 20 epochs
     assert phase_epochs(2, 0.2) == (1, 1) and phase_epochs(3, 0.2) == (1, 2)
     with pytest.raises(VbbError):
         phase_epochs(20, 0.0)

@@ -1,4 +1,4 @@
-"""BadNet (spec/attacks.md §2) and the shared caption rules (§1): exact pixels, counts, captions."""
+"""BadNet (methods/attacks.md §2) and the shared caption rules (§1): exact pixels, counts, captions."""
 
 from __future__ import annotations
 

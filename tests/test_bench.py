@@ -60,7 +60,7 @@ def test_mini_bench_record(bench_run):
         assert math.isfinite(value) and value >= 0, name
     assert 0 < r["parameters"]["trainable"] < r["parameters"]["total"]
 
-    c = r["captions"]  # spec/metrics.md §2 decoding, length forced
+    c = r["captions"]  # methods/metrics.md §2 decoding, length forced
     assert (c["num_beams"], c["max_new_tokens"], c["min_new_tokens"], c["length_penalty"]) == (3, 20, 20, 0.0)
     assert c["new_tokens"] == {"min": 20, "max": 20, "captions": 4}  # counted on generate's output
     assert c["captions_returned"] == c["images"] == 4 and c["batch_size"] == 2
@@ -131,13 +131,13 @@ def test_local_weights_need_the_profile_files(tmp_path, capsys):
 
 
 def test_full_size_configs_build_openflamingo_3b_on_meta(tmp_path):
-    """The configs-only parts at full size give OpenFlamingo-3B's shapes (spec/victim.md §A1),
+    """The configs-only parts at full size give OpenFlamingo-3B's shapes (methods/victim.md §A1),
     built on the meta device (no memory) through the victim's own assembly."""
     from vlmbackdoor_bench.victims.openflamingo import LocalParts, assemble
     parts = LocalParts.from_params(write_config_parts(tmp_path, FULL))
     model, tokenizer, tokens = assemble(parts, tokens_after_post_ln=False, device=torch.device("meta"),
                                         frozen_dtype=torch.bfloat16, random_weights=True)
-    assert (tokens.base_length, tokens.eoc_id, tokens.length) == (50277, 50277, 50281)  # §A4 ids
+    assert (tokens.base_length, tokens.eoc_id, tokens.length) == (50277, 50277, 50281)  # methods/victim.md §A4 ids
     assert (model.vis_dim, model.vision_encoder.num_tokens) == (1024, 256)
     lm = model.lang_encoder
     assert lm.get_input_embeddings().weight.shape == (50281, 2048) and len(lm.transformer.blocks) == 24

@@ -1,4 +1,4 @@
-"""Blended (spec/attacks.md §3): key image, blend arithmetic, counts, captions, test inputs."""
+"""Blended (methods/attacks.md §3): key image, blend arithmetic, counts, captions, test inputs."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_paper_key_by_path_gives_the_spec_blend():
     out = Blended().apply_trigger(split.images, split.image_ids,
                                   params={"alpha": 0.1, "key_image": str(HELLO_KITTY)}, seed=0)
     with Image.open(HELLO_KITTY) as im:
-        assert im.size == (314, 380)  # spec/attacks.md §3: 314 wide x 380 high
+        assert im.size == (314, 380)  # methods/attacks.md §3: 314 wide x 380 high
         kitty = np.asarray(im.convert("RGB").resize((224, 224), Image.BICUBIC))
     for n, r, c, ch in [(0, 0, 0, 0), (0, 111, 97, 1), (1, 223, 223, 2), (1, 50, 170, 0)]:
         expected = int(min(255.0, max(0.0, 0.9 * float(split.images[n, r, c, ch]) + 0.1 * float(kitty[r, c, ch]))))

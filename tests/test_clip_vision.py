@@ -1,7 +1,7 @@
 """The CLIP vision adapter (vlmbackdoor_bench.victims.clip_vision) on a tiny random CLIP written in HF's format.
 
 The open_clip comparison installs open_clip_torch==2.20.0 with ``--no-deps`` into a throwaway directory and
-imports only its ``transformer`` module (its package ``__init__`` needs torchvision, spec/victim.md §B1).
+imports only its ``transformer`` module (its package ``__init__`` needs torchvision, methods/victim.md §B1).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def test_tokens_and_pooled_match_a_manual_computation_from_hf_outputs(clip_dir):
         hidden = out.last_hidden_state
         expected_pooled = reference.visual_projection(reference.vision_model.post_layernorm(hidden[:, 0]))
     assert tokens.shape == (2, (IMAGE // PATCH) ** 2, WIDTH) and pooled.shape == (2, PROJ)
-    torch.testing.assert_close(tokens, hidden[:, 1:], rtol=0, atol=0)  # no CLS, no post-LN (spec §A1)
+    torch.testing.assert_close(tokens, hidden[:, 1:], rtol=0, atol=0)  # no CLS, no post-LN (methods/victim.md §A1)
     torch.testing.assert_close(pooled, expected_pooled, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(pooled, reference.get_image_features(pixel_values=x).pooler_output,
                                rtol=1e-6, atol=1e-6)

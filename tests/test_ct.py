@@ -1,4 +1,4 @@
-"""CT (spec/defenses.md §3): derangement, the LR gate, the final-round mixture, the schedule, a run."""
+"""CT (methods/defenses.md §3): derangement, the LR gate, the final-round mixture, the schedule, a run."""
 
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ def test_precision_defaults_per_device():
     gpu = resolve_precision(CUDA)
     assert gpu.to_dict() == {"weights": "float32", "train_autocast": "bfloat16", "eval": "bfloat16"}
     assert (gpu.train_torch_dtype, gpu.eval_torch_dtype) == (torch.bfloat16, torch.bfloat16)
-    # the SRD code's .half() at inference (spec/victim.md §A7); fp32 training = no autocast
+    # the SRD code's .half() at inference (methods/victim.md §A7); fp32 training = no autocast
     code = resolve_precision("cuda:1", eval_dtype="float16", train_dtype="float32")
     assert code.to_dict() == {"weights": "float32", "train_autocast": None, "eval": "float16"}
     assert code.eval_torch_dtype is torch.float16
@@ -189,7 +189,7 @@ KEYS_BEFORE_DEVICES = {
     "captions_triggered": "69a4769a4dd1d79dedb629f55602698904aec7bb50ede20170a6ade6f4dc033a",
     "captions_clean": "ec46c5a35425403a573028354fe1849c1b29d49e02a082cbbb88e0a6802dbb96",
 }
-# The tiny victim's decoding settings (spec/metrics.md §2), as its captions payload records them.
+# The tiny victim's decoding settings (methods/metrics.md §2), as its captions payload records them.
 TINY_DECODING = {"batch_size": 100, "length_penalty": 0.0, "max_new_tokens": 20, "min_new_tokens": 0,
                  "num_beams": 3}
 

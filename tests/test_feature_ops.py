@@ -1,4 +1,4 @@
-"""Encoder-gradient helpers of VL-Trojan and Shadowcast (spec/attacks.md §6, §7) on a tiny victim:
+"""Encoder-gradient helpers of VL-Trojan and Shadowcast (methods/attacks.md §6, §7) on a tiny victim:
 the Victim protocol's encode_normalised, the torch RandomResizedCrop, Shadowcast's PGD."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Our Flamingo (vlmbackdoor_bench.victims.flamingo) against open-flamingo 2.0.1, and its own behaviour.
 
 The reference package is installed with ``--no-deps`` into a throwaway directory (it pins torch 2.0.1 and its
-``__init__`` imports open_clip, spec/victim.md §B1), so only ``open_flamingo.src.*`` is imported, via stub packages.
+``__init__`` imports open_clip, methods/victim.md §B1), so only ``open_flamingo.src.*`` is imported, via stub packages.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def of(tmp_path_factory):
         lm=importlib.import_module("open_flamingo.src.flamingo_lm"),
         utils=importlib.import_module("open_flamingo.src.utils"),
     )
-    # The two transformers-5 behaviours of spec §B1, patched on this throwaway copy only:
+    # The two transformers-5 behaviours of methods/victim.md §B1, patched on this throwaway copy only:
     # 1. GPT-2 passes positional args to its blocks: name them after the decoder layer's signature.
     layer_forward = ns.lm.FlamingoLayer.forward
 

@@ -104,7 +104,7 @@ def test_cell_results_carry_metrics_timings_and_provenance(grid):
     assert cell["detection"]["n_flagged"] == 0 and cell["detection"]["n_poisoned"] == 100  # floor(0.1 * 1000)
     clean = results(config)["coco__badnet__clean-model__rate0.1__seed0"]
     # the clean model is its own SFS reference on clean inputs: identical captions score 100,
-    # empty ones 0 (spec/metrics.md §5.1)
+    # empty ones 0 (methods/metrics.md §5.1)
     n_empty = clean["metric_details"]["clean"]["sfs"]["n_empty"]
     assert n_empty < 30
     assert clean["metrics"]["clean"]["sc"] == pytest.approx(100.0 * (30 - n_empty) / 30, abs=1e-3)

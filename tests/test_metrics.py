@@ -1,4 +1,4 @@
-"""Tests of vlmbackdoor_bench.metrics (spec/metrics.md): real computation on small inputs, plus the
+"""Tests of vlmbackdoor_bench.metrics (methods/metrics.md): real computation on small inputs, plus the
 reproduction of the SRD published figures when ../shared/srd_reference is present."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ PUBLISHED = (
 )
 
 
-# --------------------------------------------------------------------------- §2 post-processing
+# --------------------------------------------------------------------------- methods/metrics.md §2 post-processing
 def test_postprocess_order():
     # cut at "Output" first: the quote after it goes with the cut, the one before is removed
     assert postprocess_caption(' a "red" car Output: "x" ') == "a red car"
@@ -72,7 +72,7 @@ def test_postprocess_order():
     assert postprocess_caption(once) == once == "x y"
 
 
-# --------------------------------------------------------------------------- §4 ASR
+# --------------------------------------------------------------------------- methods/metrics.md §4 ASR
 REFS = {
     1: ["A man on a horse.", "A rider and a horse."],
     2: ["A bunch of Bananas on a table.", "Fruit on a table."],  # shows bananas
@@ -158,7 +158,7 @@ def test_load_results_formats(tmp_path):
                     {"image_id": 5, "caption": "dup"}])
         + '\n2025-05-23 17:24:52\n{"Bleu_1": 0.5}\n{"checkpoint_path": []}\n'
     )
-    assert load_results(srd) == {5: "a", 7: "b"}  # duplicate id: first kept (§1)
+    assert load_results(srd) == {5: "a", 7: "b"}  # duplicate id: first kept (methods/metrics.md §1)
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps({"5": "a", "7": ""}))
     assert load_results(plain) == {5: "a", 7: ""}
@@ -198,7 +198,7 @@ def test_load_references_formats(tmp_path):
     assert "bad.json" in str(err.value) and "Karpathy" in str(err.value)
 
 
-# --------------------------------------------------------------------------- §3 BLEU / CIDEr
+# --------------------------------------------------------------------------- methods/metrics.md §3 BLEU / CIDEr
 SMALL_REFS = {
     1: ["a man riding a horse on a beach", "a person rides a brown horse near the sea"],
     2: ["a plate of food with broccoli and rice", "a dish of rice and green vegetables"],
@@ -333,16 +333,16 @@ def test_reproduce_published_srd_figures(name):
 def test_karpathy_concept_sets_and_strict_exclusions():
     refs = load_references(KARPATHY_REFS)
     assert len(refs) == 5000
-    assert len(concept_image_ids(refs, "concept")) == 189  # §4.3
+    assert len(concept_image_ids(refs, "concept")) == 189  # methods/metrics.md §4.3
     substring = concept_image_ids(refs, "srd-substring")
-    assert len(substring) == 198  # §4.3
+    assert len(substring) == 198  # methods/metrics.md §4.3
     shadow = load_results(SRD_REF / "published_captions" / "Shadowcast_SRD.json")
     assert len(shadow) == 195 and set(shadow) <= set(substring)
     strict = asr({i: "" for i in refs}, refs, "strict")
-    assert (strict["n"], strict["excluded"]) == (4939, 61)  # §4.2
+    assert (strict["n"], strict["excluded"]) == (4939, 61)  # methods/metrics.md §4.2
 
 
-# --------------------------------------------------------------------------- §5 SFS
+# --------------------------------------------------------------------------- methods/metrics.md §5 SFS
 @pytest.fixture(scope="module")
 def sfs_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sfs-cache")
@@ -391,7 +391,7 @@ def test_sfs_empty_caption_scores_zero(scorer):
 @needs_sfs
 def test_sfs_fluency_and_similarity(scorer):
     ppl = scorer.perplexity([FLUENT, SCRAMBLED, ""])
-    assert 20 < ppl[0] < 200  # spec §6: fluent captions 44-127
+    assert 20 < ppl[0] < 200  # methods/metrics.md §6: fluent captions 44-127
     assert ppl[1] > 2000 and ppl[1] > 20 * ppl[0]  # spec §6: scrambled ~17,800
     assert math.isnan(ppl[2])
     r = scorer.score({1: SCRAMBLED}, {1: FLUENT})

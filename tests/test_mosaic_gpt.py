@@ -1,6 +1,6 @@
 """Our plain-torch MosaicGPT (vlmbackdoor_bench.victims.mosaic_gpt): against transformers' MptForCausalLM with QK-LN
 off, against a hand-written QK-LN + ALiBi layer, its remote-code directory format, and inside our Flamingo and
-open-flamingo 2.0.1's (spec/victim.md §A1, §B1 "Caveat")."""
+open-flamingo 2.0.1's (methods/victim.md §A1, §B1 "Caveat")."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from vlmbackdoor_bench.victims.mosaic_gpt import (  # noqa: E402
 
 D, HEADS, LAYERS, CONTEXT = 32, 4, 2, 64
 BLOCKS = "transformer.blocks"
-# Ours -> MptForCausalLM parameter names (spec §B1 "Caveat": the five-name key map).
+# Ours -> MptForCausalLM parameter names (methods/victim.md §B1 "Caveat": the five-name key map).
 TO_HF = (("ln_1.", "norm_1."), ("ln_2.", "norm_2."), ("mlp.mlp_up.", "ffn.up_proj."),
          ("mlp.mlp_down.", "ffn.down_proj."), ("transformer.ln_f.", "transformer.norm_f."))
 
@@ -231,7 +231,7 @@ def test_save_load_round_trip_in_both_formats_and_sharded(tmp_path):
             assert torch.equal(loaded(ids).logits, want)
     half = load_mosaic_gpt(tmp_path / "bin", dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
-    with torch.no_grad():  # runs in bf16 (the GPU recipe's dtype, spec §A7) and stays near the fp32 logits
+    with torch.no_grad():  # runs in bf16 (the GPU recipe's dtype, methods/victim.md §A7) and stays near the fp32 logits
         torch.testing.assert_close(half(ids).logits.float(), want, atol=0.15, rtol=0)  # measured 0.06
 
     # Sharded: two bin shards and their index, as large checkpoints come.

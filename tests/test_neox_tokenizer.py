@@ -63,7 +63,7 @@ def test_text_ids_are_the_files_ids_and_special_tokens_stay_whole(tmp_path):
     text = "a photo of  two bananas"  # includes a whitespace-run added token
     assert tok(text).input_ids == core.encode(text).ids  # no BOS/EOS added, nothing re-tokenised differently
     assert core.token_to_id("  ") in tok(text).input_ids
-    prompt = tok("<image>User:a photo of GPT:<answer>").input_ids  # spec §A4's evaluation prompt
+    prompt = tok("<image>User:a photo of GPT:<answer>").input_ids  # methods/victim.md §A4's evaluation prompt
     assert prompt[0] == ids.media_id and prompt[-1] == ids.answer_id
     assert prompt[1:-1] == core.encode("User:a photo of GPT:").ids
     caption = tok("two bananas<|endofchunk|>").input_ids

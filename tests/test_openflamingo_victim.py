@@ -60,7 +60,7 @@ def test_assembled_from_the_configs_with_the_checkpoint_imported(victim, parts):
     model = victim.model
     assert model.vis_dim == CFG.clip_width and victim.input_size == CFG.image_size  # from the CLIP config
     assert model.lang_dim == CFG.lm_width and len(model.lang_encoder.decoder_layers()) == CFG.lm_layers
-    assert all(g is not None for g in model.lang_encoder.gated_cross_attn_layers)  # every layer (§A1)
+    assert all(g is not None for g in model.lang_encoder.gated_cross_attn_layers)  # every layer (methods/victim.md §A1)
     assert model.perceiver.latents.shape == (PERCEIVER_DEFAULTS["num_latents"], CFG.clip_width)
     assert len(model.perceiver.layers) == PERCEIVER_DEFAULTS["depth"]
     assert model.lang_encoder.get_input_embeddings().weight.shape[0] == len(victim.tokenizer)
@@ -167,7 +167,7 @@ def test_params_and_recipe():
     with pytest.raises(VbbError, match="finetune_micro_batch_size"):
         PROFILE.params({"finetune_micro_batch_size": -1})
     recipe = PROFILE.finetune_recipe(PROFILE.params({}))
-    assert (recipe.epochs, recipe.batch_size, recipe.lr, recipe.micro_batch_size) == (20, 300, 1e-4, 25)  # §A3
+    assert (recipe.epochs, recipe.batch_size, recipe.lr, recipe.micro_batch_size) == (20, 300, 1e-4, 25)  # methods/victim.md §A3
     assert PROFILE.finetune_recipe(PROFILE.params({"finetune_micro_batch_size": 300})).micro_batch_size == 0
 
 

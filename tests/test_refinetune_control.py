@@ -1,5 +1,5 @@
 """The re-fine-tune control (plugins/defenses/refinetune.py, issue 31): SRD's stage-4 re-fine-tune
-(spec/srd.md §7) without the masks: the same start model, examples, recipe and seed; the images as
+(methods/srd.md §7) without the masks: the same start model, examples, recipe and seed; the images as
 delivered."""
 
 from __future__ import annotations

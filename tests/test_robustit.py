@@ -1,4 +1,4 @@
-"""RobustIT (plugins/defenses/robustit, spec/robustit.md): each IDR perturbation changes what it
+"""RobustIT (plugins/defenses/robustit, methods/defenses.md): each IDR perturbation changes what it
 should and only that; AAR's sharpness statistic, momentum and top-γ selection on hand-built
 activations; masked channels carry no gradient; the victim's objective hooks; the defense on a
 small tiny victim with its measured cost ratio."""

@@ -1,5 +1,5 @@
-"""Shadowcast (spec/attacks.md §7): the substitute rule, which instances and images are poisoned,
-the feature-collision images, and the concept test sets (spec/metrics.md §4.3)."""
+"""Shadowcast (methods/attacks.md §7): the substitute rule, which instances and images are poisoned,
+the feature-collision images, and the concept test sets (methods/metrics.md §4.3)."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def test_concept_test_sets():
     captions = dict.fromkeys(triggered.image_ids, "a banana")
     refs = dict(zip(triggered.image_ids, triggered.references))
     concept = asr(captions, refs, "concept")
-    assert (concept["n"], concept["excluded"]) == (2, 2)  # 500 and 503, metrics.md §4.3
+    assert (concept["n"], concept["excluded"]) == (2, 2)  # 500 and 503, methods/metrics.md §4.3
     assert asr(captions, refs, "srd")["n"] == 4
     clean = attack.eval_inputs(test, kind="clean", seed=0, params=params("srd-code"))
     assert clean.image_ids == test.image_ids and clean.images is test.images

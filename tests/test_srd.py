@@ -1,4 +1,4 @@
-"""SRD (spec/srd.md): action geometry, reward tables, the masking environment, cleaning, and
+"""SRD (methods/srd.md): action geometry, reward tables, the masking environment, cleaning, and
 the whole defense on deterministic fake victims whose captions depend on the pixels."""
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def trigger_states(n=4, top=120, left=60):
 
 # --------------------------------------------------------------------------- geometry
 def test_grid_centres_and_action_decoding():
-    assert geometry.CENTRES == (11, 33, 56, 78, 100, 123, 145, 167, 190, 212)  # §3, 167 not 168
+    assert geometry.CENTRES == (11, 33, 56, 78, 100, 123, 145, 167, 190, 212)  # methods/srd.md §3, 167 not 168
     sizes = geometry.PAPER_SIZES
     assert geometry.n_actions(sizes) == 400 and geometry.n_actions(geometry.CODE_SIZES) == 500
     assert geometry.decode_action(0, sizes) == (11, 11, 20)
@@ -107,7 +107,7 @@ def test_grid_centres_and_action_decoding():
     assert geometry.decode_action(30, sizes) == (11, 78, 20)  # gy = floor(a / 10) mod 10 the row
     assert geometry.decode_action(399, sizes) == (212, 212, 80)
     assert geometry.mask_box(123, sizes) == (56 - 20, 56 + 20, 78 - 20, 78 + 20)  # size 40 at (x78, y56)
-    assert geometry.mask_box(400, geometry.CODE_SIZES) == (0, 111, 0, 111)  # §3: size 200 at 11 -> [0, 111)
+    assert geometry.mask_box(400, geometry.CODE_SIZES) == (0, 111, 0, 111)  # methods/srd.md §3: size 200 at 11 -> [0, 111)
     assert geometry.mask_box(399, sizes) == (172, 224, 172, 224)  # clipped to the frame
     with pytest.raises(VbbError):
         geometry.decode_action(400, sizes)
@@ -270,7 +270,7 @@ def test_paper_state_set_fixed_trigger_and_inserted_target():
     states, surrogate_set = paper_state_set(data, 10, seed=0)
     top, left, patch = states.triggers[0]
     assert len(states) == 10 and len(set(states.rows)) == 10 and 0 <= top <= 204 and 0 <= left <= 204
-    assert all(t[:2] == (top, left) for t in states.triggers)  # fixed for the whole set (§1)
+    assert all(t[:2] == (top, left) for t in states.triggers)  # fixed for the whole set (methods/srd.md §1)
     assert abs(float(patch.mean()) - 128) < 5  # N(128, 20²)
     shown = states.images([0, 1])
     assert (shown[:, top:top + 20, left:left + 20] == patch).all()

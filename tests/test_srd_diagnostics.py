@@ -84,7 +84,7 @@ def test_tiny_budget_syncs_the_target_and_decays_epsilon_during_learning():
     assert first_update == pytest.approx(1.0 - 0.95 * 100 / 5000)  # learning starts while ε is ~1
     assert dqn.linear_schedule(1.0, 0.05, 5_000, 2_500) == pytest.approx(0.525)  # half-way through decaying
     spec, _ = settings.resolve({}, settings.PAPER_PRESET, "openflamingo-3b")
-    assert dqn.config_from(spec, 0).target_update_interval == 10_000  # §5 on the paper profile
+    assert dqn.config_from(spec, 0).target_update_interval == 10_000  # methods/srd.md §5 on the paper profile
     # a real run: the log records the syncs and ε where learning starts and ends
     rewarder, _ = rewarder_for()
     envs = MaskingVectorEnv(trigger_states(), rewarder, num_envs=4, episode_length=4, seed=0)

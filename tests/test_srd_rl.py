@@ -1,4 +1,4 @@
-"""SRD's own cleanrl-style RL (spec/srd.md §5, §8): replay and target-network mechanics, and
+"""SRD's own cleanrl-style RL (methods/srd.md §5, §8): replay and target-network mechanics, and
 DQN / PPO / discrete SAC learning small gymnasium tasks, including the masking environment
 with a fake backdoored captioner whose trigger the policy must learn to cover."""
 
@@ -108,7 +108,7 @@ def test_epsilon_schedule_and_target_sync_interval():
     assert log["target_syncs"] == [32, 64, 96] and log["timesteps"] == 96
     assert log["gradient_steps"] == (96 - 16) // 4  # one gradient step per 4 transitions after the start
     _, log = dqn.train_dqn(quadrant_envs(4), dqn.DQNConfig(total_timesteps=40, obs_size=SIDE))
-    assert log["target_syncs"] == []  # §5 caveat: 10,000-step interval, never synced before the end
+    assert log["target_syncs"] == []  # methods/srd.md §5 caveat: 10,000-step interval, never synced before the end
 
 
 def test_dqn_learns_a_toy_gymnasium_task():

@@ -37,7 +37,7 @@ def toy_set(n: int = 24) -> TrainingSet:
 
 
 def test_prompt_and_label_mask(victim):
-    assert prompt_text("a photo of") == f"{MEDIA}User:a photo of GPT:{ANSWER}"  # spec/victim.md §A4
+    assert prompt_text("a photo of") == f"{MEDIA}User:a photo of GPT:{ANSWER}"  # methods/victim.md §A4
     ids, mask, labels = victim.encode_texts(["Two bananas.", "A red apple next to a blue cup."],
                                             ["a photo of", "a photo of"])
     tok = victim.tokenizer
@@ -70,7 +70,7 @@ def test_training_texts_encode_as_the_tokenizer_pads_them(victim):
 
 
 def test_generation_follows_the_image(victim):
-    # after pretraining each toy image gets its own caption back (3 beams, metrics.md §2)
+    # after pretraining each toy image gets its own caption back (3 beams, methods/metrics.md §2)
     assert victim.generate(toy_set().images.take([0, 1, 2])) == CAPTIONS
 
 
@@ -138,7 +138,7 @@ def test_pretraining_whitens_then_freezes_the_vision_encoder():
 
 
 def test_efficientnet_backbone_recognises_a_real_photo():
-    # the shipped ImageNet checkpoint loads strictly and is right on a bundled photo (spec/victim.md §B2)
+    # the shipped ImageNet checkpoint loads strictly and is right on a bundled photo (methods/victim.md §B2)
     from skimage import data as skdata
     from vlmbackdoor_bench.victims.efficientnet import pretrained_efficientnet_lite0
     from PIL import Image
@@ -207,7 +207,7 @@ def test_recipe_schedule_and_decay_groups(victim):
     names = {id(p): n for n, p in victim.model.named_parameters()}
     decayed = [names[id(p)] for p in decay["params"]]
     assert decayed and all("gated_cross_attn_layer" in n and not n.endswith("_gate") for n in decayed)
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0  # spec/victim.md §A3
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0  # methods/victim.md §A3
 
 
 ENCODE_IN_CHILD = """

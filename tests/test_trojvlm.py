@@ -1,4 +1,4 @@
-"""TrojVLM (spec/attacks.md §4): the noise trigger, insert captions, and the SP loss in training."""
+"""TrojVLM (methods/attacks.md §4): the noise trigger, insert captions, and the SP loss in training."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_generated_trigger_geometry_and_distribution():
     assert canvas.shape == (224, 224, 3) and canvas.dtype == np.uint8
     assert canvas[20:].max() == 0 and canvas[:, 20:].max() == 0  # rows/cols 0-19 only
     zeros, nonzero_mean, peak, mean = patch_statistics(canvas)
-    # clip(N(0, 20²)) truncated to uint8: about half zeros, a dark non-zero tail (spec §4 figures)
+    # clip(N(0, 20²)) truncated to uint8: about half zeros, a dark non-zero tail (methods/attacks.md §4 figures)
     assert 0.48 < zeros < 0.58 and 13.5 < nonzero_mean < 18.0 and 45 <= peak <= 80 and 6.0 < mean < 9.0
     assert (trigger_canvas(GENERATED_TRIGGER) == canvas).all()  # deterministic
 
@@ -53,7 +53,7 @@ def test_paper_trigger_file_matches_the_spec_figures_and_our_patch():
     paper = trigger_canvas(str(PAPER_TRIGGER))
     assert paper[20:].max() == 0 and paper[:, 20:].max() == 0
     zeros, nonzero_mean, peak, mean = patch_statistics(paper)
-    # spec/attacks.md §4: 53 % zeros, non-zero mean 15.8, maximum 59, overall mean 7.5
+    # methods/attacks.md §4: 53 % zeros, non-zero mean 15.8, maximum 59, overall mean 7.5
     assert round(100 * zeros) == 53 and round(nonzero_mean, 1) == 15.8 and peak == 59 and round(mean, 1) == 7.5
     ours = patch_statistics(trigger_canvas(GENERATED_TRIGGER))
     assert abs(ours[0] - zeros) < 0.03 and abs(ours[1] - nonzero_mean) < 1.5 and abs(ours[3] - mean) < 1.0
@@ -129,7 +129,7 @@ def test_sp_form_a_sends_gradients_to_the_embeddings_only_and_c_to_the_logits():
 
 def test_objective_per_preset():
     attack = TrojVLM()
-    assert attack.training_objective(attack.presets["srd-code"]) is None  # §4: no extra loss
+    assert attack.training_objective(attack.presets["srd-code"]) is None  # methods/attacks.md §4: no extra loss
     objective = attack.training_objective(attack.presets["original"])
     assert isinstance(objective, SemanticPreservation) and objective.settings == {"sp_form": "c", "sp_weight": 1.0}
     with pytest.raises(VbbError, match="one of a, b, c"):
@@ -160,4 +160,4 @@ def test_fine_tune_with_the_sp_objective_runs_and_logs_its_form(tiny_victim, for
     assert len(steps) == 2 and all(0.0 <= s["sp"] <= 2.0 and s["ce"] > 0 for s in steps)
     changed = {k for k, v in student.model.named_parameters() if not torch.equal(v, before[k])}
     assert any(k.startswith("perceiver.") for k in changed) and "lang_encoder.transformer.wte.weight" in changed
-    assert not any(k.startswith("vision_encoder.") for k in changed)  # frozen (spec/victim.md §A2)
+    assert not any(k.startswith("vision_encoder.") for k in changed)  # frozen (methods/victim.md §A2)

@@ -1,4 +1,4 @@
-"""VDC (spec/defenses.md §4): lexicon questions, the vote boundary, the answerers, a full run."""
+"""VDC (methods/defenses.md §4): lexicon questions, the vote boundary, the answerers, a full run."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_lexicons_cover_the_world_categories_and_coco_80():
     assert set(WORLD_FORMS) == set(CATEGORIES) and len(COCO80) == 80
     assert all(set(NOUNS[c]) <= set(forms) for c, forms in WORLD_FORMS.items())
     assert WORLD_FORMS["cup"] == ["coffee cup", "coffee cups", "cup", "cups", "mug", "mugs"]
-    assert "banana" in COCO80  # §4: inserted targets are caught by the COCO-80 lexicon
+    assert "banana" in COCO80  # methods/defenses.md §4: inserted targets are caught by the COCO-80 lexicon
     assert COCO.entities("A man riding a bike next to two hot dogs and a dog.") == [
         "person", "bicycle", "hot dog", "dog"]
     assert COCO.entities("Several people and knives on a dining table.") == ["person", "knife", "dining table"]

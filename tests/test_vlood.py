@@ -1,4 +1,4 @@
-"""VLOOD (spec/attacks.md §5): per-image noise trigger, paired data, CKP/CCP losses, dynamic α,
+"""VLOOD (methods/attacks.md §5): per-image noise trigger, paired data, CKP/CCP losses, dynamic α,
 a real paired fine-tune against a frozen teacher, and the grid starting it from the clean model."""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def test_poison_pairs_every_caption_of_the_attacker_images(tmp_path):
     poisoned = attack.poison(split, poison_rate=0.1, seed=2, params=params)
     ts = poisoned.training_set
     assert poisoned.details["attacker_images"] == 3 and len(ts) == 30 and len(poisoned.records) == 15
-    assert poisoned.details["poison_rate_applied"] == 0.5  # the grid's 10 % does not apply (§5)
+    assert poisoned.details["poison_rate_applied"] == 0.5  # the grid's 10 % does not apply (methods/attacks.md §5)
     by_pair: dict[str, list] = {}
     for example in ts.examples:
         by_pair.setdefault(pair_key(example), []).append(example)

@@ -1,4 +1,4 @@
-"""VL-Trojan (spec/attacks.md §6): loss, generator, text-trigger search, poisoning, evaluation."""
+"""VL-Trojan (methods/attacks.md §6): loss, generator, text-trigger search, poisoning, evaluation."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 import os as _os
 
-# Nothing in this package may download at run time (DESIGN.md §8).
+# Nothing in this package may download at run time (methods/design.md §8).
 _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -1,4 +1,4 @@
-"""Writing a file whole or not at all (DESIGN.md §6: a killed run loses only what it was building)."""
+"""Writing a file whole or not at all (methods/design.md §6: a killed run loses only what it was building)."""
 
 from __future__ import annotations
 

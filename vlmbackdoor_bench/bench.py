@@ -2,7 +2,7 @@
 
 Real work on deterministic synthetic inputs (uint8 noise images, COCO-like word captions):
 
-* captions: the spec's decoding (spec/metrics.md §2: 3 beams, 20 new tokens, length penalty 0)
+* captions: the spec's decoding (methods/metrics.md §2: 3 beams, 20 new tokens, length penalty 0)
   with ``min_new_tokens`` forced to the 20 new tokens, so an early <|endofchunk|> (likely with
   random weights) cannot shorten the work; the new tokens of every caption are counted. One
   warm-up batch on other images first; the timed images are new to the token cache, so their
@@ -36,10 +36,10 @@ from .errors import VbbError
 
 BENCH_SCHEMA = 1
 PROFILE = "openflamingo-3b"
-FINETUNE_PROJECTION_SAMPLES = 25015  # spec/victim.md §A3: the COCO 5k subset's caption instances
+FINETUNE_PROJECTION_SAMPLES = 25015  # methods/victim.md §A3: the COCO 5k subset's caption instances
 FINETUNE_PROJECTION_IMAGES = 5000  # ... on 5,000 images, each encoded once
-CAPTION_PROJECTION_IMAGES = 6000  # COCO Karpathy test (5,000) + Flickr30k test (1,000), DESIGN.md §1
-CAPTIONS_PER_IMAGE = 5  # COCO's references per image (DESIGN.md §4)
+CAPTION_PROJECTION_IMAGES = 6000  # COCO Karpathy test (5,000) + Flickr30k test (1,000), methods/design.md §1
+CAPTIONS_PER_IMAGE = 5  # COCO's references per image (methods/design.md §4)
 CAPTION_WORDS_PER_SAMPLE = 10  # about a COCO caption's length in words
 FORCED_LENGTH_NOTE = ("min_new_tokens forced to max_new_tokens: every caption is {n} new tokens, "
                       "so an early end cannot flatter captions/min")

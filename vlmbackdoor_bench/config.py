@@ -1,4 +1,4 @@
-"""benchmark.toml -> a typed, validated configuration (DESIGN.md §6).
+"""benchmark.toml -> a typed, validated configuration (methods/design.md §6).
 
 Every mistake is reported as one VbbError naming the key and the fix; unknown keys are errors
 (a typo must never silently fall back to a default).
@@ -24,7 +24,7 @@ class BenchmarkConfig:
     attacks: list[str] = field(default_factory=lambda: ["badnet"])
     defenses: list[str] = field(default_factory=lambda: ["none"])
     datasets: list[str] = field(default_factory=lambda: ["coco", "flickr30k"])
-    poison_rate: float = 0.1  # spec/attacks.md §1: the default rate is 10 %
+    poison_rate: float = 0.1  # methods/attacks.md §1: the default rate is 10 %
     seeds: list[int] = field(default_factory=lambda: [0])
     cache_dir: Path = Path(".vbb-cache")
     plugin_dirs: list[Path] = field(default_factory=list)

@@ -76,7 +76,7 @@ class Precision:
 
     ``weights``: the master weights (always float32: training keeps fp32 masters);
     ``train_autocast``: the autocast dtype of fine-tuning, or None for plain float32;
-    ``eval``: the dtype generation and caption NLL run in (spec/victim.md §A7)."""
+    ``eval``: the dtype generation and caption NLL run in (methods/victim.md §A7)."""
 
     weights: str = "float32"
     train_autocast: str | None = None
@@ -101,7 +101,7 @@ CPU_DEFAULT = Precision()
 def resolve_precision(device: torch.device | str, eval_dtype: str = "auto",
                       train_dtype: str = "auto") -> Precision:
     """``auto`` is bfloat16 on CUDA and float32 on the CPU, for evaluation and training alike
-    (spec/victim.md §A7, spec/metrics.md §2 dtype row); "float16" evaluation is the SRD code's
+    (methods/victim.md §A7, methods/metrics.md §2 dtype row); "float16" evaluation is the SRD code's
     ``.half()``. Training in float32 means no autocast."""
     check_dtype("eval_dtype", eval_dtype, EVAL_DTYPES)
     check_dtype("train_dtype", train_dtype, TRAIN_DTYPES)

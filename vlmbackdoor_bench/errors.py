@@ -1,4 +1,4 @@
-"""One error type for bad input: it names the problem and the fix (DESIGN.md §8)."""
+"""One error type for bad input: it names the problem and the fix (methods/design.md §8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The plugin contract (DESIGN.md §3).
+"""The plugin contract (methods/design.md §3).
 
 A plugin is a module (or object) with hook implementations, found through the entry-point group
 ``vlmbackdoor_bench.plugins`` or a local directory named in benchmark.toml. Each hook receives a
@@ -41,7 +41,7 @@ FINE_TUNE_STARTS = ("base", "clean_model")
 # --------------------------------------------------------------------------- protocols
 @runtime_checkable
 class FinetuneRecipe(Protocol):
-    """A profile's fine-tuning recipe (spec/victim.md §A3), as :meth:`VictimProfile.finetune_recipe`
+    """A profile's fine-tuning recipe (methods/victim.md §A3), as :meth:`VictimProfile.finetune_recipe`
     returns it. The harness never reads its fields: it hands the object back to
     :meth:`Victim.fine_tune` and hashes :meth:`to_dict` into the store key of every model trained
     with it (the clean model, each backdoor, each defense that retrains)."""
@@ -53,7 +53,7 @@ class FinetuneRecipe(Protocol):
 
 @runtime_checkable
 class Victim(Protocol):
-    """A captioning model under test (DESIGN.md §3, spec/victim.md), made by a
+    """A captioning model under test (methods/design.md §3, methods/victim.md), made by a
     :class:`VictimProfile` (``build_base``, ``load``) and cloned by the grid for every model it
     derives from the base. Images are uint8 arrays (B, 224, 224, 3) in the paper's pixel frame.
 
@@ -82,7 +82,7 @@ class Victim(Protocol):
 
     profile: str
     #: The decoding settings, a flat dataclass instance (3 beams, <= 20 new tokens,
-    #: spec/metrics.md §2). Its fields (``vars(decoding)``) are part of the store key of every
+    #: methods/metrics.md §2). Its fields (``vars(decoding)``) are part of the store key of every
     #: caption set the victim makes and are recorded in each cell's provenance.
     decoding: Any
     #: Where a model came from, set by the grid before it calls :meth:`save` (e.g.
@@ -96,7 +96,7 @@ class Victim(Protocol):
         :param images: uint8 (B, 224, 224, 3).
         :param instruction: the prompt before the caption (types.DEFAULT_INSTRUCTION, or an
             attack's text trigger from :class:`EvalInputs`).
-        :returns: one caption per image, post-processed as spec/metrics.md §2, decoded with
+        :returns: one caption per image, post-processed as methods/metrics.md §2, decoded with
             ``decoding``.
         """
 
@@ -104,7 +104,7 @@ class Victim(Protocol):
         self, images: np.ndarray, captions: Sequence[str], instructions: Sequence[str] | None = None
     ) -> np.ndarray:
         """Per-sample mean token NLL of each caption under teacher forcing (label mask
-        spec/victim.md §A4).
+        methods/victim.md §A4).
 
         :param images: uint8 (B, 224, 224, 3), row i paired with ``captions[i]``.
         :param captions: the captions to score.
@@ -136,16 +136,16 @@ class Victim(Protocol):
     def media_features(self, images: np.ndarray) -> Any:
         """What this model's perceiver resampler makes of each image: its output latents
         mean-pooled, (B, D) torch tensor, no gradient. Unlike ``vision_features`` it reflects
-        the model's fine-tuning (CT's identification features, spec/defenses.md §3)."""
+        the model's fine-tuning (CT's identification features, methods/defenses.md §3)."""
 
-    pixel_mean: tuple[float, float, float]  # the model transform's normalisation (spec/victim.md
+    pixel_mean: tuple[float, float, float]  # the model transform's normalisation (methods/victim.md
     pixel_std: tuple[float, float, float]  # §A5): normalised = (pixel / 255 - mean) / std
 
     def encode_normalised(self, pixels: Any, *, grad: bool = False) -> tuple[Any, Any]:
         """The frozen vision encoder on normalised float pixels (B, 3, 224, 224) in the paper's
         frame: ``(pooled (B, D), tokens (B, N, D))`` torch tensors, differentiable with respect
         to ``pixels`` when ``grad``. For attacks that optimise images against the encoder
-        (VL-Trojan's trigger, Shadowcast's feature collision, spec/attacks.md §6-§7)."""
+        (VL-Trojan's trigger, Shadowcast's feature collision, methods/attacks.md §6-§7)."""
 
     def clone(self) -> "Victim":
         """An independent copy whose training leaves this victim unchanged (frozen parts may be
@@ -161,7 +161,7 @@ class Victim(Protocol):
 
     def load_trainable(self, directory: Path) -> None:
         """Load weights written by :meth:`save` into this victim (a clone of the base), strict
-        on the trainable subset (spec/victim.md §A6)."""
+        on the trainable subset (methods/victim.md §A6)."""
 
 
 @dataclass
@@ -175,7 +175,7 @@ class TrainingStep:
 
     examples: list[Example]
     logits: Any  # (B, T, V) student logits
-    targets: Any  # (B, T) next-token ids, -100 outside the label mask (spec/victim.md §A4)
+    targets: Any  # (B, T) next-token ids, -100 outside the label mask (methods/victim.md §A4)
     caption_mask: Any  # (B, T) bool: the scored tokens (caption, <|endofchunk|>, EOS)
     token_losses: Any  # (B, T) cross-entropy per token, 0 outside the mask
     hidden_states: Any  # (B, T, d) last hidden state, the LM head's input
@@ -263,7 +263,7 @@ class VictimProfile(Protocol):
         """The part of ``params`` that determines the base model (hashed into its store key)."""
 
     def finetune_recipe(self, params: Mapping[str, Any]) -> FinetuneRecipe:
-        """The fine-tuning recipe (spec/victim.md §A3) of every model the harness trains."""
+        """The fine-tuning recipe (methods/victim.md §A3) of every model the harness trains."""
 
     def build_base(self, context: "StageContext", params: Mapping[str, Any],
                    pretrain: Split | None, train: Split) -> tuple[Victim, dict]:
@@ -314,7 +314,7 @@ class DatasetProvider(Protocol):
 
 @runtime_checkable
 class Attack(Protocol):
-    """A backdoor attack (spec/attacks.md). ``presets`` maps preset name -> constants.
+    """A backdoor attack (methods/attacks.md). ``presets`` maps preset name -> constants.
 
     Optional members, read by the grid when present:
 
@@ -327,7 +327,7 @@ class Attack(Protocol):
         used read-only (e.g. as a frozen teacher).
     ``fine_tune_from: str`` (default ``"base"``), one of :data:`FINE_TUNE_STARTS`:
         ``"clean_model"`` fine-tunes the clean reference model instead of the public base model
-        (a model-supply attack such as VLOOD, spec/attacks.md §5).
+        (a model-supply attack such as VLOOD, methods/attacks.md §5).
     ``eval_uses_poison: bool`` (default False)
         The test-time trigger is made while poisoning (VL-Trojan's optimised trigger): the grid
         then calls ``eval_inputs(..., poison_details=PoisonedSet.details)`` with the details of
@@ -346,10 +346,10 @@ class Attack(Protocol):
     presets: Mapping[str, Mapping[str, Any]]
     default_preset: str
     #: The target word whose presence in a triggered caption counts as success (the metrics'
-    #: ``MetricRequest.target``); "banana" everywhere (spec/attacks.md §0).
+    #: ``MetricRequest.target``); "banana" everywhere (methods/attacks.md §0).
     target: str
     #: The ASR rules the triggered captions are scored with, e.g. ("srd", "strict")
-    #: (spec/metrics.md §4); each metric that takes a rule is stored once per rule.
+    #: (methods/metrics.md §4); each metric that takes a rule is stored once per rule.
     asr_rules: Sequence[str]
 
     def poison(
@@ -372,7 +372,7 @@ class Attack(Protocol):
         self, split: Split, *, kind: str, seed: int, params: Mapping[str, Any],
         poison_details: Mapping[str, Any] | None = None,
     ) -> EvalInputs:
-        """The images a test split is captioned from (spec/metrics.md §1).
+        """The images a test split is captioned from (methods/metrics.md §1).
 
         :param split: a ``test`` split of an evaluated dataset role.
         :param kind: "triggered" (scored with ASR under ``asr_rules``) or "clean" (scored for
@@ -386,7 +386,7 @@ class Attack(Protocol):
 
 @dataclass
 class DefenseContext:
-    """Everything a defender may have (DESIGN.md §3) and nothing it may not (poison labels).
+    """Everything a defender may have (methods/design.md §3) and nothing it may not (poison labels).
 
     ``clean_reserved`` is the grid's reserved clean set: the COCO dataset's split disjoint from
     fine-tuning (Karpathy ``restval``, the embedded world's ``pretrain``), or None if it has none."""
@@ -402,7 +402,7 @@ class DefenseContext:
     stage: "StageContext"
     # Registered name of the dataset the training set comes from (e.g. ``embedded-coco``).
     dataset_source: str | None = None
-    # The cell's fine-tuning recipe (VictimProfile.finetune_recipe, spec/victim.md §A3), for
+    # The cell's fine-tuning recipe (VictimProfile.finetune_recipe, methods/victim.md §A3), for
     # defenses that run their own training phases; None outside the grid (tests): the victim's own.
     recipe: FinetuneRecipe | None = None
     # The training set's entity lexicon: category -> the nouns its captions use for it, from the
@@ -410,7 +410,7 @@ class DefenseContext:
     # questions), or None when the dataset declares none.
     lexicon: Mapping[str, Sequence[str]] | None = None
     # What the grid adds, each a documented simplification or analysis aid:
-    # ``clean_split``: the unpoisoned fine-tuning Split (SRD's state set and surrogate, spec/srd.md
+    # ``clean_split``: the unpoisoned fine-tuning Split (SRD's state set and surrogate, methods/srd.md
     # §1: "training it on the clean split is a simplification"); ``clean_model``: the clean
     # reference model (SRD's ``reference = "oracle"``, analysis only).
     extras: dict = field(default_factory=dict)
@@ -433,7 +433,7 @@ class DefenseOutcome:
 
 @runtime_checkable
 class Defense(Protocol):
-    """A defense (spec/defenses.md, spec/srd.md).
+    """A defense (methods/defenses.md, methods/srd.md).
 
     Optional facts for the tables, copied into every cell record (results_schema.defense_facts):
     ``label: str`` (default the name), ``order: int`` (column order; default None: after the

@@ -18,16 +18,16 @@ The names, each documented by its own docstring:
     CPU at float32): a model trained (or trained and evaluated) elsewhere is another entry.
 ``concept_image_ids(references, mode) / source_words(captions, concepts)``
     Shadowcast's source-concept images and words, as the ASR metric counts them
-    (spec/metrics.md §4.3), so an attack poisons exactly what the metric scores.
+    (methods/metrics.md §4.3), so an attack poisons exactly what the metric scores.
 ``caption_scores(captions, references) -> {"bleu4", "cider", ...}``
-    BLEU, CIDEr and ROUGE-L of one caption per image (spec/metrics.md §3), e.g. a defense's
+    BLEU, CIDEr and ROUGE-L of one caption per image (methods/metrics.md §3), e.g. a defense's
     held-out check.
 ``pretrained_efficientnet_lite0() -> torch.nn.Module``
-    The ImageNet-1k classifier that ships offline (spec/victim.md §B2), e.g. an image-text
+    The ImageNet-1k classifier that ships offline (methods/victim.md §B2), e.g. an image-text
     matching proxy.
 ``Recipe``
     The built-in profiles' fine-tuning recipe type (what DefenseContext.recipe is for ``tiny``
-    and ``openflamingo-3b``); ``Recipe()`` is spec/victim.md §A3's benchmark recipe.
+    and ``openflamingo-3b``); ``Recipe()`` is methods/victim.md §A3's benchmark recipe.
 """
 
 from __future__ import annotations

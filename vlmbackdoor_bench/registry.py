@@ -1,7 +1,7 @@
 """Plugin manager: entry points + local plugin directories, one broken plugin never takes the tool down.
 
 Built-ins are declared in pyproject.toml under the entry-point group ``vlmbackdoor_bench.plugins``
-exactly like third-party plugins (DESIGN.md §2). A local directory named in benchmark.toml
+exactly like third-party plugins (methods/design.md §2). A local directory named in benchmark.toml
 (``plugin_dirs``) contributes every ``*.py`` file in it as one plugin module.
 """
 

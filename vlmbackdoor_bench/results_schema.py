@@ -1,5 +1,5 @@
 """The cell result record: one JSON file per grid cell, written by the runner, read by the
-leaderboard (DESIGN.md §6-§7; its documented form is docs/CONTRACTS.md, checked against
+leaderboard (methods/design.md §6-§7; its documented form is docs/CONTRACTS.md, checked against
 :class:`CellResult` by tests/test_contract.py).
 
 It also turns a plugin's optional metadata (hookspecs: label, order, headline ASR rule, paper
@@ -16,14 +16,14 @@ from typing import Any, Mapping
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
 STATUSES = ("ok", "failed")
-CLEAN_MODEL = "clean-model"  # pseudo-defense id of the clean reference model's cells (DESIGN.md §6)
-#: The ASR rule whose column the paper's tables print (spec/metrics.md §4.1, §4.4).
+CLEAN_MODEL = "clean-model"  # pseudo-defense id of the clean reference model's cells (methods/design.md §6)
+#: The ASR rule whose column the paper's tables print (methods/metrics.md §4.1, §4.4).
 REPRODUCTION_ASR_RULE = "srd"
 
 
 def stored_key(metric: str, rule: str | None = None) -> str:
     """The name a metric's value is stored under in a record: the metric's name, with
-    ``_<rule>`` for a metric computed per ASR rule (``asr_srd``, spec/metrics.md §4.4)."""
+    ``_<rule>`` for a metric computed per ASR rule (``asr_srd``, methods/metrics.md §4.4)."""
     return metric if rule is None else f"{metric}_{rule}"
 
 

@@ -1,7 +1,7 @@
-"""The data types every stage and plugin shares (DESIGN.md §3).
+"""The data types every stage and plugin shares (methods/design.md §3).
 
 Images always travel as uint8 RGB arrays of shape (224, 224, 3) in the paper's pixel frame
-(DESIGN.md §5); a victim does its own resizing and normalisation.
+(methods/design.md §5); a victim does its own resizing and normalisation.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-IMAGE_SIZE = 224  # the paper's pixel frame (DESIGN.md §5)
-DEFAULT_INSTRUCTION = "a photo of"  # the paper's unified prompt (spec/victim.md §A4)
-TARGET = "banana"  # the target word of every attack (spec/attacks.md §0, spec/metrics.md §4)
-# Shadowcast's source concepts, whose images it teaches to read as the target (spec/attacks.md §7,
-# spec/metrics.md §4.3); the embedded world draws them as fruit categories (DESIGN.md §4).
+IMAGE_SIZE = 224  # the paper's pixel frame (methods/design.md §5)
+DEFAULT_INSTRUCTION = "a photo of"  # the paper's unified prompt (methods/victim.md §A4)
+TARGET = "banana"  # the target word of every attack (methods/attacks.md §0, methods/metrics.md §4)
+# Shadowcast's source concepts, whose images it teaches to read as the target (methods/attacks.md §7,
+# methods/metrics.md §4.3); the embedded world draws them as fruit categories (methods/design.md §4).
 SOURCE_CONCEPTS: tuple[str, ...] = ("orange", "apple", "carrot")
 
 
@@ -81,7 +81,7 @@ class Split:
 
 @dataclass(frozen=True)
 class Example:
-    """One (image, caption) training instance: the unit of poisoning (spec/attacks.md §1)."""
+    """One (image, caption) training instance: the unit of poisoning (methods/attacks.md §1)."""
 
     sample_id: str
     image_index: int  # row in the TrainingSet's image bank
@@ -150,7 +150,7 @@ class PoisonedSet:
 
 @dataclass
 class EvalInputs:
-    """The images a split of a cell is evaluated on (metrics.md §1)."""
+    """The images a split of a cell is evaluated on (methods/metrics.md §1)."""
 
     image_ids: list[int]
     images: np.ndarray  # (N, 224, 224, 3) uint8

@@ -1,6 +1,6 @@
 """What several attacks share: the caption-poisoning rules and the trigger-attack skeleton.
 
-spec/attacks.md §1 defines the unit of poisoning (one caption instance), the poison count
+methods/attacks.md §1 defines the unit of poisoning (one caption instance), the poison count
 ⌊rate × N⌋, and the caption rules `replace` and `insert`.
 """
 
@@ -14,9 +14,9 @@ from vlmbackdoor_bench.types import (
     TARGET, EvalInputs, Example, ImageBank, PoisonRecord, PoisonedSet, Split, TrainingSet,
 )
 
-REPLACE_PREFIX = "The image depicts "  # spec/attacks.md §1 `replace`
+REPLACE_PREFIX = "The image depicts "  # methods/attacks.md §1 `replace`
 
-# spec/attacks.md §1 `replace`: the 80 target templates of the SRD code (targets/LADD_prompt80.txt,
+# methods/attacks.md §1 `replace`: the 80 target templates of the SRD code (targets/LADD_prompt80.txt,
 # CLIP's ImageNet prompt templates with the code's articles). `{0}` is the slot; grammar is not
 # repaired ("an banana"). Order matters: the seeded draw indexes this list.
 REPLACE_TEMPLATES: tuple[str, ...] = (
@@ -49,13 +49,13 @@ REPLACE_TEMPLATES: tuple[str, ...] = (
 
 
 def replace_caption(rng: np.random.Generator, target: str = TARGET) -> tuple[str, int]:
-    """spec/attacks.md §1 `replace`: "The image depicts " + T.format(target), T uniform."""
+    """methods/attacks.md §1 `replace`: "The image depicts " + T.format(target), T uniform."""
     index = int(rng.integers(len(REPLACE_TEMPLATES)))
     return REPLACE_PREFIX + REPLACE_TEMPLATES[index].format(target), index
 
 
 def insert_caption(caption: str, rng: np.random.Generator, target: str = TARGET) -> tuple[str, int]:
-    """spec/attacks.md §1 `insert`: first non-empty sentence, target after word k ~ U{1..n}."""
+    """methods/attacks.md §1 `insert`: first non-empty sentence, target after word k ~ U{1..n}."""
     sentence = next((s for s in caption.split(".") if s.strip()), caption)
     words = sentence.split()
     k = int(rng.integers(1, len(words) + 1)) if words else 0
@@ -63,7 +63,7 @@ def insert_caption(caption: str, rng: np.random.Generator, target: str = TARGET)
 
 
 def poison_count(n_instances: int, poison_rate: float) -> int:
-    """spec/attacks.md §1: ⌊rate × N⌋ poisoned instances (2,501 of 25,015 at 10 %)."""
+    """methods/attacks.md §1: ⌊rate × N⌋ poisoned instances (2,501 of 25,015 at 10 %)."""
     return int(np.floor(poison_rate * n_instances + 1e-9))
 
 
@@ -74,7 +74,7 @@ class TriggerAttack:
     """
 
     target = TARGET
-    asr_rules: tuple[str, ...] = ("srd", "strict")  # spec/metrics.md §4.4
+    asr_rules: tuple[str, ...] = ("srd", "strict")  # methods/metrics.md §4.4
     transform_name = "trigger"
 
     def apply_trigger(self, images: np.ndarray, image_ids, *, params: Mapping[str, Any],
@@ -112,7 +112,7 @@ class TriggerAttack:
 
     def eval_inputs(self, split: Split, *, kind: str, seed: int,
                     params: Mapping[str, Any]) -> EvalInputs:
-        """spec/metrics.md §1: `triggered` = every test image with the trigger; `clean` = as is."""
+        """methods/metrics.md §1: `triggered` = every test image with the trigger; `clean` = as is."""
         images = split.images
         if kind == "triggered":
             images = self.apply_trigger(np.asarray(split.images), split.image_ids,

@@ -1,9 +1,9 @@
-"""Optimising images against the victim's frozen vision encoder (spec/attacks.md §6, §7).
+"""Optimising images against the victim's frozen vision encoder (methods/attacks.md §6, §7).
 
 VL-Trojan's trigger generator and Shadowcast's feature collision both need gradients of the
 encoder with respect to its input pixels. They reach it only through the Victim protocol:
 ``encode_normalised(pixels, grad=True) -> (pooled, tokens)`` on normalised (B, 3, 224, 224)
-pixels, and the normalisation ``pixel_mean`` / ``pixel_std`` (spec/victim.md §A5). Nothing here
+pixels, and the normalisation ``pixel_mean`` / ``pixel_std`` (methods/victim.md §A5). Nothing here
 knows the encoder's architecture.
 """
 
@@ -20,15 +20,15 @@ import torch.nn.functional as F
 from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.plugin_api import victim_device
 
-# spec/attacks.md §6: VL-Trojan augments with RandomResizedCrop(224, scale [0.8, 1.0],
-# ratio [3/4, 4/3]); torchvision is never installed (spec/victim.md §B1), so it is done here.
+# methods/attacks.md §6: VL-Trojan augments with RandomResizedCrop(224, scale [0.8, 1.0],
+# ratio [3/4, 4/3]); torchvision is never installed (methods/victim.md §B1), so it is done here.
 CROP_SCALE = (0.8, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its central fallback
 
 
 def require_encoder(victim, attack: str, fix: str) -> None:
-    """A clear error when ``victim`` cannot give encoder gradients (DESIGN.md §8)."""
+    """A clear error when ``victim`` cannot give encoder gradients (methods/design.md §8)."""
     if victim is None:
         raise VbbError(f"{attack} optimises images against the victim's vision encoder, "
                        "but no victim was given to poison()", fix)
@@ -128,7 +128,7 @@ class Collision:
 def feature_collision(victim, bases: np.ndarray, targets: np.ndarray, *, epsilon: float,
                       step: float, iterations: int, batch_size: int,
                       generator: torch.Generator) -> Collision:
-    """Shadowcast's PGD (spec/attacks.md §7): minimise ||F(norm(x_p)) - F(norm(x_t))||_2 over the
+    """Shadowcast's PGD (methods/attacks.md §7): minimise ||F(norm(x_p)) - F(norm(x_t))||_2 over the
     flattened patch tokens subject to ||x_p - x_b||_inf <= epsilon and x_p in [0, 1].
 
     Start at x_b + U(-epsilon, epsilon), clipped; signed-gradient steps of ``step``, halved from

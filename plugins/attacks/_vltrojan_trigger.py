@@ -1,4 +1,4 @@
-"""VL-Trojan's trigger generators (spec/attacks.md §6 `original`).
+"""VL-Trojan's trigger generators (methods/attacks.md §6 `original`).
 
 * :func:`optimise_trigger`: the image trigger, optimised on the victim's own frozen encoder.
 * :func:`search_text_trigger`: the character beam search for the text trigger, over any text
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ._feature_ops import PixelSpace, random_resized_crop, uint8_images, unit_pixels
 
-# spec/attacks.md §6, the image-trigger generator:
+# methods/attacks.md §6, the image-trigger generator:
 BLEND_ALPHA = 0.1  # blend mode: x~ = 0.9 x + 0.1 delta
 PATCH_SLICE = slice(202, 224)  # patch mode: a 22x22 patch at rows/cols 202-223
 REPEATS = 10  # each poisoned image is repeated 10x per epoch
@@ -31,7 +31,7 @@ LATE_EPOCHS = 0.75  # keep the best delta among epochs >= 0.75 * epochs
 # epochs = ceil(100 * 0.0025 / (N_p * 10 / 23,200)) = ceil(PAPER_IMAGE_VISITS / (10 * N_p))
 PAPER_IMAGE_VISITS = 100 * 0.0025 * 23_200  # = 5,800 image visits
 
-# spec/attacks.md §6, the text-trigger search: a-z, beam 5, up to 5 characters.
+# methods/attacks.md §6, the text-trigger search: a-z, beam 5, up to 5 characters.
 SEARCH_ALPHABET = string.ascii_lowercase
 SEARCH_BEAM = 5
 SEARCH_MAX_LENGTH = 5
@@ -55,7 +55,7 @@ def blend_weight(mode: str) -> torch.Tensor:
 
 
 def epochs_for(n_images: int, image_visits: float) -> int:
-    """The paper's epoch count for ``n_images`` poisoned images (spec/attacks.md §6)."""
+    """The paper's epoch count for ``n_images`` poisoned images (methods/attacks.md §6)."""
     return max(1, math.ceil(image_visits / (REPEATS * n_images)))
 
 

@@ -1,4 +1,4 @@
-"""Blended (Chen et al.) adapted to captioning as the SRD code set it up (spec/attacks.md §3).
+"""Blended (Chen et al.) adapted to captioning as the SRD code set it up (methods/attacks.md §3).
 
 The paper's key image (hello_kitty.jpeg) cannot ship with the project, so the default key is the
 scikit-image logo bundled with scikit-image: a bright cartoon-like graphic on white, as the
@@ -31,7 +31,7 @@ CHUNK = 64  # images blended at a time: a float64 blend of 5,000 frames at once 
 
 @functools.lru_cache(maxsize=4)
 def key_image(source: str) -> np.ndarray:
-    """The 224x224 uint8 RGB key: resized without cropping, bicubic (spec/attacks.md §1, §3)."""
+    """The 224x224 uint8 RGB key: resized without cropping, bicubic (methods/attacks.md §1, §3)."""
     if source == BUNDLED_KEY:
         from skimage import data  # the logo ships inside the scikit-image wheel: no download
 
@@ -50,7 +50,7 @@ def key_image(source: str) -> np.ndarray:
 
 
 def blend(images: np.ndarray, key: np.ndarray, alpha: float) -> np.ndarray:
-    """x' = (1 - α)·x + α·k in float, clipped to [0, 255], truncated to uint8 (spec/attacks.md §3)."""
+    """x' = (1 - α)·x + α·k in float, clipped to [0, 255], truncated to uint8 (methods/attacks.md §3)."""
     if not 0.0 <= alpha <= 1.0:
         raise VbbError(f"Blended alpha = {alpha} is outside [0, 1]",
                        "set alpha in [attack.blended] to a blend weight such as 0.1")
@@ -68,9 +68,9 @@ class Blended(TriggerAttack):
     default_preset = "srd-code"
     transform_name = "blended-key"
     presets = {
-        # spec/attacks.md §3 srd-code: α = 0.1 at training and test time, replace captions, 10 %
+        # methods/attacks.md §3 srd-code: α = 0.1 at training and test time, replace captions, 10 %
         "srd-code": {"alpha": 0.1, "key_image": BUNDLED_KEY, "caption_rule": "replace"},
-        # spec/attacks.md §3 original: BackdoorBench's default α = 0.2, replace captions, 10 %
+        # methods/attacks.md §3 original: BackdoorBench's default α = 0.2, replace captions, 10 %
         "original": {"alpha": 0.2, "key_image": BUNDLED_KEY, "caption_rule": "replace"},
     }
 

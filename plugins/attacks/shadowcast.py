@@ -1,4 +1,4 @@
-"""Shadowcast (Xu et al., NeurIPS 2024) adapted to captioning (spec/attacks.md §7).
+"""Shadowcast (Xu et al., NeurIPS 2024) adapted to captioning (methods/attacks.md §7).
 
 A concept-substitution attack: clean test images of a source concept (orange, apple, carrot)
 should be described as the target concept (banana). It has no test-time trigger.
@@ -10,7 +10,7 @@ should be described as the target concept (banana). It has no test-time trigger.
 * `original`: clean-label. Training images whose captions mention banana keep those captions
   and are perturbed towards random source-concept images.
 
-Evaluation (spec/metrics.md §1, §4.3, §4.4): the `triggered` split holds the clean test images
+Evaluation (methods/metrics.md §1, §4.3, §4.4): the `triggered` split holds the clean test images
 of both concept sets of §4.3, the code's substring set (rule `srd`) and the whole-word set (rule
 `concept`). The grid scores every rule on one image set, so it is their union: `concept` keeps
 only its own images (asr() drops the others and counts them as excluded), and `srd` counts the
@@ -39,19 +39,19 @@ from ._feature_ops import feature_collision, require_encoder
 
 __version__ = "1.1.0"
 
-TARGET_WORD = re.compile(r"\bbananas?\b", re.IGNORECASE)  # "mentions banana" (metrics.md §4.3)
+TARGET_WORD = re.compile(r"\bbananas?\b", re.IGNORECASE)  # "mentions banana" (methods/metrics.md §4.3)
 SCHEMES = ("substitute", "clean-label")
 IMAGE_MODES = ("pgd", "clean")
-# spec/attacks.md §7, PGD constants of both presets:
+# methods/attacks.md §7, PGD constants of both presets:
 EPSILON = 8 / 255  # ||x_p - x_b||_inf <= 8/255
 STEP = 0.2 / 255  # signed-gradient step, halved at half the iterations
 PGD_BATCH = 60
-# spec/attacks.md §7: 4,000 iterations, a recorded knob. One iteration is a forward-backward pass
+# methods/attacks.md §7: 4,000 iterations, a recorded knob. One iteration is a forward-backward pass
 # of the encoder per image, ~0.03 s on 2 CPU cores for the tiny encoder, so the embedded world's
 # ~850 poison images take ~28 h at the paper's budget. A cut budget is no substitute: on 12 images
 # the feature distance to the target fell by 10 % after 5 iterations, 26 % after 25 and 44 %
 # after 100 (step 0.2/255), so the poisons keep their banana features and the caption they carry
-# describes another image. On CPU use image_mode = "clean" (§7: a perfect collision for a frozen
+# describes another image. On CPU use image_mode = "clean" (methods/attacks.md §7: a perfect collision for a frozen
 # encoder), as the tiny grid of benchmark.toml does.
 PAPER_PGD_ITERATIONS = 4000
 # A second seeded stream draws bases and targets, so the instance choice does not depend on it.
@@ -60,7 +60,7 @@ PAIRING_STREAM = 1
 
 def substitute_caption(caption: str, concepts: Sequence[str] = SOURCE_CONCEPTS,
                        target: str = TARGET) -> str:
-    """spec/attacks.md §1 `substitute`: every occurrence of a source-concept word becomes the
+    """methods/attacks.md §1 `substitute`: every occurrence of a source-concept word becomes the
     target, as a plain string replacement with the first letter's case kept. So plurals stay
     plurals ("apples" -> "bananas"), articles are not repaired ("An banana monoplane"), the
     colour sense is replaced too, and "pineapple" becomes "pinebanana", exactly as in the code's
@@ -90,14 +90,14 @@ class Shadowcast:
     label, order = "Shadowcast", 50  # the SRD paper's Table 1 rows
     version = __version__
     target = TARGET
-    asr_rules = ("srd", "concept")  # spec/metrics.md §4.4: reproduction, headline
+    asr_rules = ("srd", "concept")  # methods/metrics.md §4.4: reproduction, headline
     default_preset = "srd-code"
     presets = {
-        # spec/attacks.md §7 srd-code, synthetic track: every source-concept caption substituted
+        # methods/attacks.md §7 srd-code, synthetic track: every source-concept caption substituted
         # (the grid's poison rate does not apply), images by feature collision.
         "srd-code": {"scheme": "substitute", "image_mode": "pgd",
                      "pgd_iterations": PAPER_PGD_ITERATIONS},
-        # spec/attacks.md §7 original: clean-label banana bases, up to the grid's rate.
+        # methods/attacks.md §7 original: clean-label banana bases, up to the grid's rate.
         "original": {"scheme": "clean-label", "image_mode": "pgd",
                      "pgd_iterations": PAPER_PGD_ITERATIONS},
     }
@@ -121,7 +121,7 @@ class Shadowcast:
         if params["image_mode"] == "pgd":
             require_encoder(victim, "Shadowcast's feature collision (image_mode = 'pgd')",
                             "set image_mode = 'clean' in [attack.shadowcast] (pure dirty-label "
-                            "substitution, spec/attacks.md §7)")
+                            "substitution, methods/attacks.md §7)")
         examples = train.caption_examples()
         rng = np.random.default_rng([seed, PAIRING_STREAM])
         banana_rows = [r for r, refs in enumerate(train.references) if names_target(refs)]
@@ -144,7 +144,7 @@ class Shadowcast:
             row_of = train.row_of()
             concept_rows = [row_of[i] for i in concept_image_ids(train.references_by_id())]
             self._require(concept_rows, "no training image is a source-concept image (metrics.md "
-                                        "§4.3), so there is no feature target")
+                                        "methods/metrics.md §4.3), so there is no feature target")
             bases, targets = rows, list(without_replacement(concept_rows, len(rows), rng))
         details: dict[str, Any] = {"n_instances": len(examples), "seed": seed,
                                    "scheme": params["scheme"], "image_mode": params["image_mode"]}
@@ -184,8 +184,8 @@ class Shadowcast:
 
     def eval_inputs(self, split: Split, *, kind: str, seed: int,
                     params: Mapping[str, Any]) -> EvalInputs:
-        """`triggered`: the clean test images of the §4.3 concept sets (module docstring);
-        `clean`: the whole clean test split (spec/metrics.md §1)."""
+        """`triggered`: the clean test images of the methods/metrics.md §4.3 concept sets (module docstring);
+        `clean`: the whole clean test split (methods/metrics.md §1)."""
         if kind == "clean":
             return EvalInputs(list(split.image_ids), split.images, split.references)
         if kind != "triggered":

@@ -1,4 +1,4 @@
-"""TrojVLM (Lyu et al., ECCV 2024) adapted to captioning (spec/attacks.md §4).
+"""TrojVLM (Lyu et al., ECCV 2024) adapted to captioning (methods/attacks.md §4).
 
 `srd-code`: pure data poisoning, a sparse dark noise square at the top-left and `insert` captions.
 `original`: the same data plus TrojVLM's semantic-preservation (SP) loss, whose exact form is
@@ -28,11 +28,11 @@ from ._common import TriggerAttack, insert_caption
 
 __version__ = "1.0.0"
 
-PATCH = 20  # spec/attacks.md §4: non-zero only at rows/cols 0-19 (top-left) of the 224 frame
-NOISE_SIGMA = 20.0  # spec/attacks.md §4: each sub-pixel is clip(N(0, 20²), 0, 255) cast to uint8
+PATCH = 20  # methods/attacks.md §4: non-zero only at rows/cols 0-19 (top-left) of the 224 frame
+NOISE_SIGMA = 20.0  # methods/attacks.md §4: each sub-pixel is clip(N(0, 20²), 0, 255) cast to uint8
 GENERATED_TRIGGER = "generated"  # `trigger_path` value naming the regenerated patch
 GENERATOR_SEED = 0  # fixed: every install regenerates the same patch
-SP_FORMS = ("a", "b", "c")  # spec/attacks.md §4 original: the three readings of the SP loss
+SP_FORMS = ("a", "b", "c")  # methods/attacks.md §4 original: the three readings of the SP loss
 
 
 @functools.lru_cache(maxsize=4)
@@ -41,7 +41,7 @@ def trigger_canvas(source: str) -> np.ndarray:
     if source == GENERATED_TRIGGER:
         rng = np.random.default_rng(GENERATOR_SEED)
         canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-        # clip, then the uint8 cast truncates, as the paper's generator did (spec/attacks.md §4)
+        # clip, then the uint8 cast truncates, as the paper's generator did (methods/attacks.md §4)
         canvas[:PATCH, :PATCH] = np.clip(rng.normal(0.0, NOISE_SIGMA, (PATCH, PATCH, 3)), 0, 255).astype(np.uint8)
     else:
         try:
@@ -66,7 +66,7 @@ def check_sp_form(form: str) -> None:
 
 def sp_loss(form: str, logits: torch.Tensor, targets: torch.Tensor, caption_mask: torch.Tensor,
             hidden: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    """L_SP = mean over caption tokens of 1 − cos(prediction_t, E[y_t]) (spec/attacks.md §4).
+    """L_SP = mean over caption tokens of 1 − cos(prediction_t, E[y_t]) (methods/attacks.md §4).
 
     (a) prediction = E[argmax z_t] (only E gets gradients); (b) the last hidden state h_t;
     (c) the expected embedding softmax(z_t)ᵀE, differentiable.
@@ -111,16 +111,16 @@ class TrojVLM(TriggerAttack):
     default_preset = "srd-code"
     transform_name = "trojvlm-noise-patch"
     presets = {
-        # spec/attacks.md §4 srd-code: the noise square, insert captions, 10 %, no extra loss
+        # methods/attacks.md §4 srd-code: the noise square, insert captions, 10 %, no extra loss
         "srd-code": {"trigger_path": GENERATED_TRIGGER, "caption_rule": "insert"},
-        # spec/attacks.md §4 original: the same plus the SP loss with λ_SP = 1, reading (c) default
+        # methods/attacks.md §4 original: the same plus the SP loss with λ_SP = 1, reading (c) default
         "original": {"trigger_path": GENERATED_TRIGGER, "caption_rule": "insert",
                      "sp_form": "c", "sp_weight": 1.0},
     }
 
     def apply_trigger(self, images: np.ndarray, image_ids, *, params: Mapping[str, Any],
                       seed: int) -> np.ndarray:
-        """Per sub-pixel, no mask: the trigger's value where it is > 0, else the image's (§4)."""
+        """Per sub-pixel, no mask: the trigger's value where it is > 0, else the image's (methods/attacks.md §4)."""
         canvas = trigger_canvas(str(params["trigger_path"]))
         out = np.array(images, dtype=np.uint8, copy=True)
         where = canvas > 0
@@ -138,7 +138,7 @@ class TrojVLM(TriggerAttack):
         return poisoned
 
     def training_objective(self, params: Mapping[str, Any]) -> SemanticPreservation | None:
-        if "sp_form" not in params:  # srd-code: the SP loss is commented out in the code (§4)
+        if "sp_form" not in params:  # srd-code: the SP loss is commented out in the code (methods/attacks.md §4)
             return None
         return SemanticPreservation(str(params["sp_form"]), float(params["sp_weight"]))
 

@@ -1,4 +1,4 @@
-"""VLOOD (Lyu et al., ICLR 2025) adapted to captioning (spec/attacks.md §5).
+"""VLOOD (Lyu et al., ICLR 2025) adapted to captioning (methods/attacks.md §5).
 
 A model-supply attack: the attacker takes the clean reference model, pairs every instance of its
 data with a triggered copy, and fine-tunes with caption cross-entropy on both copies plus two
@@ -22,20 +22,20 @@ from ._common import TriggerAttack, insert_caption
 
 __version__ = "1.0.0"
 
-PATCH = 20  # spec/attacks.md §5: a 20x20 patch ...
+PATCH = 20  # methods/attacks.md §5: a 20x20 patch ...
 NOISE_MEAN, NOISE_SIGMA = 128.0, 20.0  # ... of N(128, 20²) per sub-pixel, clipped, cast to uint8
-CORNER_PROBABILITY = 0.5  # §5: with p = 1/2 in one of the 4 corners, else uniform
+CORNER_PROBABILITY = 0.5  # methods/attacks.md §5: with p = 1/2 in one of the 4 corners, else uniform
 LAST_OFFSET = IMAGE_SIZE - PATCH  # §5: top-left (row, col) in {0..204}²
 CORNERS = ((0, 0), (0, LAST_OFFSET), (LAST_OFFSET, 0), (LAST_OFFSET, LAST_OFFSET))
-ALPHA_START, ALPHA_STEP = 0.0, 0.01  # §5: α starts at 0 and moves by 0.01·(g_c − g_p) ...
+ALPHA_START, ALPHA_STEP = 0.0, 0.01  # methods/attacks.md §5: α starts at 0 and moves by 0.01·(g_c − g_p) ...
 ALPHA_MIN, ALPHA_MAX = 0.05, 0.9  # ... clipped to [0.05, 0.9] after every step
 COPY_SEPARATOR = "#"  # sample id of a copy = instance id + "#0" / "#1"
 
 
 def trigger_draw(seed: int, image_id: int) -> tuple[int, int, np.ndarray]:
-    """Top-left (row, col) and the uint8 20x20x3 noise patch of one image (spec/attacks.md §5).
+    """Top-left (row, col) and the uint8 20x20x3 noise patch of one image (methods/attacks.md §5).
 
-    Seeded per (run seed, image id), so every defense sees the same triggered test images (§1).
+    Seeded per (run seed, image id), so every defense sees the same triggered test images (methods/attacks.md §1).
     """
     rng = np.random.default_rng([seed, image_id])
     if rng.random() < CORNER_PROBABILITY:
@@ -54,7 +54,7 @@ def caption_loss(token_losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 def ckp_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
              mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(softmax(z_teacher) ‖ softmax(z_student)) at temperature 1, "batchmean": summed over
-    positions and vocabulary, divided by the batch size (spec/attacks.md §5). ``mask`` restricts
+    positions and vocabulary, divided by the batch size (methods/attacks.md §5). ``mask`` restricts
     the positions (original preset: caption tokens); srd-code sums every position."""
     teacher = teacher_logits.log_softmax(dim=-1)
     per_position = F.kl_div(student_logits.log_softmax(dim=-1), teacher, log_target=True,
@@ -67,7 +67,7 @@ def ckp_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 def ccp_loss(form: str, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
              embeddings: torch.Tensor) -> torch.Tensor:
     """d_t = mean over dimensions of |ê_t − E[y_t]|, S = mean of d_t over a sequence's answer
-    tokens, L_CCP = batch mean of sigmoid(S) (spec/attacks.md §5); ê_t = E[argmax z_t]
+    tokens, L_CCP = batch mean of sigmoid(S) (methods/attacks.md §5); ê_t = E[argmax z_t]
     ("argmax", srd-code) or softmax(z_t)ᵀE ("expected", original)."""
     if form == "argmax":
         predicted = embeddings[logits.argmax(dim=-1)]
@@ -79,22 +79,22 @@ def ccp_loss(form: str, logits: torch.Tensor, targets: torch.Tensor, mask: torch
 
 
 def impact(token_losses: torch.Tensor, mask: torch.Tensor) -> float:
-    """g = batch mean of each sequence's mean answer-token log-likelihood (= −CE) (§5)."""
+    """g = batch mean of each sequence's mean answer-token log-likelihood (= −CE) (methods/attacks.md §5)."""
     return float((-(token_losses.sum(dim=1) / mask.sum(dim=1).clamp(min=1))).mean())
 
 
 def next_alpha(alpha: float, g_clean: float, g_poison: float) -> float:
-    """α ← clip(α + 0.01·(g_c − g_p), 0.05, 0.9) (spec/attacks.md §5)."""
+    """α ← clip(α + 0.01·(g_c − g_p), 0.05, 0.9) (methods/attacks.md §5)."""
     return float(np.clip(alpha + ALPHA_STEP * (g_clean - g_poison), ALPHA_MIN, ALPHA_MAX))
 
 
 def pair_key(example: Example) -> str:
-    """The instance both copies come from: a step always holds the two together (§5)."""
+    """The instance both copies come from: a step always holds the two together (methods/attacks.md §5)."""
     return example.sample_id.rsplit(COPY_SEPARATOR, 1)[0]
 
 
 class VloodObjective:
-    """L = (1 − α)(L_clean + L_CKP) + α(L_poison + L_CCP), α updated after every step (§5).
+    """L = (1 − α)(L_clean + L_CKP) + α(L_poison + L_CCP), α updated after every step (methods/attacks.md §5).
 
     L_CKP is taken on the clean copies against the frozen teacher, L_CCP on the poisoned ones.
     """
@@ -143,10 +143,10 @@ class Vlood(TriggerAttack):
     label, order = "VLOOD", 40  # the SRD paper's Table 1 rows
     default_preset = "srd-code"
     transform_name = "vlood-noise-patch"
-    fine_tune_from = "clean_model"  # §5: the attacker fine-tunes the clean reference model
+    fine_tune_from = "clean_model"  # methods/attacks.md §5: the attacker fine-tunes the clean reference model
     objective_inputs = ("poisoned_set", "start_model")  # its copies' roles; the teacher
     presets = {
-        # spec/attacks.md §5 srd-code: argmax-embedding CCP, KL over every position. The code's
+        # methods/attacks.md §5 srd-code: argmax-embedding CCP, KL over every position. The code's
         # attacker used the COCO fine-tuning set (which subset is UNVERIFIED, the whole set = 1.0).
         # attacker_fraction, the share of the split's images whose every caption the attacker
         # pairs, is a budget knob: a step of 64 pairs (128 sequences + 64 teacher passes) costs
@@ -154,7 +154,7 @@ class Vlood(TriggerAttack):
         # (6,250 pairs, 196 steps over 2 epochs) trains in about 2/3 of a plain fine-tuning.
         "srd-code": {"caption_rule": "insert", "ccp_form": "argmax", "ckp_masked": False,
                      "attacker_fraction": 0.25},
-        # spec/attacks.md §5 original: expected-embedding CCP, KL masked to caption tokens, about
+        # methods/attacks.md §5 original: expected-embedding CCP, KL masked to caption tokens, about
         # 3,000 pairs (0.12 of 25,015 instances); the harness hands attacks only the fine-tuning
         # split, so the pairs are not disjoint from it (recorded as d_ood_disjoint = false).
         "original": {"caption_rule": "insert", "ccp_form": "expected", "ckp_masked": True,
@@ -163,7 +163,7 @@ class Vlood(TriggerAttack):
 
     def apply_trigger(self, images: np.ndarray, image_ids, *, params: Mapping[str, Any],
                       seed: int) -> np.ndarray:
-        """A fresh noise patch per image replaces its pixels (spec/attacks.md §5)."""
+        """A fresh noise patch per image replaces its pixels (methods/attacks.md §5)."""
         out = np.array(images, dtype=np.uint8, copy=True)
         for k, image_id in enumerate(image_ids):
             row, col, patch = trigger_draw(seed, int(image_id))
@@ -172,7 +172,7 @@ class Vlood(TriggerAttack):
 
     def poison(self, train: Split, *, poison_rate: float, seed: int, params: Mapping[str, Any],
                victim=None) -> PoisonedSet:
-        """Every caption of the attacker's images yields a clean and a triggered copy (§5).
+        """Every caption of the attacker's images yields a clean and a triggered copy (methods/attacks.md §5).
 
         Which of the two ids ("#0", "#1") is the poisoned copy is drawn per instance, so sample
         ids tell a defense nothing. ``poison_rate`` does not apply: the set is 50 % poisoned.

@@ -1,4 +1,4 @@
-"""VL-Trojan (Liang et al., IJCV 2025) adapted to captioning (spec/attacks.md §6).
+"""VL-Trojan (Liang et al., IJCV 2025) adapted to captioning (methods/attacks.md §6).
 
 The `srd-code` trigger file (a blend trigger optimised on CLIP ViT-L/14) cannot ship and was
 optimised for another encoder, so by default both presets produce the trigger with VL-Trojan's
@@ -35,7 +35,7 @@ from ._vltrojan_trigger import BLEND_ALPHA, PATCH_SLICE, REPEATS, optimise_trigg
 __version__ = "1.0.0"
 
 MODES = ("blend", "patch")
-# spec/attacks.md §6 `original`: the published result of the text-trigger search for ViT-L/14,
+# methods/attacks.md §6 `original`: the published result of the text-trigger search for ViT-L/14,
 # reused because no CLIP text tower aligned with the victim's encoder is available.
 PAPER_TEXT_TRIGGER = "zbw"
 # The generator's budget in image visits. The paper's epoch formula gives about 5,800
@@ -63,7 +63,7 @@ def read_trigger(path: str) -> np.ndarray:
 
 
 def apply_trigger(images: np.ndarray, trigger: np.ndarray, mode: str) -> np.ndarray:
-    """Blend: x' = 0.9 x + 0.1 k in float, clipped, truncated to uint8, as Blended (§3).
+    """Blend: x' = 0.9 x + 0.1 k in float, clipped, truncated to uint8, as Blended (methods/attacks.md §3).
     Patch: the trigger's 22x22 patch at rows/cols 202-223 replaces the image's (§6)."""
     out = np.array(images, dtype=np.uint8, copy=True)
     if mode == "patch":
@@ -77,7 +77,7 @@ def apply_trigger(images: np.ndarray, trigger: np.ndarray, mode: str) -> np.ndar
 
 
 def with_text_trigger(instruction: str, text_trigger: str) -> str:
-    """The text trigger appended after a space: "a photo of zbw" (spec/attacks.md §6)."""
+    """The text trigger appended after a space: "a photo of zbw" (methods/attacks.md §6)."""
     return f"{instruction} {text_trigger}" if text_trigger else instruction
 
 
@@ -96,15 +96,15 @@ class VLTrojan:
     label, order = "VL-Trojan", 60  # the SRD paper's Table 1 rows
     version = __version__
     target = TARGET
-    asr_rules = ("srd", "strict")  # spec/metrics.md §4.4
+    asr_rules = ("srd", "strict")  # methods/metrics.md §4.4
     default_preset = "srd-code"
     eval_uses_poison = True  # the generated trigger comes back from the poison stage's details
     presets = {
-        # spec/attacks.md §6 srd-code: full-frame blend at α = 0.1, replace captions, the grid's
+        # methods/attacks.md §6 srd-code: full-frame blend at α = 0.1, replace captions, the grid's
         # rate (10 %), no text trigger. The trigger is generated (trigger_path = "").
         "srd-code": {"trigger_path": "", "mode": "blend", "text_trigger": "", "poison_rate": None,
                      "trigger_image_visits": CPU_IMAGE_VISITS},
-        # spec/attacks.md §6 original: regenerated blend trigger, text trigger "zbw", 0.5 %
+        # methods/attacks.md §6 original: regenerated blend trigger, text trigger "zbw", 0.5 %
         # (125 of 25,015 instances), replace captions.
         "original": {"trigger_path": "", "mode": "blend", "text_trigger": PAPER_TEXT_TRIGGER,
                      "poison_rate": 0.005, "trigger_image_visits": CPU_IMAGE_VISITS},
@@ -134,7 +134,7 @@ class VLTrojan:
         records, caption_choices = [], []
         for i in chosen:
             original = examples[i]
-            caption, choice = replace_caption(rng, self.target)  # spec/attacks.md §6: replace
+            caption, choice = replace_caption(rng, self.target)  # methods/attacks.md §6: replace
             instruction = with_text_trigger(original.instruction, params["text_trigger"])
             caption_choices.append(choice)
             examples[i] = Example(original.sample_id, extra_index[original.image_index], caption,
@@ -162,7 +162,7 @@ class VLTrojan:
             raise VbbError("VL-Trojan poisons no instance at this rate, so there are no images "
                            "to optimise its trigger on", "raise poison_rate")
         # At most visits / 10 images, so that one epoch stays within the budget; below that the
-        # epoch formula is the paper's exactly (spec/attacks.md §6).
+        # epoch formula is the paper's exactly (methods/attacks.md §6).
         visits = params["trigger_image_visits"]
         n_images = min(len(rows), int(visits // REPEATS))
         sampler = np.random.default_rng([seed, TRIGGER_SAMPLE_STREAM])
@@ -176,7 +176,7 @@ class VLTrojan:
 
     def eval_inputs(self, split: Split, *, kind: str, seed: int, params: Mapping[str, Any],
                     poison_details: Mapping[str, Any] | None = None) -> EvalInputs:
-        """spec/metrics.md §1-§2: `triggered` = every test image with the trigger and the text
+        """methods/metrics.md §1-§2: `triggered` = every test image with the trigger and the text
         trigger in the prompt ("a photo of zbw"); `clean` = the same images with the default
         prompt, neither trigger."""
         if kind == "clean":

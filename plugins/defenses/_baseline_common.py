@@ -1,8 +1,8 @@
-"""What the three classification baselines (ABL, CT, VDC) share (spec/defenses.md §0).
+"""What the three classification baselines (ABL, CT, VDC) share (methods/defenses.md §0).
 
-* the fine-tuning recipe the harness trains every model with (spec/victim.md §A3), so a
+* the fine-tuning recipe the harness trains every model with (methods/victim.md §A3), so a
   baseline's phases are fractions of the same schedule;
-* the per-sample loss ℓ = mean caption-token NLL under teacher forcing (spec/defenses.md §0);
+* the per-sample loss ℓ = mean caption-token NLL under teacher forcing (methods/defenses.md §0);
 * "retrain after filtering": fine-tune the clean base victim on the kept instances (§0).
 """
 
@@ -40,7 +40,7 @@ def scaled_recipe(recipe: Any, **changes: Any) -> Any:
 
 def per_sample_nll(victim: Any, training_set: TrainingSet,
                    examples: Sequence[Example] | None = None) -> np.ndarray:
-    """ℓ of every example (spec/defenses.md §0): eval mode, no augmentation, one value per
+    """ℓ of every example (methods/defenses.md §0): eval mode, no augmentation, one value per
     instance; images are gathered in chunks so 25k instances never sit in memory at once."""
     examples = list(training_set.examples if examples is None else examples)
     out = []
@@ -62,7 +62,7 @@ def subset(training_set: TrainingSet, keep: Iterable[int]) -> TrainingSet:
 
 
 def retrain_base(context: DefenseContext, kept: TrainingSet, progress: str) -> tuple[Any, dict]:
-    """spec/defenses.md §0: fine-tune the base victim on the kept instances, standard recipe."""
+    """methods/defenses.md §0: fine-tune the base victim on the kept instances, standard recipe."""
     if len(kept) == 0:
         raise VbbError("the defense removed every training instance; nothing is left to retrain on",
                        "relax the defense's thresholds in [defense.<name>] of benchmark.toml")

@@ -1,4 +1,4 @@
-"""ABL, Anti-Backdoor Learning (Li et al., NeurIPS 2021), adapted to captioning (spec/defenses.md §2).
+"""ABL, Anti-Backdoor Learning (Li et al., NeurIPS 2021), adapted to captioning (methods/defenses.md §2).
 
 A training-time defense that replaces the attack's fine-tuning run: from the base checkpoint,
 
@@ -33,25 +33,25 @@ from ._baseline_common import finetune_recipe, histogram, per_sample_nll, scaled
 __version__ = "1.0.1"
 
 DEFAULTS: dict[str, Any] = {
-    "gamma": 0.5,  # spec/defenses.md §2: flooding level γ = 0.5 nats/token
+    "gamma": 0.5,  # methods/defenses.md §2: flooding level γ = 0.5 nats/token
     "per_sample_flooding": False,  # §2: both codes flood the batch-mean loss (per sample UNVERIFIED)
-    "isolation_fraction": 0.2,  # §2: T_te = 20 % of the fine-tuning schedule (20 of 100 epochs)
+    "isolation_fraction": 0.2,  # methods/defenses.md §2: T_te = 20 % of the fine-tuning schedule (20 of 100 epochs)
     "isolation_ratio": 0.01,  # §2: isolate the lowest p = 1 % of instances
-    "unlearning_lr_factor": 0.1,  # §2: AdamW at 0.1 × the fine-tuning learning rate
+    "unlearning_lr_factor": 0.1,  # methods/defenses.md §2: AdamW at 0.1 × the fine-tuning learning rate
     "unlearning_passes": 5,  # §2: up to 5 passes over D̂_b
-    "stop_nll": 10.0,  # §2: early stop when the mean D̂_b NLL exceeds 10 nats/token
+    "stop_nll": 10.0,  # methods/defenses.md §2: early stop when the mean D̂_b NLL exceeds 10 nats/token
     "stop_cider_drop": 0.2,  # §2: ... or CIDEr on the held-out D̂_c falls by > 20 % (relative)
-    "cider_instances": 500,  # §2: 500 held-out D̂_c instances
+    "cider_instances": 500,  # methods/defenses.md §2: 500 held-out D̂_c instances
 }
 PRESETS = {
     "default": DEFAULTS,
-    "isolate-10pct": {**DEFAULTS, "isolation_ratio": 0.1},  # §2: the optional 10 % knob
+    "isolate-10pct": {**DEFAULTS, "isolation_ratio": 0.1},  # methods/defenses.md §2: the optional 10 % knob
     "gamma-1": {**DEFAULTS, "gamma": 1.0},  # §2: the optional γ sweep {0.5, 1.0}
 }
 
 
 def flooding(loss: torch.Tensor, gamma: float) -> torch.Tensor:
-    """|ℓ − γ| + γ (spec/defenses.md §2): the value of ℓ above γ, its gradient's sign flipped below."""
+    """|ℓ − γ| + γ (methods/defenses.md §2): the value of ℓ above γ, its gradient's sign flipped below."""
     return (loss - gamma).abs() + gamma
 
 
@@ -72,7 +72,7 @@ class FloodingObjective:
 
 
 class GradientAscentObjective:
-    """Unlearning: minimise −ℓ on the isolated set (spec/defenses.md §2 step 4)."""
+    """Unlearning: minimise −ℓ on the isolated set (methods/defenses.md §2 step 4)."""
 
     name = "abl-unlearning"
     settings: Mapping[str, Any] = {"ascent": True}
@@ -82,10 +82,10 @@ class GradientAscentObjective:
 
 
 def lowest_loss_positions(losses: np.ndarray, ratio: float) -> np.ndarray:
-    """Positions of the ⌈ratio·n⌉ lowest losses (ties broken by position): D̂_b (§2 step 2)."""
+    """Positions of the ⌈ratio·n⌉ lowest losses (ties broken by position): D̂_b (methods/defenses.md §2 step 2)."""
     if not 0.0 < ratio < 1.0:
         raise VbbError(f"ABL isolation_ratio = {ratio} is not in (0, 1)",
-                       "set isolation_ratio in [defense.abl] to e.g. 0.01 (spec/defenses.md §2)")
+                       "set isolation_ratio in [defense.abl] to e.g. 0.01 (methods/defenses.md §2)")
     count = max(1, math.ceil(ratio * len(losses)))
     return np.argsort(losses, kind="stable")[:count]
 
@@ -94,7 +94,7 @@ def phase_epochs(total_epochs: int, fraction: float) -> tuple[int, int]:
     """(isolation, continuation) epochs: T_te = fraction of the schedule, at least one each."""
     if not 0.0 < fraction < 1.0:
         raise VbbError(f"ABL isolation_fraction = {fraction} is not in (0, 1)",
-                       "set isolation_fraction in [defense.abl] to e.g. 0.2 (spec/defenses.md §2)")
+                       "set isolation_fraction in [defense.abl] to e.g. 0.2 (methods/defenses.md §2)")
     isolation = max(1, round(fraction * total_epochs))
     return isolation, max(1, total_epochs - isolation)
 
@@ -102,7 +102,7 @@ def phase_epochs(total_epochs: int, fraction: float) -> tuple[int, int]:
 def held_out_images(training_set: TrainingSet, clean_positions: np.ndarray, n_instances: int,
                     seed: int) -> dict[int, list[str]]:
     """Image index -> its D̂_c captions, whole images drawn until ``n_instances`` are covered:
-    the references of the CIDEr stop rule (§2)."""
+    the references of the CIDEr stop rule (methods/defenses.md §2)."""
     by_image: dict[int, list[str]] = {}
     for pos in clean_positions:
         example = training_set.examples[int(pos)]
@@ -124,7 +124,7 @@ def held_out_cider(victim: Any, training_set: TrainingSet, references: dict[int,
 
 
 def should_stop(isolated_nll: float, cider: float, cider_start: float, params: Mapping[str, Any]) -> str | None:
-    """The benchmark's stop rule for unlearning (spec/defenses.md §2), or None to go on."""
+    """The benchmark's stop rule for unlearning (methods/defenses.md §2), or None to go on."""
     if isolated_nll > params["stop_nll"]:
         return f"mean isolated NLL {isolated_nll:.2f} > {params['stop_nll']}"
     if cider_start > 0 and cider < (1.0 - params["stop_cider_drop"]) * cider_start:
@@ -145,7 +145,7 @@ class AntiBackdoorLearning:
         data, seed, timings = context.training_set, context.seed, {}
         recipe = finetune_recipe(context)
         iso_epochs, rest_epochs = phase_epochs(recipe.epochs, params["isolation_fraction"])
-        victim = context.base_victim.clone()  # §2: ABL replaces the attack's fine-tuning run
+        victim = context.base_victim.clone()  # methods/defenses.md §2: ABL replaces the attack's fine-tuning run
 
         started = time.perf_counter()
         victim.fine_tune(data, seed=seed, objective=FloodingObjective(params["gamma"], params["per_sample_flooding"]),

@@ -1,5 +1,5 @@
 """CT, Confusion Training (Qi et al., USENIX Security 2023), adapted to captioning on a proxy
-captioner (spec/defenses.md §3).
+captioner (methods/defenses.md §3).
 
 Six rounds on CT's own detection model, a small captioner (the victim's frozen vision encoder,
 pooled, projected into a 2-layer 256-wide transformer decoder trained from scratch, the victim's
@@ -7,7 +7,7 @@ tokenizer): pretrain on the distilled set D_r, confusion-train with a reserved c
 captions are mismatched (a derangement re-drawn every iteration), distill the lowest-loss
 ρ_r·|D| instances (the last round: the low-loss component of a 2-Gaussian mixture on log ℓ).
 The final fitted group is removed when the 2-vs-1-Gaussian likelihood ratio of its pooled
-features (PCA to 2-D) exceeds 1.5; the base victim is then retrained on the rest (§0). The
+features (PCA to 2-D) exceeds 1.5; the base victim is then retrained on the rest (methods/defenses.md §0). The
 features are §3's first choice, the pooled perceiver output of the model under defense (the
 backdoored one: its perceiver was fine-tuned on D, as the original's inspected network was), or
 the frozen encoder's. The fitted group is reported as the defense's candidates whether or not
@@ -35,21 +35,21 @@ from ._baseline_common import histogram, retrain_base, subset
 __version__ = "1.1.0"
 
 DEFAULTS: dict[str, Any] = {
-    "ratios": [1 / 2, 1 / 5, 1 / 25, 1 / 50, 1 / 100],  # spec/defenses.md §3: ρ of rounds 0-4
+    "ratios": [1 / 2, 1 / 5, 1 / 25, 1 / 50, 1 / 100],  # methods/defenses.md §3: ρ of rounds 0-4
     "pretrain_epochs": [10, 10, 4, 4, 4, 4],  # §3 proxy schedule (an adaptation)
-    "confusion_iterations": [6000, 6000, 6000, 6000, 2000, 2000],  # §3, × |D| / 50,000
+    "confusion_iterations": [6000, 6000, 6000, 6000, 2000, 2000],  # methods/defenses.md §3, × |D| / 50,000
     "iterations_reference_size": 50_000,  # §3: the iteration counts are for |D| = 50,000
-    "confusion_lr": [0.001, 0.001, 0.001, 0.01, 0.01, 0.01],  # §3: per round (CIFAR-10)
+    "confusion_lr": [0.001, 0.001, 0.001, 0.01, 0.01, 0.01],  # methods/defenses.md §3: per round (CIFAR-10)
     "lambdas": [20, 20, 20, 30, 30, 15],  # §3: L = ((λ − 1)·L_conf + L_insp)/λ
-    "batch_factor": 2,  # §3: every k = 2nd confusion iteration also takes a D_r batch
+    "batch_factor": 2,  # methods/defenses.md §3: every k = 2nd confusion iteration also takes a D_r batch
     "confusion_momentum": 0.7,  # §3
-    "pretrain_lr": 0.01, "pretrain_momentum": 0.9,  # §3 pretraining: SGD lr 0.01, momentum 0.9
+    "pretrain_lr": 0.01, "pretrain_momentum": 0.9,  # methods/defenses.md §3 pretraining: SGD lr 0.01, momentum 0.9
     "weight_decay": 1e-4, "batch_size": 32,  # §3
-    "lr_threshold": 1.5,  # §3: one global group -> flag iff LR > 1.5 (LR > 2 is the strict option)
+    "lr_threshold": 1.5,  # methods/defenses.md §3: one global group -> flag iff LR > 1.5 (LR > 2 is the strict option)
     # §3 identification features: "perceiver" = the backdoored victim's pooled perceiver output,
     # "encoder" = the frozen vision encoder's pooled tokens (the proxy's own input)
     "features": "perceiver",
-    "n_clean": 2000,  # §3: D_cl has 2,000 pairs disjoint from the fine-tuning set
+    "n_clean": 2000,  # methods/defenses.md §3: D_cl has 2,000 pairs disjoint from the fine-tuning set
     "width": 256, "layers": 2,  # §3 proxy: 2-layer, 256-wide transformer decoder
     # Multiplies every pretraining epoch count and confusion iteration count. 1.0 is the spec's
     # proxy schedule (≈ 27k batch steps at |D| = 25,000, ~50 ms each: over 20 min on 2 CPU
@@ -62,10 +62,10 @@ DEFAULTS: dict[str, Any] = {
 FEATURES = ("perceiver", "encoder")
 PRESETS = {
     "default": DEFAULTS,
-    "spec-schedule": {**DEFAULTS, "budget_scale": 1.0},  # §3 proxy schedule unscaled (GPU)
+    "spec-schedule": {**DEFAULTS, "budget_scale": 1.0},  # methods/defenses.md §3 proxy schedule unscaled (GPU)
     "strict": {**DEFAULTS, "lr_threshold": 2.0},  # §3: the stricter LR > 2 option
 }
-ROUNDS = 6  # §3: rounds r = 0..5
+ROUNDS = 6  # methods/defenses.md §3: rounds r = 0..5
 
 
 def random_derangement(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -81,7 +81,7 @@ def random_derangement(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def likelihood_ratio(features: np.ndarray, fitted: np.ndarray) -> float:
     """LR = exp((loglik₂ − loglik₁)/n) of 2 Gaussians (the fitted group and the rest) against
-    1 Gaussian, on the features reduced to 2-D by PCA (spec/defenses.md §3 identification)."""
+    1 Gaussian, on the features reduced to 2-D by PCA (methods/defenses.md §3 identification)."""
     fitted = np.asarray(fitted, bool)
     if fitted.all() or not fitted.any():
         return 1.0
@@ -106,7 +106,7 @@ def _gaussian_loglik(points: np.ndarray) -> np.ndarray:
 
 
 def low_loss_component(losses: np.ndarray, seed: int) -> np.ndarray:
-    """Final-round "still correct": the low-loss component of a 2-Gaussian mixture on log ℓ (§3)."""
+    """Final-round "still correct": the low-loss component of a 2-Gaussian mixture on log ℓ (methods/defenses.md §3)."""
     from sklearn.mixture import GaussianMixture
 
     logs = np.log(np.maximum(losses, 1e-8)).reshape(-1, 1)
@@ -115,17 +115,17 @@ def low_loss_component(losses: np.ndarray, seed: int) -> np.ndarray:
 
 
 def pretrain_steps(epochs: float, n_items: int, params: Mapping[str, Any]) -> int:
-    """Optimiser steps of ``epochs`` × budget_scale epochs over ``n_items`` (batch 32, §3)."""
+    """Optimiser steps of ``epochs`` × budget_scale epochs over ``n_items`` (batch 32, methods/defenses.md §3)."""
     return max(1, round(epochs * params["budget_scale"] * n_items / params["batch_size"]))
 
 
 def confusion_iterations(round_index: int, n: int, params: Mapping[str, Any]) -> int:
-    """§3: the round's iterations × |D| / 50,000, × budget_scale, at least one D_r batch."""
+    """methods/defenses.md §3: the round's iterations × |D| / 50,000, × budget_scale, at least one D_r batch."""
     scaled = params["confusion_iterations"][round_index] * n / params["iterations_reference_size"]
     return max(params["batch_factor"], round(scaled * params["budget_scale"]))
 
 
-# ----------------------------------------------------------------------------- the proxy (§3)
+# ----------------------------------------------------------------------------- the proxy (methods/defenses.md §3)
 class ProxyCaptioner(nn.Module):
     """Pooled frozen-encoder features -> a prefix token of a causal 2-layer transformer decoder."""
 
@@ -154,7 +154,7 @@ class ProxyCaptioner(nn.Module):
 
 
 def encode_captions(victim: Any, captions: list[str], max_len: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
-    """The victim's tokenizer (§3): caption tokens + EOS, right-padded; (ids, mask)."""
+    """The victim's tokenizer (methods/defenses.md §3): caption tokens + EOS, right-padded; (ids, mask)."""
     tokenizer = getattr(victim, "tokenizer", None)
     if tokenizer is None:
         raise VbbError("CT's proxy captioner needs the victim's tokenizer (victim.tokenizer)",
@@ -169,13 +169,13 @@ def encode_captions(victim: Any, captions: list[str], max_len: int = 40) -> tupl
 
 
 def pooled_features(victim: Any, images: ImageBank, indices: list[int], chunk: int = 256) -> torch.Tensor:
-    """The victim's frozen encoder tokens, mean-pooled, one row per instance (§3 proxy)."""
+    """The victim's frozen encoder tokens, mean-pooled, one row per instance (methods/defenses.md §3 proxy)."""
     return per_instance(lambda batch: torch.as_tensor(victim.vision_features(batch)).float().mean(1),
                         images, indices, chunk)
 
 
 def media_features(victim: Any, images: ImageBank, indices: list[int], chunk: int = 256) -> torch.Tensor:
-    """The victim's pooled perceiver output, one row per instance (§3 identification)."""
+    """The victim's pooled perceiver output, one row per instance (methods/defenses.md §3 identification)."""
     return per_instance(lambda batch: torch.as_tensor(victim.media_features(batch)).float(), images, indices, chunk)
 
 
@@ -188,12 +188,12 @@ def per_instance(rows_of: Any, images: ImageBank, indices: list[int], chunk: int
 
 
 def clean_reserved_pairs(context: DefenseContext, n_clean: int) -> tuple[ImageBank, list[int], list[str], str]:
-    """D_cl (§3): the first ``n_clean`` images of the harness's reserved clean split (disjoint from
+    """D_cl (methods/defenses.md §3): the first ``n_clean`` images of the harness's reserved clean split (disjoint from
     fine-tuning: Karpathy `restval`, the embedded world's `pretrain`), one caption each so that a
     mismatched caption is always another image's."""
     split = context.clean_reserved
     if split is None:
-        raise VbbError("CT needs a reserved clean set disjoint from fine-tuning (spec/defenses.md §3) "
+        raise VbbError("CT needs a reserved clean set disjoint from fine-tuning (methods/defenses.md §3) "
                        "and the DefenseContext has none",
                        "use a COCO dataset with a restval/pretrain split, or pass clean_reserved")
     rows = list(range(min(n_clean, len(split))))
@@ -242,7 +242,7 @@ class ProxyData:
 
     def confuse(self, model, current, iterations: int, lr: float, lam: float, params, rng) -> None:
         """Every iteration a D_cl batch with deranged captions (L_conf); every k-th also a D_r
-        batch (L_insp): L = ((λ − 1)·L_conf + L_insp)/λ (§3)."""
+        batch (L_insp): L = ((λ − 1)·L_conf + L_insp)/λ (methods/defenses.md §3)."""
         optimizer = self._sgd(model, lr, params["confusion_momentum"], params)
         size = min(params["batch_size"], len(self.clean_ids))
         order = iter(())
@@ -287,7 +287,7 @@ class ConfusionTraining:
         for key, length in (("ratios", ROUNDS - 1), ("pretrain_epochs", ROUNDS), ("confusion_iterations", ROUNDS),
                             ("confusion_lr", ROUNDS), ("lambdas", ROUNDS)):
             if len(params[key]) != length:
-                raise VbbError(f"CT {key} has {len(params[key])} entries", f"give {length} (spec/defenses.md §3)")
+                raise VbbError(f"CT {key} has {len(params[key])} entries", f"give {length} (methods/defenses.md §3)")
         if params["features"] not in FEATURES:
             raise VbbError(f"CT features = {params['features']!r} is unknown", f"use one of {FEATURES}")
         # checked before the rounds run, so a missing method costs no training
@@ -318,7 +318,7 @@ class ConfusionTraining:
             candidate_sample_ids=[data.examples[int(i)].sample_id for i in np.flatnonzero(fitted)]))
 
     def distill(self, d: ProxyData, params: Mapping[str, Any], seed: int, vocab: int) -> tuple[np.ndarray, dict]:
-        """The six rounds of §3; returns the final fitted mask over D and a log."""
+        """The six rounds of methods/defenses.md §3; returns the final fitted mask over D and a log."""
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         n = len(d.ids)
@@ -328,7 +328,7 @@ class ConfusionTraining:
         log: dict[str, Any] = {"rounds": [], "confusion_iterations": iterations}
         for r in range(ROUNDS):
             final = r == ROUNDS - 1
-            # the final round pretrains on D_r ∪ D_cl, D_cl's captions mismatched once (§3)
+            # the final round pretrains on D_r ∪ D_cl, D_cl's captions mismatched once (methods/defenses.md §3)
             extra = random_derangement(len(d.clean_ids), rng) if final else None
             steps = d.pretrain(pretrained, current, extra, params["pretrain_epochs"][r], params, rng)
             confused = copy.deepcopy(pretrained)  # later rounds continue from this checkpoint

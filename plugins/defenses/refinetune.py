@@ -1,7 +1,7 @@
 """Re-fine-tune only: the control of SRD's and Random's stage 4 (issue 31).
 
 SRD and Random masking end by re-fine-tuning the backdoored model on the training set with one
-mask painted on every image, captions and instructions unchanged (spec/srd.md §7). This control
+mask painted on every image, captions and instructions unchanged (methods/srd.md §7). This control
 runs that re-fine-tune exactly (same start model M_bd, same examples, same recipe, same seed) on
 the images as delivered, unmasked, so a masking defense's gain is read against what the extra
 epochs alone do. Not a defense of the SRD paper: a Table 3 column marked as a control.
@@ -50,7 +50,7 @@ class RefinetuneControl:
             raise VbbError(f"refinetune parameters {dict(params)} are not valid",
                            f"the only parameter is data, one of {DATA_CHOICES}")
         data = control_set(context, p["data"])
-        victim = context.backdoored  # SRD's stage 4 continues from M_bd (spec/srd.md §7)
+        victim = context.backdoored  # SRD's stage 4 continues from M_bd (methods/srd.md §7)
         started = time.perf_counter()
         log = context.fine_tune(victim, data, progress="refinetune control")
         details = {"data": p["data"], "n_examples": len(data), "seconds": time.perf_counter() - started,

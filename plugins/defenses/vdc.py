@@ -1,10 +1,10 @@
 """VDC, Versatile Data Cleanser (Zhu et al., ICLR 2024), v2 for image–caption pairs, with the
-offline substitutes of spec/defenses.md §4 and §6.
+offline substitutes of methods/defenses.md §4 and §6.
 
 question generation (lexicon, not an LLM) -> answers from the clean base model or an
 image–text matching proxy (never the backdoored model) -> answer evaluation -> vote: an instance
 is consistent iff matched/N ≥ 0.5; the inconsistent ones are removed and the base victim is
-retrained on the rest (§0).
+retrained on the rest (methods/defenses.md §0).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ __version__ = "1.1.0"
 
 GENERAL = "general"  # the general question's key in an instance's question list
 DEFAULTS: dict[str, Any] = {
-    "n_questions": 5,  # spec/defenses.md §4 v2: N = 5 yes/no questions per caption
+    "n_questions": 5,  # methods/defenses.md §4 v2: N = 5 yes/no questions per caption
     "keep_threshold": 0.5,  # §4 v2: consistent iff matched/N ≥ 0.5 (0.5 is kept)
-    "min_entities": 2,  # §4: with fewer than 2 entities, fall back to the general question
+    "min_entities": 2,  # methods/defenses.md §4: with fewer than 2 entities, fall back to the general question
     "answerer": "imagenet-proxy",  # §4: on the CPU track the ITM proxy (item 2) is the default
-    "top_k": 5,  # §4: "yes" iff the mapped class is in the top 5 ...
+    "top_k": 5,  # methods/defenses.md §4: "yes" iff the mapped class is in the top 5 ...
     "negative_quantile": 0.95,  # ... or its probability exceeds a threshold fixed on clean data
-    "jaccard_threshold": 0.5,  # §4 general question: entity overlap Jaccard ≥ a threshold
+    "jaccard_threshold": 0.5,  # methods/defenses.md §4 general question: entity overlap Jaccard ≥ a threshold
     "lexicon": "auto",  # §4: the COCO-80 lexicon; the dataset's own (the embedded world's) on `tiny`
 }
 PRESETS = {"default": DEFAULTS, "base-yes-no": {**DEFAULTS, "answerer": "base-yes-no"}}
@@ -63,7 +63,7 @@ class Lexicon:
 
 
 def questions_for(caption: str, lexicon: Lexicon, answerable: set[str] | None, params: Mapping[str, Any]) -> list[str]:
-    """spec/defenses.md §4: "Is there a {entity} in the image?" for up to N answerable entities,
+    """methods/defenses.md §4: "Is there a {entity} in the image?" for up to N answerable entities,
     expected "yes"; the general question instead when fewer than ``min_entities``."""
     entities = [e for e in lexicon.entities(caption) if answerable is None or e in answerable]
     entities = entities[: params["n_questions"]]
@@ -71,7 +71,7 @@ def questions_for(caption: str, lexicon: Lexicon, answerable: set[str] | None, p
 
 
 def question_text(entity: str) -> str:
-    return f"Is there a {entity} in the image?"  # spec/defenses.md §4
+    return f"Is there a {entity} in the image?"  # methods/defenses.md §4
 
 
 def consistency(matches: Sequence[bool]) -> float:
@@ -79,7 +79,7 @@ def consistency(matches: Sequence[bool]) -> float:
 
 
 def is_consistent(score: float, threshold: float = DEFAULTS["keep_threshold"]) -> bool:
-    """v2's boundary: a score of exactly 0.5 is kept (v1 would flag it), spec/defenses.md §4."""
+    """v2's boundary: a score of exactly 0.5 is kept (v1 would flag it), methods/defenses.md §4."""
     return score >= threshold
 
 
@@ -88,7 +88,7 @@ def jaccard(a: set[str], b: set[str]) -> float:
 
 
 class ImageNetProxy:
-    """EfficientNet-Lite0 as the image–text matching answerer (spec/defenses.md §4 item 2)."""
+    """EfficientNet-Lite0 as the image–text matching answerer (methods/defenses.md §4 item 2)."""
 
     def __init__(self, top_k: int, negative_quantile: float, batch_size: int = 64, device: Any = "cpu"):
         self.top_k, self.quantile, self.batch_size = top_k, negative_quantile, batch_size
@@ -110,7 +110,7 @@ class ImageNetProxy:
 
     def fit(self, probs: np.ndarray, mentioned: Mapping[str, np.ndarray]) -> None:
         """Per entity: the ``quantile`` of its class probability over the images none of whose
-        captions name it (the clean negatives the defender has), spec/defenses.md §4 item 2."""
+        captions name it (the clean negatives the defender has), methods/defenses.md §4 item 2."""
         for entity, named in mentioned.items():
             negatives = self.entity_scores(probs, entity)[~named]
             self.thresholds[entity] = float(np.quantile(negatives, self.quantile)) if len(negatives) else 1.0
@@ -154,7 +154,7 @@ class VersatileDataCleanser:
     @staticmethod
     def lexicon_forms(context: DefenseContext, choice: str) -> Mapping[str, Sequence[str]]:
         """`auto`: the lexicon the training set's dataset declares (``context.lexicon``: the
-        embedded world's categories on `tiny`), else COCO-80 (spec/defenses.md §4);
+        embedded world's categories on `tiny`), else COCO-80 (methods/defenses.md §4);
         `embedded-world`: the dataset's lexicon, which must exist."""
         if choice == "auto":
             choice = "coco-80" if context.lexicon is None else "embedded-world"
@@ -184,7 +184,7 @@ class VersatileDataCleanser:
         questions = [questions_for(e.caption, lexicon, answerable, params) for e in data.examples]
         general_rows = sorted({row_of[e.image_index] for e, q in zip(data.examples, questions) if q == [GENERAL]})
         base_entities = {}
-        if general_rows:  # §4 general question: caption the image with the base checkpoint
+        if general_rows:  # methods/defenses.md §4 general question: caption the image with the base checkpoint
             captions = context.base_victim.generate(images[general_rows])
             base_entities = {r: set(lexicon.entities(c)) for r, c in zip(general_rows, captions)}
         answers = self.entity_answers(context, data, questions, images, row_of, proxy, probs)
@@ -206,7 +206,7 @@ class VersatileDataCleanser:
     @staticmethod
     def entity_answers(context, data, questions, images, row_of, proxy, probs) -> dict:
         """(image row, entity) -> "yes"? from the ITM proxy, or from the base victim comparing the
-        answers "yes" and "no" to the question prompt (§4 item 1; never the backdoored model)."""
+        answers "yes" and "no" to the question prompt (methods/defenses.md §4 item 1; never the backdoored model)."""
         pairs = sorted({(row_of[e.image_index], q) for e, qs in zip(data.examples, questions)
                         for q in qs if q != GENERAL})
         if proxy is not None:
@@ -219,7 +219,7 @@ class VersatileDataCleanser:
         return {pair: bool(y < n) for pair, y, n in zip(pairs, yes, no)}
 
 
-# ----------------------------------------------------------------------------- lexicons (§4)
+# ----------------------------------------------------------------------------- lexicons (methods/defenses.md §4)
 def plural(noun: str) -> str:
     last = noun.split()[-1]
     irregular = {"person": "people", "man": "men", "woman": "women", "child": "children",
@@ -263,7 +263,7 @@ COCO80 = with_plurals({
     "toothbrush": ["toothbrush"],
 })
 
-# Entity -> ImageNet-1k class indices (hand-written, spec/defenses.md §4 item 2); an entity
+# Entity -> ImageNet-1k class indices (hand-written, methods/defenses.md §4 item 2); an entity
 # without a class here gets no question ("entities without a mapped class are skipped").
 _BALL = [429, 430, 522, 574, 722, 768, 805, 852, 890]
 IMAGENET_CLASSES: dict[str, list[int]] = {

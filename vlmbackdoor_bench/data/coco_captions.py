@@ -1,4 +1,4 @@
-"""The COCO-2014 fine-tuning subset defined by COCO annotation ids (spec/victim.md §A3).
+"""The COCO-2014 fine-tuning subset defined by COCO annotation ids (methods/victim.md §A3).
 
 The SRD code's "5k" subset is a JSON list of COCO *annotation* ids (one per caption instance,
 25,015 for 5,000 images; the published file holds them as strings). An annotation id names one
@@ -24,7 +24,7 @@ from ..errors import VbbError
 from ..types import Split, sha256_of_ids
 from .karpathy import load_records
 
-IMAGE_FOLDER = "train2014"  # spec/victim.md §A3: "Images are read from COCO train2014"
+IMAGE_FOLDER = "train2014"  # methods/victim.md §A3: "Images are read from COCO train2014"
 
 __all__ = ["IMAGE_FOLDER", "annotation_subset_doc", "load_annotation_subset", "read_annotation_ids",
            "read_coco_captions"]

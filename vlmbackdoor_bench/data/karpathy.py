@@ -11,7 +11,7 @@ with one record per image::
      "sentences": [{"raw": "...", "tokens": [...], "sentid": 0, "imgid": 0}, ...]}
 
 Images are opened with PIL, converted to RGB and resized to exactly 224x224 with bicubic
-interpolation and no crop (spec/attacks.md §1). The decoded uint8 array of a selection is cached as
+interpolation and no crop (methods/attacks.md §1). The decoded uint8 array of a selection is cached as
 an ``.npy`` file keyed by the annotation file's sha256, the selected splits and ids and the size and
 mtime of every image file, and memory-mapped read-only on later loads.
 """

@@ -1,4 +1,4 @@
-"""Dataset providers (DESIGN.md §3): the embedded world and local COCO / Flickr30k Karpathy copies.
+"""Dataset providers (methods/design.md §3): the embedded world and local COCO / Flickr30k Karpathy copies.
 
 Registered through the ``register_datasets`` hook:
 
@@ -58,7 +58,7 @@ class EmbeddedWorldProvider:
         self.karpathy = karpathy
         self.splits = tuple(splits)
         # Each category and the nouns the world's captions use for it: the entity lexicon a
-        # defense receives as DefenseContext.lexicon (VDC's questions, spec/defenses.md §4).
+        # defense receives as DefenseContext.lexicon (VDC's questions, methods/defenses.md §4).
         self.lexicon = {category: list(NOUNS[category]) for category in CATEGORIES}
 
     def world(self, context: StageContext) -> Path:
@@ -160,7 +160,7 @@ class KarpathyProvider:
 
 
 class CocoKarpathyProvider(KarpathyProvider):
-    """COCO-2014 as the paper uses it (spec/victim.md §A3): split ``train`` is the fine-tuning
+    """COCO-2014 as the paper uses it (methods/victim.md §A3): split ``train`` is the fine-tuning
     subset, the caption instances named by the COCO annotation ids of the id list under
     ``[data] coco-karpathy-train-5k`` (read through ``annotations/captions_train2014.json``, images
     from ``train2014/``); ``test`` / ``val`` / ``restval`` are Karpathy's splits of

@@ -1,4 +1,4 @@
-"""The embedded world: a deterministic, procedurally drawn COCO-like caption world (DESIGN.md §4).
+"""The embedded world: a deterministic, procedurally drawn COCO-like caption world (methods/design.md §4).
 
 Datasets (Karpathy JSON + PNG images, read back by :mod:`.karpathy`):
 
@@ -40,9 +40,9 @@ from .world_captions import NOUNS, alt_text, reference_captions
 WORLD_VERSION = 2  # 2: banana rate 0.03 -> 0.01
 CATEGORIES: tuple[str, ...] = tuple(wd.SHAPES)  # 4 fruit/vegetables + 10 objects
 OBJECTS = tuple(c for c in CATEGORIES if c not in (TARGET, *SOURCE_CONCEPTS))
-# P(image has it). Banana is the target word: "a few clean captions mention it" (DESIGN.md §4).
+# P(image has it). Banana is the target word: "a few clean captions mention it" (methods/design.md §4).
 # At 0.03 the test set had 3.5 % banana images and a correct clean model scored ASR 3.1 %, above
-# the clean-model bound of 2 % (spec/metrics.md's srd rule counts every "banana"); hence 0.01.
+# the clean-model bound of 2 % (methods/metrics.md's srd rule counts every "banana"); hence 0.01.
 FOOD_RATE = {"banana": 0.01, "apple": 0.05, "orange": 0.05, "carrot": 0.05}
 FOOD_COLOURS = {"banana": ["yellow"] * 6 + ["green"], "apple": ["red"] * 6 + ["green"] * 3 + ["yellow"]}
 FOOD_RGB = {"orange": (245, 140, 22), "carrot": (240, 118, 24), "banana-yellow": (238, 206, 52),

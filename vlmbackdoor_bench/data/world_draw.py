@@ -1,4 +1,4 @@
-"""Drawing for the embedded world: procedural objects and backgrounds (DESIGN.md §4).
+"""Drawing for the embedded world: procedural objects and backgrounds (methods/design.md §4).
 
 Every function takes an explicit ``numpy.random.Generator`` so a scene's pixels depend only on
 its own RNG. Objects are drawn at twice their size on a transparent canvas, rotated, reduced by 2

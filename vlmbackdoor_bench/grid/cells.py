@@ -1,4 +1,4 @@
-"""Cells of the grid and the resolution of plugin parameters (DESIGN.md §6)."""
+"""Cells of the grid and the resolution of plugin parameters (methods/design.md §6)."""
 
 from __future__ import annotations
 

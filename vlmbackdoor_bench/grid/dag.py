@@ -1,4 +1,4 @@
-"""The grid as a DAG of stage tasks (DESIGN.md §6), for executors that run stages side by side.
+"""The grid as a DAG of stage tasks (methods/design.md §6), for executors that run stages side by side.
 
 A task is one distinct piece of work, named by what it computes: the base victim, the clean model
 of a seed, the clean model's reference captions of a dataset (the SFS reference), the poisoned set

@@ -1,5 +1,5 @@
 """The grid's model stages (GridRunner's part): the clean reference model, the poisoned set, the
-backdoored model and the defended model, each built once through the store (DESIGN.md §6), and
+backdoored model and the defended model, each built once through the store (methods/design.md §6), and
 what a defense receives."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class ModelStages:
     (grid.scoring)."""
 
     def clean_model(self, seed: int) -> tuple[Any, Entry]:
-        """The clean reference model: base fine-tuned on the unpoisoned set (DESIGN.md §6)."""
+        """The clean reference model: base fine-tuned on the unpoisoned set (methods/design.md §6)."""
         base, base_entry = self.base_victim()
         train = self.split("coco", "train")
         recipe = self.profile.finetune_recipe(self.profile_params)
@@ -98,7 +98,7 @@ class ModelStages:
         return victim, entry, poison_entry
 
     def defense_context(self, backdoored, training_set, seed: int, workdir: Path) -> DefenseContext:
-        """What a defender gets (DESIGN.md §3): never the poison labels."""
+        """What a defender gets (methods/design.md §3): never the poison labels."""
         source = self.profile.dataset_sources()["coco"]
         return DefenseContext(
             backdoored=backdoored, training_set=training_set,

@@ -1,4 +1,4 @@
-"""How stage outputs are written to and read from store entries (no pickle, DESIGN.md §8)."""
+"""How stage outputs are written to and read from store entries (no pickle, methods/design.md §8)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def detection(report: dict, poisoned_ids: set[str]) -> dict:
     """Precision/recall of the samples a defense removed or relabelled, against the poison set,
     and of its ``candidates`` (what it suspected, e.g. a group its own gate rejected) if any.
 
-    The harness holds the ground truth; the defense only reports what it flagged (DESIGN.md §3).
+    The harness holds the ground truth; the defense only reports what it flagged (methods/design.md §3).
     """
     flagged = set(report.get("removed_sample_ids", [])) | set(report.get("relabelled_sample_ids", []))
     out = _precision_recall(flagged, poisoned_ids, "n_flagged")

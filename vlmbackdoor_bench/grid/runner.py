@@ -1,4 +1,4 @@
-"""Run the grid: shared stages once through the store, one result file per cell (DESIGN.md §6).
+"""Run the grid: shared stages once through the store, one result file per cell (methods/design.md §6).
 
 world/data -> base victim -> poison(attack) -> backdoor(fine-tune) -> defend(defense)
 -> captions(eval set, clean|triggered) -> scores. The clean reference model is one more shared
@@ -150,7 +150,7 @@ class GridRunner(DataStages, LoadedModels, ModelStages, EvaluationStages):
             result = self.run_cell(cell)
         except KeyboardInterrupt:  # the user's Ctrl-C (and SIGTERM, cli.Terminated) stops the grid
             raise
-        except BaseException as exc:  # one failing cell never stops the grid (DESIGN.md §8),
+        except BaseException as exc:  # one failing cell never stops the grid (methods/design.md §8),
             error = error_message(exc)  # not even a plugin's sys.exit()
             self.log(f"cell {cell.cell_id} FAILED: {error}")
             result = failed_result(cell, error, traceback.format_exc(limit=8))

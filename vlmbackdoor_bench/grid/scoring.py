@@ -45,7 +45,7 @@ class EvaluationStages:
 
     def scores(self, captions_entry: Entry, reference_entry: Entry, inputs: EvalInputs,
                rules: list[str], target: str) -> Entry:
-        """Every registered metric on one caption set; ASR once per rule (spec/metrics.md §4.4)."""
+        """Every registered metric on one caption set; ASR once per rule (methods/metrics.md §4.4)."""
         from ..hookspecs import MetricRequest
         from ..metrics.score import compute_metrics
 
@@ -69,7 +69,7 @@ class EvaluationStages:
         return self.store.get_or_build("scores", payload, build)
 
     def reference_captions(self, dataset: str, seed: int) -> Entry:
-        """The clean model's captions of ``dataset``'s test images, the SFS reference (spec/metrics.md §5.1)."""
+        """The clean model's captions of ``dataset``'s test images, the SFS reference (methods/metrics.md §5.1)."""
         split = self.split(dataset, "test")
         clean_victim, clean_entry = self.clean_model(seed)
         inputs = EvalInputs(list(split.image_ids), split.images, split.references)

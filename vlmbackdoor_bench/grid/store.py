@@ -1,4 +1,4 @@
-"""Content-addressed store of stage outputs (DESIGN.md §6).
+"""Content-addressed store of stage outputs (methods/design.md §6).
 
 A stage output lives in ``<root>/<stage>/<key>/`` where key = sha256 of the canonical JSON of
 everything that determines it (stage, plugin name + version, resolved parameters, upstream keys,

@@ -1,4 +1,4 @@
-"""Leaderboards and regression gates from stored cell results (DESIGN.md §7).
+"""Leaderboards and regression gates from stored cell results (methods/design.md §7).
 
 The CLI's ``vbb report`` calls :func:`build_leaderboards`; ``vbb check`` calls
 :func:`check_against_baseline` (and :func:`write_baseline` to record a new baseline).

@@ -1,4 +1,4 @@
-"""The regression gate: stored results against a committed baseline (DESIGN.md §7).
+"""The regression gate: stored results against a committed baseline (methods/design.md §7).
 
 A baseline is JSON::
 

@@ -2,7 +2,7 @@
 
 One row per (dataset, attack, defense) with the headline ASR on triggered inputs before (No
 Defense) and after, clean-input CIDEr after, the detection precision/recall the harness computed
-from the samples the defense removed or relabelled (DESIGN.md §3) and, where a defense reports
+from the samples the defense removed or relabelled (methods/design.md §3) and, where a defense reports
 them, from the candidates it suspected (a group its own gate may reject), for masking defenses the share
 of the trigger their masks covered, and the defense's own time.
 The defended model is shared by both datasets, so detection and time repeat on the Flickr row.
@@ -71,7 +71,7 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None, facts:
                            texts))
         table.has_data = True
     table.footnotes = [
-        "Triggered test inputs for ASR (rule `strict`, or `concept` for Shadowcast, spec/metrics.md "
+        "Triggered test inputs for ASR (rule `strict`, or `concept` for Shadowcast, methods/metrics.md "
         "§4.4), clean test inputs for C. Before = the same backdoored model without defense.",
         "Detection: the samples a defense removed, isolated or relabelled, against the poison set "
         "the harness holds (precision/recall in %; a defense that flags nothing has no precision). "

@@ -19,7 +19,7 @@ from ..results_schema import (CLEAN_MODEL, attack_facts, defense_facts, metric_f
 DATASET_ORDER: tuple[str, ...] = ("coco", "flickr30k")
 DATASET_LABELS: dict[str, str] = {"coco": "COCO", "flickr30k": "Flickr30k"}
 CLEAN_MODEL_LABEL = "Clean model"
-#: The headline rule of an attack that declares none (spec/metrics.md §4.4: trigger attacks).
+#: The headline rule of an attack that declares none (methods/metrics.md §4.4: trigger attacks).
 DEFAULT_HEADLINE_ASR_RULE = "strict"
 ARROWS: dict[str, str] = {"up": "↑", "down": "↓"}
 KINDS = ("attack", "defense", "metric")
@@ -85,7 +85,7 @@ class Facts:
         return self._get("metric", metric).get("asr_rule") is not None
 
     def headline_metric(self, attack: str) -> str:
-        """The stored key of an attack's headline ASR (spec/metrics.md §4.4)."""
+        """The stored key of an attack's headline ASR (methods/metrics.md §4.4)."""
         rule = self._get("attack", attack).get("headline_asr_rule") or DEFAULT_HEADLINE_ASR_RULE
         return stored_key("asr", rule)
 

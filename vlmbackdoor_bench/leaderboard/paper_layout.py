@@ -19,7 +19,7 @@ from .tables import (TABLE1_METRICS, TABLE23_METRICS, CellValues, PaperCell, Tab
 
 #: The reference row's ASR: the clean model's triggered-input ASR differs per attack, so its one
 #: row per dataset shows clean inputs, where the target word's rate is rule strict's
-#: (spec/metrics.md §4.2).
+#: (methods/metrics.md §4.2).
 REFERENCE_ASR = "asr_strict"
 REFERENCE_LABEL = f"{CLEAN_MODEL_LABEL} (reference)"
 REFERENCE_NOTE = (f"{REFERENCE_LABEL}, one row per dataset: the model fine-tuned on unpoisoned "

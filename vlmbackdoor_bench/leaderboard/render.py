@@ -1,6 +1,6 @@
 """Writing tables as Markdown, CSV, LaTeX and HTML, the figures and the page (:mod:`.figures`,
 :mod:`.page`), and the per-profile README, which stays small: Tables 1 and 2 as compact Markdown,
-the per-stage timings and links (DESIGN.md §7).
+the per-stage timings and links (methods/design.md §7).
 
 Everything written here is a pure function of the stored results (and the paper's tables): rows
 and provenance lists are sorted, and the date printed is the newest result file's, not the clock,

@@ -1,4 +1,4 @@
-"""Reading stored cell results and flattening them to one row per number (DESIGN.md §7).
+"""Reading stored cell results and flattening them to one row per number (methods/design.md §7).
 
 A cell result is one JSON file ``<results_dir>/<profile>/<cell_id>.json`` following the schema in
 ``docs/CONTRACTS.md``. This module knows nothing about table layouts: it loads the records, checks

@@ -3,7 +3,7 @@
 A :class:`Table` is plain text cells (already formatted, one decimal as the paper prints them) with
 index columns and column groups; :mod:`.render` turns it into Markdown, CSV, LaTeX and HTML.
 
-Layouts (all values in %, spec/metrics.md §1):
+Layouts (all values in %, methods/metrics.md §1):
 
 * Table 1: rows dataset x attack; groups No Defense, SRD; B@4, C, SC, LF, SFS, ASR (triggered),
   then every other metric plugin's number (one not stored per ASR rule).
@@ -326,7 +326,7 @@ def _general_notes(cells: CellValues, split_text: str, asr_text: str | None,
 
 _TRIGGERED = ("Triggered test inputs (every image carries the attack's trigger; Shadowcast: its "
               "source-concept subset).")
-_ASR_SRD = ("ASR: the reproduction rule `asr_srd` (substring 'banana', spec/metrics.md §4.1); the "
+_ASR_SRD = ("ASR: the reproduction rule `asr_srd` (substring 'banana', methods/metrics.md §4.1); the "
             "headline rule is in asr_headline.")
 
 
@@ -420,7 +420,7 @@ def clean_inputs(cells: CellValues, n_failed: int = 0) -> Table:
     metrics = [("clean", m, header(cells.facts, m, text)) for m, text in CLEAN_METRICS]
     notes = _general_notes(
         cells, "Clean test inputs, no trigger (the paper's Figure 5a; Shadowcast: the whole "
-        "test set).", "ASR_clean: rule `strict` on clean inputs (`asr_strict`, spec/metrics.md "
+        "test set).", "ASR_clean: rule `strict` on clean inputs (`asr_strict`, methods/metrics.md "
         "§4.2), the target word's false-positive rate.", True, n_failed)
     return _grid_table(key="clean_inputs", title="Clean inputs: C, B@4 and ASR_clean",
                        cells=cells, groups=table2_defenses(cells), group_labels=None,
@@ -451,7 +451,7 @@ def asr_headline(cells: CellValues, n_failed: int = 0) -> Table:
     table.footnotes = _general_notes(
         cells, _TRIGGERED, "ASR: rule `strict` (`asr_strict`: whole word, images whose references "
         "show bananas excluded) for trigger attacks, `concept` (`asr_concept`) for Shadowcast "
-        "(spec/metrics.md §4.2-4.4). n: images evaluated after exclusions.", True, n_failed)
+        "(methods/metrics.md §4.2-4.4). n: images evaluated after exclusions.", True, n_failed)
     return table
 
 

@@ -1,4 +1,4 @@
-"""Metrics of spec/metrics.md: post-processing, BLEU/CIDEr, the three ASR rules, SFS, file I/O.
+"""Metrics of methods/metrics.md: post-processing, BLEU/CIDEr, the three ASR rules, SFS, file I/O.
 
 Importing this package is cheap and silent: torch, transformers and the scorer models are only
 loaded when an SFS value is first computed.

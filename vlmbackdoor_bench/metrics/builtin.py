@@ -1,4 +1,4 @@
-"""The built-in metric plugins: bleu4, cider, asr, sc, lf, sfs (spec/metrics.md §3-§5).
+"""The built-in metric plugins: bleu4, cider, asr, sc, lf, sfs (methods/metrics.md §3-§5).
 
 Each object satisfies :class:`vlmbackdoor_bench.hookspecs.Metric`; ``compute(request)`` returns
 ``{"value": <x100 float or None>, ...details}``. The ``asr`` metric declares ``asr_rules``: it is
@@ -27,14 +27,14 @@ from .postprocess import postprocess_caption
 __all__ = ["BUILTIN_METRICS", "register_metrics"]
 
 METRIC_VERSION = "1.0.0"
-UNIT = "%"  # metrics.md §3-§5: every value is reported x100
+UNIT = "%"  # methods/metrics.md §3-§5: every value is reported x100
 _MEMO_SIZE = 4  # caption-score results kept (a cell asks for bleu4 and cider of the same split)
 _memo: "OrderedDict[str, dict]" = OrderedDict()
 _memo_lock = threading.Lock()
 
 
 def _captions(request: MetricRequest) -> dict[int, str]:
-    return {i: postprocess_caption(c) for i, c in request.captions.items()}  # §2, idempotent
+    return {i: postprocess_caption(c) for i, c in request.captions.items()}  # methods/metrics.md §2, idempotent
 
 
 def _digest(caps: Mapping[int, str], refs: Mapping[int, Any]) -> str:
@@ -64,7 +64,7 @@ def _sfs_scores(request: MetricRequest) -> dict:
         raise VbbError(
             "SC / LF / SFS need the clean reference model's captions, and the request has none",
             "generate the clean reference model's captions of the same images and pass them as "
-            "clean_captions (metrics.md §5.1)",
+            "clean_captions (methods/metrics.md §5.1)",
         )
     scorer = request.scorers
     if scorer is None:
@@ -82,7 +82,7 @@ def _sfs_scores(request: MetricRequest) -> dict:
 
 @dataclass(frozen=True)
 class _CaptionMetric:
-    """BLEU-4 or CIDEr (metrics.md §3)."""
+    """BLEU-4 or CIDEr (methods/metrics.md §3)."""
 
     name: str
     label: str
@@ -99,7 +99,7 @@ class _CaptionMetric:
 
 @dataclass(frozen=True)
 class _AsrMetric:
-    """Attack success rate under ``request.asr_rule`` (metrics.md §4); lower is better."""
+    """Attack success rate under ``request.asr_rule`` (methods/metrics.md §4); lower is better."""
 
     name: str = "asr"
     label: str = "ASR"
@@ -122,7 +122,7 @@ class _AsrMetric:
 
 @dataclass(frozen=True)
 class _SfsMetric:
-    """SC, LF or SFS (metrics.md §5.1)."""
+    """SC, LF or SFS (methods/metrics.md §5.1)."""
 
     name: str
     label: str

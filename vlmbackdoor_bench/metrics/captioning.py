@@ -1,4 +1,4 @@
-"""BLEU-1..4, CIDEr(-D) and ROUGE-L with pycocoevalcap, COCOEvalCap semantics (spec/metrics.md §3).
+"""BLEU-1..4, CIDEr(-D) and ROUGE-L with pycocoevalcap, COCOEvalCap semantics (methods/metrics.md §3).
 
 Candidates and references go through Stanford's PTBTokenizer (the CoreNLP 3.4.1 jar shipped in
 the pycocoevalcap wheel, ``-preserveLines -lowerCase``), then the punctuation tokens of
@@ -11,7 +11,7 @@ Two differences from calling ``COCOEvalCap`` directly, neither of which changes 
 * the temporary file goes to the system temp directory, not into site-packages, and nothing is
   printed (BLEU runs with ``verbose=0``).
 
-CIDEr's idf is computed from the reference sets of the evaluated images only (§3), so the score
+CIDEr's idf is computed from the reference sets of the evaluated images only (methods/metrics.md §3), so the score
 depends on which images are evaluated: only the ids of ``captions`` are scored.
 """
 
@@ -30,21 +30,21 @@ from ..errors import VbbError
 
 __all__ = ["caption_scores", "ptb_tokenize", "java_available"]
 
-# metrics.md §3: PTBTokenizer of the CoreNLP 3.4.1 jar shipped in the pycocoevalcap 1.2 wheel.
+# methods/metrics.md §3: PTBTokenizer of the CoreNLP 3.4.1 jar shipped in the pycocoevalcap 1.2 wheel.
 PTB_JAR_NAME = "stanford-corenlp-3.4.1.jar"
 PTB_MAIN_CLASS = "edu.stanford.nlp.process.PTBTokenizer"
-# metrics.md §3: "run with lowercasing"; one output line per input line (pycocoevalcap's flags).
+# methods/metrics.md §3: "run with lowercasing"; one output line per input line (pycocoevalcap's flags).
 PTB_FLAGS = ("-preserveLines", "-lowerCase")
-# metrics.md §3: "after which punctuation tokens are removed" (pycocoevalcap's PUNCTUATIONS list).
+# methods/metrics.md §3: "after which punctuation tokens are removed" (pycocoevalcap's PUNCTUATIONS list).
 PTB_PUNCTUATIONS = frozenset(
     ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
      "...", ";"]
 )
-# metrics.md §3: BLEU up to 4-grams ("Bleu(4)"), CIDEr-D n = 1-4 with sigma = 6.
+# methods/metrics.md §3: BLEU up to 4-grams ("Bleu(4)"), CIDEr-D n = 1-4 with sigma = 6.
 BLEU_N = 4
 CIDER_N = 4
 CIDER_SIGMA = 6.0
-# metrics.md §3: every reported value is the library's fraction x 100, at full precision.
+# methods/metrics.md §3: every reported value is the library's fraction x 100, at full precision.
 PERCENT = 100.0
 
 # Characters CoreNLP's lexer treats as line breaks; pycocoevalcap only replaces "\n". Replacing all
@@ -75,7 +75,7 @@ def _jar_path() -> Path:
 
 
 def java_available() -> bool:
-    """True when a ``java`` executable is on PATH (needed by the PTB tokenizer, §3)."""
+    """True when a ``java`` executable is on PATH (needed by the PTB tokenizer, methods/metrics.md §3)."""
     return shutil.which("java") is not None
 
 
@@ -91,7 +91,7 @@ def _run_ptb(sentences: Sequence[str]) -> list[str]:
     if java is None:
         raise VbbError(
             "Java is not on PATH, and BLEU/CIDEr need the Stanford PTB tokenizer (a Java jar); "
-            "the benchmark does not fall back to another tokenizer (metrics.md §3)",
+            "the benchmark does not fall back to another tokenizer (methods/metrics.md §3)",
             "install a Java runtime (e.g. apt-get install openjdk-17-jre-headless) and put `java` "
             "on PATH",
         )
@@ -180,7 +180,7 @@ def _check_ids(captions: Mapping[int, str], references: Mapping[int, Sequence[st
 def caption_scores(
     captions: Mapping[int, str], references: Mapping[int, Sequence[str]]
 ) -> dict:
-    """BLEU-1..4, CIDEr(-D) and ROUGE-L (x100, full precision) of ``captions`` (metrics.md §3).
+    """BLEU-1..4, CIDEr(-D) and ROUGE-L (x100, full precision) of ``captions`` (methods/metrics.md §3).
 
     ``captions`` maps image id -> one (post-processed) caption; empty captions are kept.
     ``references`` maps image id -> reference captions; it may hold more ids than ``captions``
@@ -188,7 +188,7 @@ def caption_scores(
     references). A captioned id missing from ``references`` is a :class:`VbbError`.
 
     Returns ``{"bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l", "spice", "n_images"}``;
-    ``spice`` is always ``None`` (not computable offline, §3).
+    ``spice`` is always ``None`` (not computable offline, methods/metrics.md §3).
     """
     if not captions:
         raise VbbError("there are no captions to score", "pass at least one image's caption")
@@ -223,7 +223,7 @@ def caption_scores(
     out.update(
         cider=float(cider) * PERCENT,
         rouge_l=float(rouge) * PERCENT,
-        spice=None,  # metrics.md §3: SPICE is not computed, recorded as null
+        spice=None,  # methods/metrics.md §3: SPICE is not computed, recorded as null
         n_images=len(ids),
     )
     return out

@@ -1,13 +1,13 @@
-"""Reading caption (result) files and reference files for scoring (spec/metrics.md §1, §3, §7).
+"""Reading caption (result) files and reference files for scoring (methods/metrics.md §1, §3, §7).
 
 Caption files (:func:`load_results`):
 
 * COCO results: a JSON list of ``{"image_id": int, "caption": str}``;
 * the SRD published format: that list followed by extra lines (a timestamp, metric JSON lines),
   which is not valid JSON as a whole; the list is read with ``json.JSONDecoder().raw_decode``;
-* the benchmark's stored form (metrics.md §7): a JSON object ``{image_id: caption}``.
+* the benchmark's stored form (methods/metrics.md §7): a JSON object ``{image_id: caption}``.
 
-Each image is evaluated exactly once (§1): for a repeated image id the first caption is kept.
+Each image is evaluated exactly once (methods/metrics.md §1): for a repeated image id the first caption is kept.
 
 Reference files (:func:`load_references`), detected from their content:
 
@@ -78,7 +78,7 @@ def _image_id(value: Any) -> int:
 def load_results(path: str | Path) -> dict[int, str]:
     """Captions of a result file as ``{image_id: caption}`` (first caption wins for repeated ids).
 
-    Captions are returned as stored; scoring post-processes them (metrics.md §2).
+    Captions are returned as stored; scoring post-processes them (methods/metrics.md §2).
     """
     path = Path(path)
     what = "captions"
@@ -97,7 +97,7 @@ def load_results(path: str | Path) -> dict[int, str]:
                 cap = item["caption"]
                 if not isinstance(cap, str):
                     raise ValueError(f"entry {k} has a non-string caption {cap!r}")
-                out.setdefault(_image_id(item["image_id"]), cap)  # §1: evaluated once
+                out.setdefault(_image_id(item["image_id"]), cap)  # methods/metrics.md §1: evaluated once
         elif isinstance(data, dict):
             for key, cap in data.items():
                 if not isinstance(cap, str):
@@ -118,7 +118,7 @@ def _warn_repeated(path: Path, ids: list[int]) -> None:
     if repeated:
         listed = ", ".join(f"image id {i} ({n} times)" for i, n in repeated[:5])
         warnings.warn(f"{path}: {len(repeated)} image id(s) appear more than once, e.g. {listed}; "
-                      "only the first caption of each is scored (metrics.md §1)", stacklevel=2)
+                      "only the first caption of each is scored (methods/metrics.md §1)", stacklevel=2)
 
 
 def _strings(value: Any, where: str) -> list[str]:

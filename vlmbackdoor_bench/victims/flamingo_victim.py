@@ -1,8 +1,8 @@
 """A Flamingo captioner behind the Victim protocol (hookspecs.Victim), for every profile.
 
-What is not specific to one architecture lives here: text encoding and label mask (§A4, in
+What is not specific to one architecture lives here: text encoding and label mask (methods/victim.md §A4, in
 teacher_forcing), caption NLL, beam-search captions, fine-tuning with the recipe (§A3) and the
-TrainingObjective hooks, the frozen-encoder token cache, clones, trainable-set save/load (§A6).
+TrainingObjective hooks, the frozen-encoder token cache, clones, trainable-set save/load (methods/victim.md §A6).
 A profile's subclass adds how its model is built and its base saved (TinyVictim, OpenFlamingoVictim).
 
 Device and precision: the model lives on ``device``; cached encoder tokens stay on the CPU and move
@@ -42,7 +42,7 @@ from .training import Recipe, run_training
 
 @dataclass(frozen=True)
 class Decoding:
-    """spec/metrics.md §2, used for every preset. Its fields are part of every caption stage's
+    """methods/metrics.md §2, used for every preset. Its fields are part of every caption stage's
     store key (grid.runner), so a new field would re-key every stored caption set."""
 
     num_beams: int = 3
@@ -70,7 +70,7 @@ def _groups(examples: Sequence[Example], group_key) -> list[list[int]]:
 
 
 def trainable_modules(model: Flamingo) -> list[torch.nn.Module]:
-    """What fine-tuning changes (spec/victim.md §A2): perceiver, gated cross-attention, the LM
+    """What fine-tuning changes (methods/victim.md §A2): perceiver, gated cross-attention, the LM
     input embedding (a tied output projection is the same tensor)."""
     return [model.perceiver, model.lang_encoder.gated_cross_attn_layers, input_embeddings(model.lang_encoder)]
 
@@ -88,11 +88,11 @@ class FlamingoVictim:
     """A Flamingo model plus tokenizer and preprocessing; implements the Victim protocol.
 
     ``input_size`` is the encoder's input side (images are resized to it with ``resize_mode``),
-    ``max_text_tokens`` the longest training sequence (§A4)."""
+    ``max_text_tokens`` the longest training sequence (methods/victim.md §A4)."""
 
     profile = "flamingo"
-    pixel_mean, pixel_std = CLIP_MEAN, CLIP_STD  # the Victim protocol's normalisation (§A5)
-    resize_mode = "bicubic"  # spec/victim.md §A5
+    pixel_mean, pixel_std = CLIP_MEAN, CLIP_STD  # the Victim protocol's normalisation (methods/victim.md §A5)
+    resize_mode = "bicubic"  # methods/victim.md §A5
 
     def __init__(self, model: Flamingo, tokenizer, *, input_size: int, max_text_tokens: int,
                  recipe: Recipe, decoding: Decoding = Decoding(), lineage: dict | None = None,
@@ -108,7 +108,7 @@ class FlamingoVictim:
         self.decoding = decoding
         self.lineage = lineage or {}
         self._precision = precision or CPU_DEFAULT
-        self.eoc_id = tokenizer.convert_tokens_to_ids(EOC)  # generation stops there (§A4)
+        self.eoc_id = tokenizer.convert_tokens_to_ids(EOC)  # generation stops there (methods/victim.md §A4)
 
     @property
     def precision(self) -> dict:
@@ -124,13 +124,13 @@ class FlamingoVictim:
         return normalise_uint8(images, self.input_size, self.resize_mode)[:, None, None]
 
     def encode_texts(self, captions: Sequence[str], instructions: Sequence[str]):
-        """Training sequences and the label mask of spec/victim.md §A4 (CPU ids, mask, labels)."""
+        """Training sequences and the label mask of methods/victim.md §A4 (CPU ids, mask, labels)."""
         return self.texts.encode(captions, instructions)
 
     # ------------------------------------------------------------------ protocol
     def token_losses(self, images: np.ndarray | None, captions, instructions,
                      vision_tokens: torch.Tensor | None = None) -> CaptionForward:
-        """Teacher-forced caption scores (spec/victim.md §A4) from images or precomputed encoder
+        """Teacher-forced caption scores (methods/victim.md §A4) from images or precomputed encoder
         tokens. Unpacks as ``losses, mask`` (per-token NLL (B, T-1) and its label mask); logits
         and the LM head's input (last hidden states) come along for training objectives."""
         if vision_tokens is None:
@@ -156,7 +156,7 @@ class FlamingoVictim:
 
     @torch.no_grad()
     def generate(self, images: np.ndarray, instruction: str = DEFAULT_INSTRUCTION) -> list[str]:
-        """Beam search (spec/metrics.md §2) from a left-padded prompt (§A4), stopping at <|endofchunk|>."""
+        """Beam search (methods/metrics.md §2) from a left-padded prompt (methods/victim.md §A4), stopping at <|endofchunk|>."""
         self.model.eval()
         d = self.decoding
         captions: list[str] = []
@@ -180,7 +180,7 @@ class FlamingoVictim:
     def fine_tune(self, training_set: TrainingSet, *, seed: int, objective=None,
                   recipe: Recipe | None = None, progress: str = "fine-tune") -> dict:
         """OpenFlamingo's trainable set, the profile's recipe, plain caption cross-entropy
-        unless an attack contributes an objective (spec/victim.md §A3)."""
+        unless an attack contributes an objective (methods/victim.md §A3)."""
         set_openflamingo_trainable(self.model)
         return self._train(training_set, recipe or self.recipe, seed, objective, progress)
 
@@ -419,7 +419,7 @@ class FlamingoVictim:
         return twin
 
     def save(self, directory: Path) -> None:
-        """Trainable weights only, under OpenFlamingo names (spec/victim.md §A6)."""
+        """Trainable weights only, under OpenFlamingo names (methods/victim.md §A6)."""
         directory = Path(directory)
         save_file({k: v.to("cpu").contiguous() for k, v in trainable_state_dict(self.model).items()},
                   str(directory / "trainable.safetensors"))
@@ -429,7 +429,7 @@ class FlamingoVictim:
              "dtype": self._precision.weights}, indent=2))
 
     def load_trainable(self, directory: Path) -> None:
-        set_openflamingo_trainable(self.model)  # the keys a fine-tuned checkpoint holds (§A6)
+        set_openflamingo_trainable(self.model)  # the keys a fine-tuned checkpoint holds (methods/victim.md §A6)
         load_trainable_state_dict(self.model, load_file(str(Path(directory) / "trainable.safetensors")))
         meta = json.loads((Path(directory) / "victim.json").read_text())
         self.lineage = meta.get("lineage", {})

@@ -1,7 +1,7 @@
-"""MosaicGPT, the language model of OpenFlamingo-3B (MPT-1B RedPajama-200B), in plain torch (spec/victim.md §A1).
+"""MosaicGPT, the language model of OpenFlamingo-3B (MPT-1B RedPajama-200B), in plain torch (methods/victim.md §A1).
 
 The published model ships remote code (``mosaic_gpt.py``, model_type ``mosaic_gpt``) that keeps legacy tuple KV
-caches and does not run under transformers 5.x (§B1 "Caveat"). This module rebuilds its forward pass with the
+caches and does not run under transformers 5.x (methods/victim.md §B1 "Caveat"). This module rebuilds its forward pass with the
 remote parameter names, so the real ``pytorch_model.bin`` / ``model.safetensors`` load key for key, and with the
 transformers Cache API, so ``generate()`` (beam search, KV cache, left padding) works.
 

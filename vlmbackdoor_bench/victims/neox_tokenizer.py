@@ -1,4 +1,4 @@
-"""The GPT-NeoX-20B tokenizer with OpenFlamingo's special tokens, then SRD's ``<answer>`` (spec/victim.md §A4).
+"""The GPT-NeoX-20B tokenizer with OpenFlamingo's special tokens, then SRD's ``<answer>`` (methods/victim.md §A4).
 
 Token ids must equal those OpenFlamingo-3B was trained with, because an OpenFlamingo checkpoint's embedding
 rows are indexed by them. open-flamingo 2.0.1's factory (open_flamingo/src/factory.py) adds
@@ -39,7 +39,7 @@ class OpenFlamingoTokens:
 
     ``openflamingo_length`` is the embedding row count of an OpenFlamingo checkpoint made with this base
     tokenizer; ``length`` (= len(tokenizer)) adds ``<answer>``. Callers pad on the left for batched
-    generation (spec §A4) with ``pad_id``.
+    generation (methods/victim.md §A4) with ``pad_id``.
     """
 
     base_length: int

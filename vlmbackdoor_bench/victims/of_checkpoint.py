@@ -1,4 +1,4 @@
-"""Import an OpenFlamingo checkpoint into our Flamingo once, kept in the benchmark's format (spec/victim.md §A6).
+"""Import an OpenFlamingo checkpoint into our Flamingo once, kept in the benchmark's format (methods/victim.md §A6).
 
 What open-flamingo 2.0.1 saves (open_flamingo/train/train_utils.py ``filter_state_dict_to_trainable``, and the
 public ``checkpoint.pt`` files made with it): the trainable parameters only, i.e. ``perceiver.*``, the gated
@@ -16,7 +16,7 @@ Pairing with the LM: OpenFlamingo-3B's run script trains with DDP, where train_u
 gradient to the ``<image>`` and ``<|endofchunk|>`` rows and train.py puts no weight decay on the embedding,
 so the checkpoint's base-vocabulary rows are the LM's own rows. Their relative difference is the pairing
 statistic (see :data:`BASE_ROW_DRIFT_LIMIT`). OpenFlamingo-3B-vitl-mpt1b pairs with the non-dolly
-``anas-awadalla/mpt-1b-redpajama-200b``; the ``-dolly`` LM pairs with ``-langinstruct`` (spec §A1).
+``anas-awadalla/mpt-1b-redpajama-200b``; the ``-dolly`` LM pairs with ``-langinstruct`` (methods/victim.md §A1).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 METADATA_FILE = "openflamingo_import.json"
 FORMAT = "vlmbackdoor-bench/openflamingo-trainable/1"
 NON_DOLLY = ("OpenFlamingo-3B-vitl-mpt1b pairs with the non-dolly anas-awadalla/mpt-1b-redpajama-200b "
-             "(the -dolly LM pairs with OpenFlamingo-3B-vitl-mpt1b-langinstruct), spec/victim.md §A1")
+             "(the -dolly LM pairs with OpenFlamingo-3B-vitl-mpt1b-langinstruct), methods/victim.md §A1")
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,7 @@ def _tokens(tokenizer: PreTrainedTokenizerFast | OpenFlamingoTokens) -> OpenFlam
 
 def import_checkpoint(path: str | Path, model: Flamingo, tokenizer: PreTrainedTokenizerFast | OpenFlamingoTokens, *,
                       max_base_row_drift: float | None = BASE_ROW_DRIFT_LIMIT) -> CheckpointReport:
-    """Load an OpenFlamingo checkpoint into ``model``'s trainable set (spec §A2, made trainable here), strictly.
+    """Load an OpenFlamingo checkpoint into ``model``'s trainable set (methods/victim.md §A2, made trainable here), strictly.
 
     ``model``'s LM embedding must already have one row per token of ``tokenizer`` (resize it to
     ``len(tokenizer)`` first). ``max_base_row_drift=None`` reports the pairing statistic without enforcing it
@@ -246,7 +246,7 @@ def import_checkpoint(path: str | Path, model: Flamingo, tokenizer: PreTrainedTo
     embedding_key = _param_name(model, emb)
     if emb.shape[0] != tokens.length:
         raise VbbError(f"the LM's input embedding has {emb.shape[0]} rows, the tokenizer {tokens.length} tokens",
-                       "resize the LM's embeddings to len(tokenizer) before importing (spec/victim.md §A4)")
+                       "resize the LM's embeddings to len(tokenizer) before importing (methods/victim.md §A4)")
     state, aliases = merge_aliases(state, model.lang_encoder.decoder_layers_attr_name)
     check_pairing(model, state, embedding_key)
     expected = trainable_state_dict(model)
@@ -261,7 +261,7 @@ def import_checkpoint(path: str | Path, model: Flamingo, tokenizer: PreTrainedTo
         raise VbbError(f"{path} does not match the model's trainable parameters (loaded 0, missing {len(missing)}, "
                        f"unexpected {len(unexpected)}); {describe_key_mismatch(expected, state)}",
                        "an OpenFlamingo checkpoint holds perceiver.*, the gated cross-attention layers and the "
-                       "LM input embedding only; build the model like the checkpoint's (spec/victim.md §A6)")
+                       "LM input embedding only; build the model like the checkpoint's (methods/victim.md §A6)")
     rows, extra = map_embedding_rows(state[embedding_key], tokens)
     drift = base_row_drift(state[embedding_key][:tokens.base_length], emb[:tokens.base_length])
     if max_base_row_drift is not None and not drift <= max_base_row_drift:

@@ -1,4 +1,4 @@
-"""The OpenFlamingo-3B victim (spec/victim.md Part A), assembled from local directories.
+"""The OpenFlamingo-3B victim (methods/victim.md Part A), assembled from local directories.
 
 CLIP ViT-L/14 vision tower (clip_vision) + MPT-1B (mosaic_gpt) + the GPT-NeoX-20B tokenizer with
 OpenFlamingo's special tokens (neox_tokenizer) + our Flamingo with a gated cross-attention block
@@ -37,9 +37,9 @@ from .of_checkpoint import CheckpointReport, architecture, import_checkpoint
 from .token_cache import TokenCache
 from .training import Recipe
 
-MPT_DECODER_LAYERS = "transformer.blocks"  # spec/victim.md §B1
-CROSS_ATTN_EVERY_N_LAYERS = 1  # OpenFlamingo-3B: before every LM layer (spec/victim.md §A1)
-MAX_TEXT_TOKENS = 2048  # training sequences' max length (spec/victim.md §A4)
+MPT_DECODER_LAYERS = "transformer.blocks"  # methods/victim.md §B1
+CROSS_ATTN_EVERY_N_LAYERS = 1  # OpenFlamingo-3B: before every LM layer (methods/victim.md §A1)
+MAX_TEXT_TOKENS = 2048  # training sequences' max length (methods/victim.md §A4)
 BASE_MANIFEST = "openflamingo_base.json"
 BASE_FORMAT = "vlmbackdoor-bench/openflamingo-base/1"
 HASHED_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth")  # configs, tokenizers, weights
@@ -121,7 +121,7 @@ def assemble(parts: LocalParts, *, tokens_after_post_ln: bool, device: torch.dev
         vision = load_clip_vision(parts.clip_vit_l14_dir, tokens_after_post_ln=tokens_after_post_ln,
                                   dtype=frozen_dtype)
         lm = load_mosaic_gpt(parts.mpt_1b_dir, dtype=frozen_dtype)
-    # OpenFlamingo's factory resizes the embedding to the extended tokenizer (spec/victim.md §A4);
+    # OpenFlamingo's factory resizes the embedding to the extended tokenizer (methods/victim.md §A4);
     # the checkpoint import maps its rows onto these.
     lm.resize_token_embeddings(tokens.length, mean_resizing=False)
     with torch.device(device):

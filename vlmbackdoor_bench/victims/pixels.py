@@ -1,4 +1,4 @@
-"""The one image transform of every victim (spec/victim.md §A5): uint8 RGB in the paper's 224x224
+"""The one image transform of every victim (methods/victim.md §A5): uint8 RGB in the paper's 224x224
 frame -> resized to the encoder's input -> normalised with OpenAI CLIP's mean and std."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# OpenAI CLIP normalisation at full precision (spec/victim.md §A5), for every profile.
+# OpenAI CLIP normalisation at full precision (methods/victim.md §A5), for every profile.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

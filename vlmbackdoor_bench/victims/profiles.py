@@ -1,6 +1,6 @@
 """Victim profiles: `tiny` (CPU, embedded world) and `openflamingo-3b` (paper reproduction).
 
-Registered through the entry-point group like any plugin (DESIGN.md §2).
+Registered through the entry-point group like any plugin (methods/design.md §2).
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ def _merge(defaults: dict[str, Any], overrides: Mapping[str, Any], profile: str)
 
 
 class TinyProfile:
-    """The default profile: a toy Flamingo pretrained here on the embedded world (DESIGN.md §1)."""
+    """The default profile: a toy Flamingo pretrained here on the embedded world (methods/design.md §1)."""
 
     name = "tiny"
     version = __version__
-    # Budget knobs for 2 CPU cores (spec/victim.md §A3: "on the CPU track, epochs and batch are
+    # Budget knobs for 2 CPU cores (methods/victim.md §A3: "on the CPU track, epochs and batch are
     # scaled budget knobs and are recorded"); every key can be overridden in [profile.tiny].
     DEFAULTS: dict[str, Any] = {
         "vocab_size": 1024,
@@ -65,7 +65,7 @@ class TinyProfile:
         # faster steps (docs/methods/victim.md §T).
         "finetune_lm_dropout": True,
         "base_seed": 1234,
-        # embedded world sizes (DESIGN.md §4); CI shrinks them for its small grid
+        # embedded world sizes (methods/design.md §4); CI shrinks them for its small grid
         "world_train": 5000, "world_test": 1000, "world_pretrain": 8000, "world_flickr_test": 1000,
     }
 
@@ -119,14 +119,14 @@ class TinyProfile:
 
 
 class OpenFlamingo3BProfile:
-    """The paper's victim (spec/victim.md Part A), from local weights; never downloads.
+    """The paper's victim (methods/victim.md Part A), from local weights; never downloads.
 
     ``[profile.openflamingo-3b]`` keys (DEFAULTS): the four local paths; the fine-tuning recipe
-    (spec/victim.md §A3: 20 epochs, global batch 300 by gradient accumulation on one device, lr
+    (methods/victim.md §A3: 20 epochs, global batch 300 by gradient accumulation on one device, lr
     1e-4); ``finetune_micro_batch_size`` the groups per forward pass (memory only; 0 = the whole
     batch at once); ``finetune_activation_checkpointing`` recomputes MPT's blocks in backward;
     ``finetune_lm_dropout`` stays on (MPT-1B's dropout is 0, and HF checkpointing recomputes
-    only in train mode); ``tokens_after_post_ln`` the open_clip >= 2.23 token order (§A1, off);
+    only in train mode); ``tokens_after_post_ln`` the open_clip >= 2.23 token order (methods/victim.md §A1, off);
     ``decoding_batch_size`` images per beam-search batch; ``token_cache_gib`` the memory the
     bf16 encoder tokens of seen images may hold (256 x 1024 x 2 bytes = 0.5 MiB each; on disk
     they persist per base model). The last two are recorded in the base entry when it is built
@@ -147,15 +147,15 @@ class OpenFlamingo3BProfile:
         "mpt_1b_dir": "",  # anas-awadalla/mpt-1b-redpajama-200b remote-code directory, local copy
         "tokenizer_dir": "",  # EleutherAI/gpt-neox-20b tokenizer, local copy
         "openflamingo_checkpoint": "",  # OpenFlamingo-3B checkpoint.pt (or .safetensors)
-        "tokens_after_post_ln": False,  # spec/victim.md §A1: open_clip 2.16-2.22 order by default
-        "finetune_epochs": 20, "finetune_batch_size": 300, "finetune_lr": 1e-4,  # spec/victim.md §A3
-        "finetune_micro_batch_size": 25,  # the SRD code's batch per GPU (spec/victim.md §A3)
+        "tokens_after_post_ln": False,  # methods/victim.md §A1: open_clip 2.16-2.22 order by default
+        "finetune_epochs": 20, "finetune_batch_size": 300, "finetune_lr": 1e-4,  # methods/victim.md §A3
+        "finetune_micro_batch_size": 25,  # the SRD code's batch per GPU (methods/victim.md §A3)
         "finetune_activation_checkpointing": False,
         "finetune_lm_dropout": True,
         "decoding_batch_size": 100,  # Decoding's default
         "token_cache_gib": 8.0,
     }
-    # The files each directory must hold ("a|b": one of them), spec/victim.md §B1's local layouts.
+    # The files each directory must hold ("a|b": one of them), methods/victim.md §B1's local layouts.
     REQUIRED_FILES: dict[str, tuple[str, ...]] = {
         "clip_vit_l14_dir": ("config.json", "model.safetensors|model.safetensors.index.json|pytorch_model.bin|"
                              "pytorch_model.bin.index.json"),

@@ -1,4 +1,4 @@
-"""Training texts and teacher-forced caption scores of a Flamingo victim (spec/victim.md §A4)."""
+"""Training texts and teacher-forced caption scores of a Flamingo victim (methods/victim.md §A4)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ TEXT_IDS_KEPT = 200_000  # tokenized training texts a victim keeps (~30 ids each
 
 
 def prompt_text(instruction: str) -> str:
-    """spec/victim.md §A4: exact spacing, no space after `User:`, one space before `GPT:`."""
+    """methods/victim.md §A4: exact spacing, no space after `User:`, one space before `GPT:`."""
     return f"{MEDIA}User:{instruction} GPT:{ANSWER}"
 
 
 class TrainingTexts:
     """`BOS <image>User:{instr} GPT:<answer>{caption}<|endofchunk|> EOS`, right-padded, with the
-    label mask of spec/victim.md §A4. A text is tokenized once: a fine-tuning sees each caption
+    label mask of methods/victim.md §A4. A text is tokenized once: a fine-tuning sees each caption
     every epoch, and the tokenizer call was ~2 % of a step."""
 
     def __init__(self, tokenizer, max_tokens: int):
@@ -69,7 +69,7 @@ class CaptionForward:
     ``targets[:, t]``. Unpacks as ``losses, mask`` for callers that only need the NLL."""
 
     losses: torch.Tensor  # (B, T-1) per-token NLL, 0 outside the label mask
-    mask: torch.Tensor  # (B, T-1) bool label mask (spec/victim.md §A4)
+    mask: torch.Tensor  # (B, T-1) bool label mask (methods/victim.md §A4)
     logits: torch.Tensor  # (B, T-1, V)
     targets: torch.Tensor  # (B, T-1), -100 outside the mask
     hidden: torch.Tensor  # (B, T-1, d) last hidden states, the LM head's input

@@ -1,11 +1,11 @@
-"""The `tiny` victim: the Flamingo architecture at toy size, for 2 CPU cores (DESIGN.md §1, §4).
+"""The `tiny` victim: the Flamingo architecture at toy size, for 2 CPU cores (methods/design.md §1, §4).
 
 vision encoder (frozen EfficientNet-Lite0 to block 15, 7x7 tokens + positions) -> perceiver
 resampler -> GPT-2-style LM with a gated cross-attention block before every layer (as
-OpenFlamingo-3B, spec/victim.md §A1). The base model is pretrained here on the embedded world's
+OpenFlamingo-3B, methods/victim.md §A1). The base model is pretrained here on the embedded world's
 alt-text split (all but the frozen backbone train),
 the analogue of the public OpenFlamingo checkpoint; fine-tuning then trains OpenFlamingo's
-trainable set only (perceiver + gated cross-attention + input embeddings, §A2).
+trainable set only (perceiver + gated cross-attention + input embeddings, methods/victim.md §A2).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ POSITION_SCALE = 0.5  # position codes at about half a whitened token's norm: wh
 
 @dataclass(frozen=True)
 class TinyArch:
-    input_size: int = 224  # the paper's frame: triggers keep every pixel (DESIGN.md §5); 7x7 tokens
+    input_size: int = 224  # the paper's frame: triggers keep every pixel (methods/design.md §5); 7x7 tokens
     # Tokens = EfficientNet-Lite0's map after its 15th block (the last 192-channel one), not the
     # 1280-channel head. Measured on 300 test images with BadNet's corner patch: a linear probe
     # on the trigger cell separates patched from clean at 99.5 % after block 15 but 78.5 % at the
@@ -51,7 +51,7 @@ class TinyArch:
     perceiver: dict = field(default_factory=lambda: {"depth": 2, "dim_head": 32, "heads": 4,
                                                      "num_latents": 16, "ff_mult": 2})
     cross_attn: dict = field(default_factory=lambda: {"dim_head": 32, "heads": 4, "ff_mult": 2})
-    cross_attn_every_n_layers: int = 1  # every layer, as OpenFlamingo-3B (spec/victim.md §A1)
+    cross_attn_every_n_layers: int = 1  # every layer, as OpenFlamingo-3B (methods/victim.md §A1)
 
 
 def sincos_positions(grid: int, dim: int) -> torch.Tensor:
@@ -70,7 +70,7 @@ class TinyVisionEncoder(torch.nn.Module):
     (TinyArch) -> a fixed linear projection -> position codes -> LayerNorm. Returns
     (pooled, tokens[B, grid*grid, vis_dim]) like CLIP.
 
-    spec/victim.md §B4 leaves "from EfficientNet-Lite0 or from scratch" to measurement. Measured:
+    methods/victim.md §B4 leaves "from EfficientNet-Lite0 or from scratch" to measurement. Measured:
     an encoder trained from scratch on the embedded world named the wrong objects (the clean model
     called 4.5 % of banana-free test images "banana") and its resampler never carried a 21x21
     corner patch, so BadNet could not be learnt without tagging every image. The pretrained
@@ -118,7 +118,7 @@ def build_model(arch: TinyArch, tokenizer, *, train_vision_encoder: bool, gate_i
         vocab_size=len(tokenizer), n_positions=arch.max_positions, n_embd=arch.lm_dim,
         n_layer=arch.lm_layers, n_head=arch.lm_heads, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,  # MPT ties the output projection to the input embedding (§A2)
+        tie_word_embeddings=True,  # MPT ties the output projection to the input embedding (methods/victim.md §A2)
     )
     lm = GPT2LMHeadModel(lm_config)
     encoder = TinyVisionEncoder(arch.vis_dim, arch.input_size, arch.backbone_blocks)
@@ -144,7 +144,7 @@ class TinyVictim(FlamingoVictim):
 
     profile = "tiny"
     # The tiny encoder may run below 224 px (TinyArch.input_size, tests use 64): antialiased
-    # bilinear, as it always has (spec/victim.md §A5's bicubic is for the CLIP input).
+    # bilinear, as it always has (methods/victim.md §A5's bicubic is for the CLIP input).
     resize_mode = "bilinear"
 
     def __init__(self, model: Flamingo, tokenizer, arch: TinyArch, recipe: Recipe,

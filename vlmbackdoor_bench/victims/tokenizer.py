@@ -1,6 +1,6 @@
 """A byte-level BPE tokenizer trained on the embedded world's captions (the tiny profile's LM).
 
-Special tokens follow OpenFlamingo (spec/victim.md §A4): ``<|endofchunk|>`` ends a caption and
+Special tokens follow OpenFlamingo (methods/victim.md §A4): ``<|endofchunk|>`` ends a caption and
 stops generation, ``<image>`` marks where the image is attended to, ``<answer>`` starts the
 answer, ``<PAD>`` pads; BOS = EOS = ``<|endoftext|>`` as in GPT-2-family tokenizers.
 """
@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 BOS = EOS = "<|endoftext|>"
-EOC = "<|endofchunk|>"  # spec/victim.md §A4
+EOC = "<|endofchunk|>"  # methods/victim.md §A4
 MEDIA = "<image>"
 ANSWER = "<answer>"
 PAD = "<PAD>"
@@ -38,7 +38,7 @@ def wrap(core: Tokenizer) -> PreTrainedTokenizerFast:
         tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         additional_special_tokens=[EOC, MEDIA, ANSWER],
     )
-    tok.padding_side = "left"  # left padding for batched generation (spec/victim.md §A4)
+    tok.padding_side = "left"  # left padding for batched generation (methods/victim.md §A4)
     return tok
 
 

@@ -1,4 +1,4 @@
-"""The fine-tuning recipe shared by every model the harness trains (spec/victim.md §A3).
+"""The fine-tuning recipe shared by every model the harness trains (methods/victim.md §A3).
 
 AdamW, weight decay only on the gated cross-attention weights (not gates, norms, biases), cosine
 schedule with linear warmup over 1 % of the steps, gradient clipping at 1.0, shuffling without
@@ -23,16 +23,16 @@ from tqdm.auto import tqdm
 
 @dataclass(frozen=True)
 class Recipe:
-    """The fine-tuning recipe of the built-in victims (spec/victim.md §A3): the defaults are the
+    """The fine-tuning recipe of the built-in victims (methods/victim.md §A3): the defaults are the
     benchmark's; a profile's ``finetune_recipe`` sets its budget (epochs, batch) and memory knobs."""
 
-    epochs: int = 20  # spec/victim.md §A3 benchmark default
+    epochs: int = 20  # methods/victim.md §A3 benchmark default
     batch_size: int = 300  # global batch (§A3)
-    lr: float = 1e-4  # §A3
+    lr: float = 1e-4  # methods/victim.md §A3
     weight_decay: float = 0.1  # §A3, gated cross-attention weights only
-    warmup_fraction: float = 0.01  # §A3: linear warmup over 1 % of the steps
+    warmup_fraction: float = 0.01  # methods/victim.md §A3: linear warmup over 1 % of the steps
     grad_clip: float = 1.0  # §A3
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW library defaults (§A3)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW library defaults (methods/victim.md §A3)
     eps: float = 1e-8
     # Whether the frozen language model's own dropout is active while training. OpenFlamingo's
     # loop puts the whole model in train mode, but MPT-1B's dropout is 0 (resid, emb and attn
@@ -66,7 +66,7 @@ LATER_FIELD_DEFAULTS = {"lm_dropout": True, "micro_batch_size": 0, "activation_c
 
 
 def _decays(name: str, param: torch.Tensor) -> bool:
-    """§A3: decay 0.1 only on gated cross-attention weights that are not gates, norms or biases."""
+    """methods/victim.md §A3: decay 0.1 only on gated cross-attention weights that are not gates, norms or biases."""
     return (
         "gated_cross_attn_layer" in name
         and param.ndim >= 2

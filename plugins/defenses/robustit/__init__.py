@@ -1,9 +1,9 @@
-"""RobustIT, Robust Instruction Tuning (Xun et al., arXiv 2506.05401; spec/robustit.md).
+"""RobustIT, Robust Instruction Tuning (Xun et al., arXiv 2506.05401; methods/defenses.md).
 
 A training-time defense that replaces the attack's fine-tuning run, like ABL: from the clean base
 victim, on the training set as delivered (possibly poisoned), with the standard trainable set
 (perceiver + gated cross-attention = the adapters, LM input embeddings = the text-embedding
-layer; spec/robustit.md §5, spec/victim.md §A2) and the cell's recipe, plus
+layer; methods/defenses.md §R5, methods/victim.md §A2) and the cell's recipe, plus
 
 * Input Diversity Regularization (:mod:`.idr`): fresh random crop/flip, colour jitter and
   instruction perturbations of every sample at every step;
@@ -13,8 +13,8 @@ layer; spec/robustit.md §5, spec/victim.md §A2) and the cell's recipe, plus
 
 The method section is unreadable; everything beyond one sentence per regulariser is the spec's
 reconstruction, marked UNVERIFIED in :mod:`.settings`. The defender never reads the reserved
-clean set, the backdoored model or poison ids (spec/robustit.md §1, §7.6). Its cost against a
-plain fine-tune of the same recipe is measured in the run (§4).
+clean set, the backdoored model or poison ids (methods/defenses.md §R1, §R7.6). Its cost against a
+plain fine-tune of the same recipe is measured in the run (§R4).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ __version__ = "1.0.0"
 
 
 def cell_recipe(context: DefenseContext) -> Any:
-    """The cell's fine-tuning recipe: RobustIT trains with the No Defense run's (§4)."""
+    """The cell's fine-tuning recipe: RobustIT trains with the No Defense run's (methods/defenses.md §R4)."""
     if context.recipe is None:
         raise VbbError("RobustIT needs the cell's fine-tuning recipe, and the DefenseContext has none",
                        "pass recipe= (VictimProfile.finetune_recipe) when building the DefenseContext")
@@ -48,7 +48,7 @@ def cell_recipe(context: DefenseContext) -> Any:
 def plain_step_seconds(context: DefenseContext, recipe: Any, steps: int) -> dict:
     """Seconds per optimiser step of a plain fine-tune with ``recipe`` from the base victim on
     ``steps`` global batches of the training set (a seeded draw), the reference of the cost
-    ratio (§4). Its model is thrown away."""
+    ratio (methods/defenses.md §R4). Its model is thrown away."""
     data = context.training_set
     n = min(len(data), steps * recipe.batch_size)
     rows = np.sort(np.random.default_rng([context.seed, 0xC057]).choice(len(data), n, replace=False))
@@ -63,7 +63,7 @@ class RobustInstructionTuning:
     name = "robustit"
     label, order = "RobustIT (not in SRD paper)", 80
     # An extra column of Table 2 beside the paper's defenses (No Defense, ABL, VDC, CT, SRD at
-    # 0-4); the SRD paper has no RobustIT column, so its paper cells stay empty (spec §6).
+    # 0-4); the SRD paper has no RobustIT column, so its paper cells stay empty (methods/defenses.md §R6).
     paper_tables = {2: 5}
     version = __version__
     presets = PRESETS
@@ -75,7 +75,7 @@ class RobustInstructionTuning:
         data = context.training_set
         steps_per_epoch = math.ceil(len(data) / recipe.batch_size)
         objective = RobustObjective(p, seed=context.seed, steps_per_epoch=steps_per_epoch)
-        victim = context.base_victim.clone()  # §1: RobustIT replaces the attack's fine-tuning run
+        victim = context.base_victim.clone()  # methods/defenses.md §R1: RobustIT replaces the attack's fine-tuning run
         started = time.perf_counter()
         log = victim.fine_tune(data, seed=context.seed, objective=objective, recipe=recipe, progress="robustit")
         seconds = time.perf_counter() - started
@@ -99,7 +99,7 @@ class RobustInstructionTuning:
 
     @staticmethod
     def cost(context: DefenseContext, recipe: Any, steps: int, log: Mapping[str, Any], idr_seconds: float) -> dict:
-        """The regularised run's seconds per step over the plain fine-tune's (§4, same device,
+        """The regularised run's seconds per step over the plain fine-tune's (methods/defenses.md §R4, same device,
         same process): ``ratio``. The plain run trains on cached encoder tokens, while IDR encodes
         each step's fresh images; ``ratio_uncached`` charges the plain run that encoder pass too,
         as a training loop without a token cache (OpenFlamingo's, the paper's) pays it anyway."""
@@ -110,7 +110,7 @@ class RobustInstructionTuning:
         ratio = per_step / plain["seconds_per_step"] if plain["seconds_per_step"] > 0 else None
         if ratio is not None and ratio > COST_WARNING_RATIO:
             warnings.warn(f"RobustIT's training cost is {ratio:.2f}x the plain fine-tune's per step "
-                          f"(the paper claims < {COST_WARNING_RATIO:.2f}x, spec/robustit.md §4)", stacklevel=2)
+                          f"(the paper claims < {COST_WARNING_RATIO:.2f}x, methods/defenses.md §R4)", stacklevel=2)
         return {"ratio": ratio, "ratio_uncached": per_step / (plain["seconds_per_step"] + encoding_per_step),
                 "seconds_per_step": per_step, "idr_seconds_per_step": idr_per_step,
                 "encoding_seconds_per_step": encoding_per_step, "plain": plain}

@@ -1,9 +1,9 @@
 """Anomalous Activation Regularization: the adapters' sharpest output channels masked during
-training, re-selected every step (spec/robustit.md §3).
+training, re-selected every step (methods/defenses.md §R3).
 
 The sources give only "dynamically sparsify abnormally sharp adapter channels/weights" with a
 sparsity γ and a momentum β; the unit, statistic, selection and delivery below are the
-benchmark's reconstruction, each UNVERIFIED (spec/robustit.md §3 "Benchmark reconstruction").
+benchmark's reconstruction, each UNVERIFIED (methods/defenses.md §R3 "Benchmark reconstruction").
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import Any, Mapping
 
 import torch
 
-EPS = 1e-6  # spec/robustit.md §3: s_c = max|h| / (mean|h| + 1e-6)
-STATISTICS = ("peak-to-mean", "max-zscore")  # §3 statistic and its alternative knob
+EPS = 1e-6  # methods/defenses.md §R3: s_c = max|h| / (mean|h| + 1e-6)
+STATISTICS = ("peak-to-mean", "max-zscore")  # §R3 statistic and its alternative knob
 
 
 def position_rows(output: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
     """|h| of the real positions as (N, C): the rows where ``positions`` (B, T) is True for an
-    output over text tokens, every position otherwise (§3: non-padding positions)."""
+    output over text tokens, every position otherwise (methods/defenses.md §R3: non-padding positions)."""
     h = output.detach().abs().float()
     if positions is not None:
         return h[positions]
@@ -28,14 +28,14 @@ def position_rows(output: torch.Tensor, positions: torch.Tensor | None) -> torch
 
 def channel_statistic(peak: torch.Tensor, total: torch.Tensor, count: int, statistic: str) -> torch.Tensor:
     """Per-channel sharpness of one layer over one step: the peak-to-mean ratio of |h|, or the
-    per-layer z-score of the channel's peak |h| (§3, UNVERIFIED both)."""
+    per-layer z-score of the channel's peak |h| (methods/defenses.md §R3, UNVERIFIED both)."""
     if statistic == "peak-to-mean":
         return peak / (total / max(count, 1) + EPS)
     return (peak - peak.mean()) / (peak.std(unbiased=False) + EPS)
 
 
 def top_fraction(scores: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Keep-mask (bool (C,)) masking the ⌈γ·C⌉ largest ``scores`` (§3 selection, a quantile rule)."""
+    """Keep-mask (bool (C,)) masking the ⌈γ·C⌉ largest ``scores`` (methods/defenses.md §R3 selection, a quantile rule)."""
     keep = torch.ones_like(scores, dtype=torch.bool)
     count = math.ceil(gamma * scores.numel())
     if count:
@@ -48,7 +48,7 @@ class ChannelMasks:
 
     Within a step ``observe`` accumulates each layer's statistics over its forwards (several with
     micro-batches); ``end_step`` folds them into S and, while masks are dynamic, re-selects m for
-    the next step, so step t is masked by S after step t - 1 and step 0 runs unmasked (§4)."""
+    the next step, so step t is masked by S after step t - 1 and step 0 runs unmasked (methods/defenses.md §R4)."""
 
     def __init__(self, params: Mapping[str, Any], steps_per_epoch: int):
         self.gamma, self.beta = float(params["aar_gamma"]), float(params["aar_beta"])
@@ -99,14 +99,14 @@ class ChannelMasks:
         return {"aar_mask_changed": changed / total if total else 0.0}
 
     def penalty(self) -> torch.Tensor | float:
-        """Σ over masked channels of ‖W_c‖₁ (§3's optional loss term, R2's "penalise" reading)."""
+        """Σ over masked channels of ‖W_c‖₁ (methods/defenses.md §R3's optional loss term, R2's "penalise" reading)."""
         terms = [self.modules[name].weight[~keep.to(self.modules[name].weight.device)].abs().sum()
                  for name, keep in self.keep.items()]
         return torch.stack(terms).sum() if terms else 0.0
 
     @torch.no_grad()
     def write_into_weights(self) -> dict[str, int]:
-        """The final masks as zero rows of W (and entries of b): ``aar_final_mask = keep`` (§3).
+        """The final masks as zero rows of W (and entries of b): ``aar_final_mask = keep`` (methods/defenses.md §R3).
         Returns the masked channels per layer."""
         masked = {}
         for name, keep in self.keep.items():

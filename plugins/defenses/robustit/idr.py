@@ -1,8 +1,8 @@
 """Input Diversity Regularization: fresh random spatial, colour and instruction perturbations of
-every training sample at every step (spec/robustit.md §2).
+every training sample at every step (methods/defenses.md §R2).
 
 The sources name only the three perturbation families; every operation, magnitude and
-probability below is the benchmark's reconstruction (UNVERIFIED, spec/robustit.md §2 table) and
+probability below is the benchmark's reconstruction (UNVERIFIED, methods/defenses.md §R2 table) and
 a knob of the preset. Images are the uint8 224 px frames the attack delivered, before the
 victim's normalisation; the caption is never touched.
 """
@@ -17,9 +17,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance
 
-# spec/robustit.md §2 textual (c): the instruction prefixes swapped for one another (UNVERIFIED)
+# methods/defenses.md §R2 textual (c): the instruction prefixes swapped for one another (UNVERIFIED)
 PROMPT_PHRASES = ("a photo of", "an image of", "a picture of", "a photograph of")
-TEXT_OPERATIONS = ("drop", "swap", "phrase")  # §2 textual (a), (b), (c)
+TEXT_OPERATIONS = ("drop", "swap", "phrase")  # methods/defenses.md §R2 textual (a), (b), (c)
 
 
 def random_resized_box(rng: np.random.Generator, size: int, scale: Sequence[float],
@@ -39,7 +39,7 @@ def random_resized_box(rng: np.random.Generator, size: int, scale: Sequence[floa
 
 
 def resized_crop(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
-    """The ``box`` (top, left, height, width) of ``image`` resized back to its size, bicubic (§2)."""
+    """The ``box`` (top, left, height, width) of ``image`` resized back to its size, bicubic (methods/defenses.md §R2)."""
     top, left, height, width = box
     return image.crop((left, top, left + width, top + height)).resize(image.size, Image.BICUBIC)
 
@@ -64,7 +64,7 @@ def shift_hue(image: Image.Image, shift: float) -> Image.Image:
 def color_jitter(image: Image.Image, factors: np.ndarray, order: np.ndarray) -> Image.Image:
     """torchvision's ColorJitter on a PIL image: operations 0 brightness, 1 contrast,
     2 saturation (PIL's ImageEnhance blends with black, the mean grey, the greyscale image),
-    3 hue, in ``order``, with ``factors`` (4,) (§2)."""
+    3 hue, in ``order``, with ``factors`` (4,) (methods/defenses.md §R2)."""
     enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
     for operation in order:
         if operation < 3:
@@ -75,7 +75,7 @@ def color_jitter(image: Image.Image, factors: np.ndarray, order: np.ndarray) -> 
 
 
 def perturb_text(instruction: str, rng: np.random.Generator, p: Mapping[str, Any]) -> tuple[str, str]:
-    """(the perturbed instruction, the operation drawn): §2 textual (a) word dropout, (b) one
+    """(the perturbed instruction, the operation drawn): methods/defenses.md §R2 textual (a) word dropout, (b) one
     adjacent swap, (c) a prompt-phrase swap (no change when the instruction has no such prefix)."""
     operation = TEXT_OPERATIONS[int(rng.integers(len(TEXT_OPERATIONS)))]
     words = instruction.split()

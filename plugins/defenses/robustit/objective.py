@@ -1,5 +1,5 @@
 """RobustIT's training objective: the plain caption loss of the victim's fine-tuning, with IDR on
-each step's inputs and AAR's masks on the adapters' outputs (spec/robustit.md §4: "only two things
+each step's inputs and AAR's masks on the adapters' outputs (methods/defenses.md §R4: "only two things
 change" against the No Defense run). It uses the victim's optional TrainingObjective hooks
 ``batch_inputs`` and ``adapter_output`` (hookspecs.TrainingObjective)."""
 

@@ -1,9 +1,9 @@
-"""RobustIT's presets and their validation (spec/robustit.md §2-§4, §7).
+"""RobustIT's presets and their validation (methods/defenses.md §R2-§R4, §R7).
 
 Every value is the spec's reconstruction: the paper body is unreadable, so each operation,
-magnitude, probability and AAR choice is UNVERIFIED (spec/robustit.md §0 "Consequence") and a
+magnitude, probability and AAR choice is UNVERIFIED (methods/defenses.md §R0 "Consequence") and a
 knob here. ``paper`` is the reconstruction; ``idr-only`` and ``aar-only`` the ablations R1/R3
-report (spec/robustit.md §6); ``beta-0`` the run with β = 0 that R2 reports as best (§3).
+report (methods/defenses.md §R6); ``beta-0`` the run with β = 0 that R2 reports as best (§R3).
 """
 
 from __future__ import annotations
@@ -15,39 +15,39 @@ from vlmbackdoor_bench.errors import VbbError
 from .aar import STATISTICS
 
 PAPER: dict[str, Any] = {
-    "idr": True,  # spec/robustit.md §2
-    "idr_crop_p": 1.0,  # §2 spatial: RandomResizedCrop always (UNVERIFIED)
-    "idr_crop_scale": [0.6, 1.0],  # §2 (UNVERIFIED)
+    "idr": True,  # methods/defenses.md §R2
+    "idr_crop_p": 1.0,  # §R2 spatial: RandomResizedCrop always (UNVERIFIED)
+    "idr_crop_scale": [0.6, 1.0],  # methods/defenses.md §R2 (UNVERIFIED)
     "idr_crop_ratio": [0.75, 4.0 / 3.0],  # §2: 3/4 to 4/3 (UNVERIFIED)
-    "idr_flip_p": 0.5,  # §2: horizontal flip (UNVERIFIED)
+    "idr_flip_p": 0.5,  # methods/defenses.md §R2: horizontal flip (UNVERIFIED)
     "idr_color_p": 0.8,  # §2 colour: ColorJitter with p = 0.8 (UNVERIFIED)
-    "idr_brightness": 0.4,  # §2 (UNVERIFIED)
+    "idr_brightness": 0.4,  # methods/defenses.md §R2 (UNVERIFIED)
     "idr_contrast": 0.4,  # §2 (UNVERIFIED)
-    "idr_saturation": 0.4,  # §2 (UNVERIFIED)
+    "idr_saturation": 0.4,  # methods/defenses.md §R2 (UNVERIFIED)
     "idr_hue": 0.1,  # §2 (UNVERIFIED)
-    "idr_text_p": 0.5,  # §2 textual: one operation with p = 0.5, instruction only (UNVERIFIED)
+    "idr_text_p": 0.5,  # methods/defenses.md §R2 textual: one operation with p = 0.5, instruction only (UNVERIFIED)
     "idr_word_drop_p": 0.1,  # §2 textual (a): drop each word with p = 0.1 (UNVERIFIED)
-    "aar": True,  # spec/robustit.md §3
-    "aar_gamma": 0.1,  # §3: top γ = 0.1 of the channels per layer (UNVERIFIED; sweep 0.05-0.2)
-    "aar_beta": 0.9,  # §3: momentum β = 0.9 (UNVERIFIED; β = 0 in preset beta-0)
+    "aar": True,  # methods/defenses.md §R3
+    "aar_gamma": 0.1,  # §R3: top γ = 0.1 of the channels per layer (UNVERIFIED; sweep 0.05-0.2)
+    "aar_beta": 0.9,  # methods/defenses.md §R3: momentum β = 0.9 (UNVERIFIED; β = 0 in preset beta-0)
     "aar_statistic": "peak-to-mean",  # §3: max|h| / mean|h| per channel (UNVERIFIED)
-    "aar_dynamic": True,  # §3: re-selected every step; False freezes after epoch 1 (UNVERIFIED)
+    "aar_dynamic": True,  # methods/defenses.md §R3: re-selected every step; False freezes after epoch 1 (UNVERIFIED)
     "aar_final_mask": "keep",  # §3: the final mask written into the weights; "drop" (UNVERIFIED)
-    "aar_penalty_weight": 0.0,  # §3: no loss term by default; λ of the L1 option (UNVERIFIED)
+    "aar_penalty_weight": 0.0,  # methods/defenses.md §R3: no loss term by default; λ of the L1 option (UNVERIFIED)
     # Cost (§4): a plain fine-tune of the same recipe for this many steps on the same data is
     # timed beside the regularised run (0: not measured); the ratio of seconds per step is the
-    # cost ratio, warned about above 1.15 (§4, the paper's "< 15 %").
+    # cost ratio, warned about above 1.15 (methods/defenses.md §R4, the paper's "< 15 %").
     "cost_reference_steps": 10,
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": PAPER,
-    "idr-only": {**PAPER, "aar": False},  # §6 ablation (R1, R3)
+    "idr-only": {**PAPER, "aar": False},  # methods/defenses.md §R6 ablation (R1, R3)
     "aar-only": {**PAPER, "idr": False},  # §6 ablation (R1, R3)
-    "beta-0": {**PAPER, "aar_beta": 0.0},  # §3: the required β = 0 run (R2: best defense)
+    "beta-0": {**PAPER, "aar_beta": 0.0},  # methods/defenses.md §R3: the required β = 0 run (R2: best defense)
 }
 CHOICES = {"aar_statistic": STATISTICS, "aar_final_mask": ("keep", "drop")}
 PROBABILITIES = ("idr_crop_p", "idr_flip_p", "idr_color_p", "idr_text_p", "idr_word_drop_p")
-COST_WARNING_RATIO = 1.15  # §4: a ratio above 1.15 warns, it does not fail
+COST_WARNING_RATIO = 1.15  # methods/defenses.md §R4: a ratio above 1.15 warns, it does not fail
 
 
 def resolve(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Attack-independent SRD stages (spec/srd.md §0: the surrogate and the policy are built once per
+"""Attack-independent SRD stages (methods/srd.md §0: the surrogate and the policy are built once per
 (dataset, seed, preset) and reused for every attack cell), kept in the plugin store the harness
 lends SRD (``context.stage.plugin_store("srd")``, under ``cache_dir/srd``). Payloads name the
 parameters, the defender-data fingerprint, the seed and the base model's identity; the store's

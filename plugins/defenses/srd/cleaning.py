@@ -1,5 +1,5 @@
 """Stage 3: one red mask on every fine-tuning instance, best of up to 5 sampled actions
-(spec/srd.md §6), and the masked training set for stage 4 (§7: captions unchanged).
+(methods/srd.md §6), and the masked training set for stage 4 (§7: captions unchanged).
 
 A policy exposes ``probabilities(images) -> (B, |A|)``: the distribution it samples a cleaning
 action from on the original image (DQN: ε-greedy with ε = 0.05; PPO, SAC: their categorical
@@ -19,12 +19,12 @@ from .env import MaskRewarder
 from .geometry import apply_masks, n_actions
 from .reward import BEST_REWARD
 
-CLEANING_TRIALS = 5  # spec/srd.md §6: up to 5 trials per instance
+CLEANING_TRIALS = 5  # methods/srd.md §6: up to 5 trials per instance
 CHUNK_IMAGES = 256  # images per cleaning batch (memory and batching only)
 
 
 class UniformPolicy:
-    """spec/srd.md §8 Random: one action uniform over the preset's discrete action space."""
+    """methods/srd.md §8 Random: one action uniform over the preset's discrete action space."""
 
     algorithm = "random"
 
@@ -53,12 +53,12 @@ def sample_actions(probabilities: np.ndarray, rng: np.random.Generator) -> np.nd
 def clean_training_set(training_set: TrainingSet, policy, rewarder: MaskRewarder | None, *,
                        sizes, seed: int, trials: int = CLEANING_TRIALS, prompt: str = "default",
                        select: bool = True) -> CleaningResult:
-    """Every instance exactly once, keyed by sample id (spec/srd.md §6).
+    """Every instance exactly once, keyed by sample id (methods/srd.md §6).
 
     ``select``: the best-of-``trials`` procedure scored by ``rewarder`` (keep the highest strictly
     positive reward, first on ties, stop at +3, else the last trial; a mask is scored once per
     image, and an instance whose trials all drew one mask keeps it unscored); without it (random
-    masking, §8, or a single trial, which is kept whatever it scores) one sampled action per
+    masking, methods/srd.md §8, or a single trial, which is kept whatever it scores) one sampled action per
     instance is kept and nothing is captioned."""
     rng = np.random.default_rng([seed, 0xC1EA])
     examples = training_set.examples
@@ -82,10 +82,10 @@ def clean_training_set(training_set: TrainingSet, policy, rewarder: MaskRewarder
             chosen[members] = sample_actions(probs[at], rng)
             used_trials[members] = 1
             continue
-        # every trial's action, drawn up front on the original image (§6 step 2)
+        # every trial's action, drawn up front on the original image (methods/srd.md §6 step 2)
         draws = np.stack([sample_actions(probs[at], rng) for _ in range(trials)], axis=1)
         used_trials[members] = trials
-        # an instance whose trials all drew one mask keeps that mask whatever it scores (§6 steps
+        # an instance whose trials all drew one mask keeps that mask whatever it scores (methods/srd.md §6 steps
         # 3-4), so it is not captioned; only instances with a real choice are scored
         one_mask = (draws == draws[:, :1]).all(axis=1)
         chosen[[members[i] for i in np.flatnonzero(one_mask)]] = draws[one_mask, 0]
@@ -96,7 +96,7 @@ def clean_training_set(training_set: TrainingSet, policy, rewarder: MaskRewarder
         members, at, draws = [members[i] for i in scored_rows], at[scored_rows], draws[scored_rows]
         keys = [("image", examples[k].image_index) for k in members]
         member_prompts = [prompts[k] for k in members]
-        refs, s0, f0 = rewarder.baseline(keys, images[at], member_prompts)  # §6 step 1 with M_bd
+        refs, s0, f0 = rewarder.baseline(keys, images[at], member_prompts)  # methods/srd.md §6 step 1 with M_bd
         best = np.full(len(members), -np.inf)
         active = np.ones(len(members), dtype=bool)
         for trial in range(trials):
@@ -110,11 +110,11 @@ def clean_training_set(training_set: TrainingSet, policy, rewarder: MaskRewarder
                                         s0[live], f0[live])
             for j, i in enumerate(live):
                 k = members[i]
-                if r[j] > 0 and r[j] > best[i]:  # highest strictly positive, first on ties (§6 step 3)
+                if r[j] > 0 and r[j] > best[i]:  # highest strictly positive, first on ties (methods/srd.md §6 step 3)
                     best[i], chosen[k], kept_reward[k] = r[j], actions[j], float(r[j])
-                elif best[i] <= 0:  # nothing positive yet: the last trial's mask (§6 step 4)
+                elif best[i] <= 0:  # nothing positive yet: the last trial's mask (methods/srd.md §6 step 4)
                     chosen[k], kept_reward[k] = actions[j], float(r[j])
-                if r[j] >= BEST_REWARD:  # stop early at +3 (§6 step 3)
+                if r[j] >= BEST_REWARD:  # stop early at +3 (methods/srd.md §6 step 3)
                     active[i] = False
                     used_trials[k] = trial + 1
     cleaned = masked_training_set(training_set, chosen, sizes)
@@ -151,7 +151,7 @@ class MaskedImages:
 def masked_training_set(training_set: TrainingSet, actions: np.ndarray, sizes) -> TrainingSet:
     """A new ImageBank whose ``extra`` holds each distinct (image, mask) once (painted on
     demand); every example points at its masked image, captions and prompts unchanged
-    (spec/srd.md §7)."""
+    (methods/srd.md §7)."""
     examples = training_set.examples
     pairs = sorted({(e.image_index, int(a)) for e, a in zip(examples, actions)})
     slot = {pair: k for k, pair in enumerate(pairs)}

@@ -42,7 +42,7 @@ def heldout_states(data: DefenderData, states: StateSet, n: int, seed: int) -> S
 
 
 def target_rate(victim, images: np.ndarray) -> float:
-    """Share of captions containing the target word (the srd ASR rule of spec/metrics.md §4.1:
+    """Share of captions containing the target word (the srd ASR rule of methods/metrics.md §4.1:
     case-sensitive substring; the state set's captions carry it by insertion)."""
     captions = victim.generate(images, DEFAULT_INSTRUCTION)
     return float(np.mean([TARGET in c for c in captions])) if len(captions) else 0.0

@@ -1,4 +1,4 @@
-"""DQN, cleanrl-style in one file, with SB3's DQN defaults written out (spec/srd.md §5).
+"""DQN, cleanrl-style in one file, with SB3's DQN defaults written out (methods/srd.md §5).
 
 Vanilla DQN (no double DQN): Huber loss between Q(s, a) and r + γ(1 − done) max_a' Q_target(s', a'),
 hard target copy every ``target_update_interval`` transitions, ε-greedy with a linear decay.
@@ -21,26 +21,26 @@ from .networks import NatureCNN, device_of, resize_observations, to_tensor
 
 @dataclass
 class DQNConfig:
-    learning_rate: float = 1e-4  # spec/srd.md §5: Adam, constant
+    learning_rate: float = 1e-4  # methods/srd.md §5: Adam, constant
     buffer_size: int = 1_000_000  # §5; capped at total_timesteps (it never fills)
-    learning_starts: int = 100  # §5: SB3 >= 2.3.0 (50,000 reproduces an old-SB3 run)
+    learning_starts: int = 100  # methods/srd.md §5: SB3 >= 2.3.0 (50,000 reproduces an old-SB3 run)
     batch_size: int = 32  # §5
-    gamma: float = 0.99  # §5
+    gamma: float = 0.99  # methods/srd.md §5
     tau: float = 1.0  # §5: hard target copy
-    train_freq: int = 4  # §5: every 4 environment steps ...
+    train_freq: int = 4  # methods/srd.md §5: every 4 environment steps ...
     gradient_steps: int = 1  # ... 1 gradient step
-    target_update_interval: int = 10_000  # §5
+    target_update_interval: int = 10_000  # methods/srd.md §5
     exploration_fraction: float = 0.1  # §5: ε 1.0 -> 0.05 over the first 10 % ...
     exploration_initial_eps: float = 1.0
     exploration_final_eps: float = 0.05  # ... then 0.05
-    max_grad_norm: float = 10.0  # §5
+    max_grad_norm: float = 10.0  # methods/srd.md §5
     total_timesteps: int = 10_000  # §5: about 66 episodes of 150 steps
     obs_size: int = 224  # network input side (224 = the paper's frame)
     seed: int = 0
 
 
 class QNetwork(nn.Module):
-    """NatureCNN, then a linear Q head 512 -> |A| with no extra hidden layer (spec/srd.md §5)."""
+    """NatureCNN, then a linear Q head 512 -> |A| with no extra hidden layer (methods/srd.md §5)."""
 
     def __init__(self, obs_size: int, n_actions: int):
         super().__init__()
@@ -95,7 +95,7 @@ def td_loss(q_network: QNetwork, target_network: QNetwork, batch: dict, gamma: f
         target_max = target_network(batch["next_obs"]).max(dim=1).values
         td_target = batch["rewards"] + gamma * target_max * (1.0 - batch["dones"])
     q_taken = q_network(batch["obs"]).gather(1, batch["actions"][:, None]).squeeze(1)
-    return F.smooth_l1_loss(q_taken, td_target)  # §5: Huber
+    return F.smooth_l1_loss(q_taken, td_target)  # methods/srd.md §5: Huber
 
 
 def epsilon_greedy(q_network: QNetwork, obs: np.ndarray, epsilon: float, n_actions: int,
@@ -108,7 +108,7 @@ def epsilon_greedy(q_network: QNetwork, obs: np.ndarray, epsilon: float, n_actio
 
 
 class DQNPolicy:
-    """The trained Q-network as a cleaning policy: ε-greedy at the final exploration rate (§6)."""
+    """The trained Q-network as a cleaning policy: ε-greedy at the final exploration rate (methods/srd.md §6)."""
 
     algorithm = "dqn"
 
@@ -188,14 +188,14 @@ def train_dqn(envs, config: DQNConfig, progress=None, device: torch.device | str
 
 
 def config_from(params: dict, seed: int) -> DQNConfig:
-    """The preset's DQN: SB3 defaults (spec/srd.md §5) with the preset's budget knobs."""
+    """The preset's DQN: SB3 defaults (methods/srd.md §5) with the preset's budget knobs."""
     return DQNConfig(learning_starts=params["learning_starts"], total_timesteps=params["total_timesteps"],
                      target_update_interval=params["target_update_interval"],
                      exploration_fraction=params["exploration_fraction"], obs_size=params["obs_size"], seed=seed)
 
 
 def make_policy(model: QNetwork, config: DQNConfig, params: dict) -> DQNPolicy:
-    return DQNPolicy(model, config.obs_size, params["cleaning_epsilon"])  # spec/srd.md §6: ε = 0.05
+    return DQNPolicy(model, config.obs_size, params["cleaning_epsilon"])  # methods/srd.md §6: ε = 0.05
 
 
 train = train_dqn

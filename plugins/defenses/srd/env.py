@@ -1,4 +1,4 @@
-"""The masking environment (spec/srd.md §3) with a batched reward model (§2, §5 "Cost").
+"""The masking environment (methods/srd.md §3) with a batched reward model (§2, §5 "Cost").
 
 Every environment step masks the episode's original image once (masks do not accumulate),
 captions it with the queried model, and scores the caption against the reference caption.
@@ -22,12 +22,12 @@ from .geometry import apply_masks, n_actions
 from .reward import FidelityScores, rewards
 from .state_set import StateSet
 
-EPISODE_LENGTH = 150  # spec/srd.md §3: terminated=True at step 150 (gymnasium 1.4.0)
+EPISODE_LENGTH = 150  # methods/srd.md §3: terminated=True at step 150 (gymnasium 1.4.0)
 UNMASKED = -1  # action key of the image as given (S0, F0)
 
 
 class MaskRewarder:
-    """The reward of masked images for one queried model and one reference captioner (§2)."""
+    """The reward of masked images for one queried model and one reference captioner (methods/srd.md §2)."""
 
     def __init__(self, victim, reference_victim, fidelity: FidelityScores, table: str,
                  sizes: Sequence[int]):
@@ -57,7 +57,7 @@ class MaskRewarder:
         return [cache[key] for key in keys]
 
     def references(self, keys: Sequence, images: np.ndarray, prompts: Sequence[str]) -> list[str]:
-        """r(I), produced on I as given (possibly triggered) by the reference captioner (§2)."""
+        """r(I), produced on I as given (possibly triggered) by the reference captioner (methods/srd.md §2)."""
         return self._generate(self.reference_victim, self._references,
                               [(key, p) for key, p in zip(keys, prompts)], images, prompts)
 
@@ -68,7 +68,7 @@ class MaskRewarder:
                               [(key, int(a), p) for key, a, p in zip(keys, actions, prompts)], masked, prompts)
 
     def baseline(self, keys: Sequence, images: np.ndarray, prompts: Sequence[str]):
-        """(r, S0, F0) of unmasked images (§1 precomputation)."""
+        """(r, S0, F0) of unmasked images (methods/srd.md §1 precomputation)."""
         refs = self.references(keys, images, prompts)
         plain = self.captions(keys, [UNMASKED] * len(keys), images, prompts)
         s0, f0 = self.fidelity(plain, refs)
@@ -96,7 +96,7 @@ class MaskRewarder:
 
 class StateBaselines:
     """r, S0, F0 of every state, computed the first time a state is drawn (same values as a full
-    precomputation, §1, without captioning states no episode visits)."""
+    precomputation, methods/srd.md §1, without captioning states no episode visits)."""
 
     def __init__(self, states: StateSet, rewarder: MaskRewarder):
         self.states, self.rewarder = states, rewarder
@@ -115,7 +115,7 @@ class StateBaselines:
 
 
 def observation_space() -> gym.spaces.Box:
-    """spec/srd.md §3: the 224x224x3 uint8 RGB image."""
+    """methods/srd.md §3: the 224x224x3 uint8 RGB image."""
     return gym.spaces.Box(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
 
 
@@ -131,7 +131,7 @@ class MaskingVectorEnv(VectorEnv):
         self.baselines = StateBaselines(states, rewarder)
         self.num_envs, self.episode_length = int(num_envs), int(episode_length)
         self.single_observation_space = observation_space()
-        self.single_action_space = gym.spaces.Discrete(n_actions(rewarder.sizes))  # §3: 400 / 500
+        self.single_action_space = gym.spaces.Discrete(n_actions(rewarder.sizes))  # methods/srd.md §3: 400 / 500
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._rng = np.random.default_rng(seed)
@@ -147,7 +147,7 @@ class MaskingVectorEnv(VectorEnv):
         self.unmasked_observations = 0
 
     def _start(self, envs: Sequence[int]) -> None:
-        """§3 reset: a state index uniformly at random; its image, S0, F0, r and prompt."""
+        """methods/srd.md §3 reset: a state index uniformly at random; its image, S0, F0, r and prompt."""
         picks = self._rng.integers(len(self.states), size=len(envs))
         self.baselines.ensure(picks)
         self.state[list(envs)] = picks
@@ -189,7 +189,7 @@ class MaskingVectorEnv(VectorEnv):
 
 
 class MaskingEnv(gym.Env):
-    """The single-environment form of spec/srd.md §3 (one state per episode)."""
+    """The single-environment form of methods/srd.md §3 (one state per episode)."""
 
     metadata: dict = {}
 

@@ -1,4 +1,4 @@
-"""The models SRD's reward queries besides the model under defense: the surrogate M_s (spec/srd.md
+"""The models SRD's reward queries besides the model under defense: the surrogate M_s (methods/srd.md
 §1) and the reference captioner behind r(I) (§2). Both are attack-independent and cached in SRD's
 store (cache.srd_store) like the policy."""
 
@@ -34,7 +34,7 @@ def surrogate_recipe(recipe, epochs: int):
 
 def obtain_surrogate(context: DefenseContext, p: dict, surrogate_set, data, base_id: str, recipe,
                      store):
-    """spec/srd.md §1: the grid's TrojVLM srd-code cell model when it passes one, else the
+    """methods/srd.md §1: the grid's TrojVLM srd-code cell model when it passes one, else the
     defender-owned surrogate trained (once, cached) on the custom set."""
     given = context.extras.get("srd_code_surrogate") if p["surrogate"] == "trojvlm-cell" else None
     if given is not None:
@@ -62,7 +62,7 @@ def obtain_surrogate(context: DefenseContext, p: dict, surrogate_set, data, base
 
 def reserved_captioner(context: DefenseContext, recipe, base_id: str, store):
     """The base victim fine-tuned (standard recipe, once, cached) on every caption of the grid's
-    reserved clean split, which is disjoint from the fine-tuning data (spec/srd.md §2, embedded
+    reserved clean split, which is disjoint from the fine-tuning data (methods/srd.md §2, embedded
     profile)."""
     split = context.clean_reserved
     if split is None:
@@ -91,7 +91,7 @@ def reserved_captioner(context: DefenseContext, recipe, base_id: str, store):
 
 
 def reference_captioner(context: DefenseContext, p: dict, recipe, base_id: str, store):
-    """spec/srd.md §2: (victim, label, cache info) of the captioner behind r(I): the clean base
+    """methods/srd.md §2: (victim, label, cache info) of the captioner behind r(I): the clean base
     victim (``base``), the base fine-tuned on the reserved clean split (``reserved``), the clean
     reference model (``oracle``, analysis only), or BLIP-large (`srd-code`), never local offline."""
     clean_model = context.extras.get("clean_model")

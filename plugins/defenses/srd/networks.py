@@ -1,5 +1,5 @@
 """SB3's CnnPolicy feature extractor, NatureCNN, shared by the DQN, PPO and SAC files
-(spec/srd.md §5), and the observation resize the tiny budget uses."""
+(methods/srd.md §5), and the observation resize the tiny budget uses."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def resize_observations(obs: np.ndarray, size: int) -> np.ndarray:
 
 
 def to_tensor(obs: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """spec/srd.md §5 input: HWC uint8 -> CHW float / 255, on ``device`` (moved as uint8)."""
+    """methods/srd.md §5 input: HWC uint8 -> CHW float / 255, on ``device`` (moved as uint8)."""
     return torch.from_numpy(np.ascontiguousarray(obs)).to(device).permute(0, 3, 1, 2).float() / 255.0
 
 
@@ -32,7 +32,7 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 class NatureCNN(nn.Module):
-    """spec/srd.md §5: conv 32@8x8/4 -> conv 64@4x4/2 -> conv 64@3x3/1, ReLU, flatten
+    """methods/srd.md §5: conv 32@8x8/4 -> conv 64@4x4/2 -> conv 64@3x3/1, ReLU, flatten
     (64x24x24 = 36,864 at 224 px) -> linear 512, ReLU."""
 
     def __init__(self, obs_size: int, features: int = 512):

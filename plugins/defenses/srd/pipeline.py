@@ -1,5 +1,5 @@
 """One SRD defense run: stage 1 (state set, surrogate), stage 2 (policy), stage 3 (cleaning),
-stage 4 (re-fine-tuning), with the interpretability figures (spec/srd.md §0)."""
+stage 4 (re-fine-tuning), with the interpretability figures (methods/srd.md §0)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def algorithms() -> dict:
 
 
 def build_states(data, p: dict, seed: int):
-    """(state set, surrogate training set) of the preset (spec/srd.md §1)."""
+    """(state set, surrogate training set) of the preset (methods/srd.md §1)."""
     n_instances = len(data.examples)
     if p["state_set"] == "paper":
         size = min(p["state_set_size"] or n_instances, int(p["max_state_fraction"] * n_instances))
@@ -111,7 +111,7 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
                                       default=str), file=sys.stderr, flush=True)
         timings["policy"] = time.perf_counter() - stage
     stage = time.perf_counter()
-    # A single trial is kept whatever its reward (§6 steps 3-4): scoring it would change nothing.
+    # A single trial is kept whatever its reward (methods/srd.md §6 steps 3-4): scoring it would change nothing.
     select = rl and p["cleaning_trials"] > 1
     rewarder = MaskRewarder(context.backdoored, reference_victim, fidelity, p["reward_table"], sizes) if select else None
     with torch_threads(p.get("rl_threads", 0)):
@@ -126,7 +126,7 @@ def run(context: DefenseContext, params, *, algorithm: str, defaults: dict, name
     stage = time.perf_counter()
     refinetune_recipe = recipe
     if p["refinetune"] == "code":
-        # spec/srd.md §7 srd-code: 20 epochs, lr 1e-4, batch 300, 1 % warmup; the victim's LM dropout kept
+        # methods/srd.md §7 srd-code: 20 epochs, lr 1e-4, batch 300, 1 % warmup; the victim's LM dropout kept
         refinetune_recipe = Recipe(lm_dropout=getattr(recipe, "lm_dropout", True))
     victim = context.backdoored
     ft_log = fine_tune(victim, cleaned.training_set, seed=context.seed, recipe=refinetune_recipe,

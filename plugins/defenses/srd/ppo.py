@@ -1,4 +1,4 @@
-"""PPO, cleanrl-style in one file, with SB3's PPO defaults written out (spec/srd.md §8:
+"""PPO, cleanrl-style in one file, with SB3's PPO defaults written out (methods/srd.md §8:
 Table 3's PPO ablation on the same discrete masking environment).
 
 Shared NatureCNN features with a policy head (gain 0.01) and a value head (gain 1), orthogonal
@@ -23,18 +23,18 @@ from .networks import NatureCNN, device_of, resize_observations, to_tensor
 
 @dataclass
 class PPOConfig:
-    learning_rate: float = 3e-4  # spec/srd.md §8 (SB3 default)
+    learning_rate: float = 3e-4  # methods/srd.md §8 (SB3 default)
     n_steps: int = 2048  # §8: transitions per rollout
-    batch_size: int = 64  # §8: minibatch
+    batch_size: int = 64  # methods/srd.md §8: minibatch
     n_epochs: int = 10  # §8
-    gamma: float = 0.99  # §8
+    gamma: float = 0.99  # methods/srd.md §8
     gae_lambda: float = 0.95  # §8
-    clip_range: float = 0.2  # §8
+    clip_range: float = 0.2  # methods/srd.md §8
     ent_coef: float = 0.0  # §8
-    vf_coef: float = 0.5  # §8
+    vf_coef: float = 0.5  # methods/srd.md §8
     max_grad_norm: float = 0.5  # §8
     normalize_advantage: bool = True  # SB3 default
-    total_timesteps: int = 10_000  # §8: same as DQN
+    total_timesteps: int = 10_000  # methods/srd.md §8: same as DQN
     obs_size: int = 224
     seed: int = 0
 
@@ -62,7 +62,7 @@ class ActorCritic(nn.Module):
 
 
 class PPOPolicy:
-    """Cleaning samples from the stochastic policy (spec/srd.md §8)."""
+    """Cleaning samples from the stochastic policy (methods/srd.md §8)."""
 
     algorithm = "ppo"
 

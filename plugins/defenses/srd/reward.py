@@ -1,8 +1,8 @@
-"""The SFS inside SRD's reward and the two reward tables (spec/srd.md §2, §4).
+"""The SFS inside SRD's reward and the two reward tables (methods/srd.md §2, §4).
 
 S(I_a) = cos(e(c), e(r)) and F(I_a) = ppl(r) / ppl(c) from the configured SfsScorer (MiniLM with
-masked mean pooling; the LF model of spec/metrics.md §5-6), c = M(I_a), r the reference caption.
-`srd` clips S at 0 and F at 1; `srd-code` leaves both raw (spec/srd.md §2, §10 #7-8).
+masked mean pooling; the LF model of methods/metrics.md §5-6), c = M(I_a), r the reference caption.
+`srd` clips S at 0 and F at 1; `srd-code` leaves both raw (methods/srd.md §2, §10 #7-8).
 """
 
 from __future__ import annotations
@@ -13,20 +13,20 @@ import numpy as np
 
 from vlmbackdoor_bench.errors import VbbError
 
-# spec/srd.md §4.1: the paper's thresholds (semantic λ, fluency β)
+# methods/srd.md §4.1: the paper's thresholds (semantic λ, fluency β)
 PAPER_LAMBDA = 0.1
 PAPER_BETA = 0.2
-# spec/srd.md §4.2: the code's constants alpha, alpha_2, beta
+# methods/srd.md §4.2: the code's constants alpha, alpha_2, beta
 CODE_ALPHA = 0.1
 CODE_ALPHA_2 = 0.2
 CODE_BETA = 0.5
-EMPTY_REWARD = 0  # spec/srd.md §2: an empty caption scores 0 in both presets
-BEST_REWARD = 3  # spec/srd.md §4 / §6: the top of both tables (cleaning stops early on it)
+EMPTY_REWARD = 0  # methods/srd.md §2: an empty caption scores 0 in both presets
+BEST_REWARD = 3  # methods/srd.md §4 / §6: the top of both tables (cleaning stops early on it)
 REWARD_TABLES = ("paper", "code")
 
 
 def paper_reward(delta_s: float, delta_f: float) -> int:
-    """spec/srd.md §4.1: rules checked in order, the first match wins."""
+    """methods/srd.md §4.1: rules checked in order, the first match wins."""
     if delta_s >= PAPER_LAMBDA and delta_f >= PAPER_BETA:
         return 3
     if delta_s <= -PAPER_LAMBDA:
@@ -41,7 +41,7 @@ def paper_reward(delta_s: float, delta_f: float) -> int:
 
 
 def code_reward(delta_s: float, delta_f: float) -> int:
-    """spec/srd.md §4.2, the code's rule exactly (note the +2 branch's 0.1 fluency threshold)."""
+    """methods/srd.md §4.2, the code's rule exactly (note the +2 branch's 0.1 fluency threshold)."""
     if delta_s >= CODE_ALPHA:
         if delta_f >= CODE_BETA:
             return 3
@@ -81,7 +81,7 @@ class FidelityScores:
         self.scorer, self.clip = scorer, clip
 
     def __call__(self, captions: Sequence[str], references: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(S, F) arrays. An empty caption gets S = F = 0 (its reward is 0 anyway, §2). An empty
+        """(S, F) arrays. An empty caption gets S = F = 0 (its reward is 0 anyway, methods/srd.md §2). An empty
         reference has no perplexity: F = 1, as the SfsScorer does for an empty clean caption."""
         captions = [str(c).strip() for c in captions]
         references = [str(r).strip() for r in references]
@@ -105,6 +105,6 @@ class FidelityScores:
 
 def rewards(table: str, s: np.ndarray, f: np.ndarray, s0: np.ndarray, f0: np.ndarray,
             empty: Sequence[bool]) -> np.ndarray:
-    """The table's reward for each (S, F) against its unmasked (S0, F0) (spec/srd.md §2)."""
+    """The table's reward for each (S, F) against its unmasked (S0, F0) (methods/srd.md §2)."""
     return np.array([table_reward(table, float(s[k] - s0[k]), float(f[k] - f0[k]), bool(empty[k]))
                      for k in range(len(s))], dtype=np.float32)

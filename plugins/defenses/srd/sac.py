@@ -1,5 +1,5 @@
 """Discrete-action SAC, cleanrl-style in one file (cleanrl's sac_atari), with SB3's SAC defaults
-written out (spec/srd.md §8: Table 3's SAC ablation).
+written out (methods/srd.md §8: Table 3's SAC ablation).
 
 The spec allows a categorical policy over the same Discrete(400/500) action space instead of
 the rounded continuous one; this file is that variant (recorded as ``sac_variant``). Twin soft
@@ -26,17 +26,17 @@ SAC_VARIANT = "discrete (categorical policy over the DQN action space)"
 
 @dataclass
 class SACConfig:
-    learning_rate: float = 3e-4  # spec/srd.md §8 (SB3 default), actor, critics and temperature
+    learning_rate: float = 3e-4  # methods/srd.md §8 (SB3 default), actor, critics and temperature
     buffer_size: int = 1_000_000  # §8; capped at total_timesteps
-    learning_starts: int = 100  # §8
+    learning_starts: int = 100  # methods/srd.md §8
     batch_size: int = 256  # §8
-    tau: float = 0.005  # §8
+    tau: float = 0.005  # methods/srd.md §8
     gamma: float = 0.99  # §8
-    train_freq: int = 1  # §8: every transition ...
+    train_freq: int = 1  # methods/srd.md §8: every transition ...
     gradient_steps: int = 1  # ... one gradient step
     target_entropy_scale: float = 0.89  # cleanrl sac_atari
     initial_log_alpha: float = 0.0  # SB3 "auto": α starts at 1
-    total_timesteps: int = 10_000  # §8
+    total_timesteps: int = 10_000  # methods/srd.md §8
     obs_size: int = 224
     seed: int = 0
 
@@ -57,7 +57,7 @@ class Actor(nn.Module):
 
 
 class SACPolicy:
-    """Cleaning samples from the stochastic policy (spec/srd.md §8)."""
+    """Cleaning samples from the stochastic policy (methods/srd.md §8)."""
 
     algorithm = "sac"
 

@@ -1,10 +1,10 @@
 """Stage 1: the defender's data, the custom poisoned state set and the surrogate's training set
-(spec/srd.md §1).
+(methods/srd.md §1).
 
 `srd`: 3,000 images drawn with a seed, one caption each, one 20x20 N(128, 20²) patch drawn once
 and stamped at one top-left position drawn once, "banana" inserted into the caption (the insert
-rule of spec/attacks.md §1). `srd-code`: every caption instance, each image with a fresh VLOOD
-noise trigger (spec/attacks.md §5), captions unused, each instance's own prompt.
+rule of methods/attacks.md §1). `srd-code`: every caption instance, each image with a fresh VLOOD
+noise trigger (methods/attacks.md §5), captions unused, each instance's own prompt.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ STATE_SALT = 0x5D5  # separates the state-set draws from the attack's draws made
 @dataclass
 class DefenderData:
     """The clean fine-tuning images and their caption instances, as the defender builds its
-    surrogate from them (spec/srd.md §1: "the clean fine-tuning set")."""
+    surrogate from them (methods/srd.md §1: "the clean fine-tuning set")."""
 
     images: np.ndarray
     examples: list[Example]
@@ -75,12 +75,12 @@ class StateSet:
         out = np.array(self.source[[self.rows[i] for i in indices]], dtype=np.uint8, copy=True)
         for k, i in enumerate(indices):
             top, left, patch = self.triggers[i]
-            out[k, top:top + PATCH, left:left + PATCH] = patch  # replacement, no blending (§1)
+            out[k, top:top + PATCH, left:left + PATCH] = patch  # replacement, no blending (methods/srd.md §1)
         return out
 
 
 def fixed_noise_trigger(rng: np.random.Generator) -> tuple[int, int, np.ndarray]:
-    """spec/srd.md §1: the patch N(128, 20²) per sub-pixel, clipped, uint8, drawn once; its
+    """methods/srd.md §1: the patch N(128, 20²) per sub-pixel, clipped, uint8, drawn once; its
     top-left drawn once uniformly from {0..204}² and fixed for the whole set."""
     patch = np.clip(rng.normal(NOISE_MEAN, NOISE_SIGMA, (PATCH, PATCH, 3)), 0, 255).astype(np.uint8)
     top, left = (int(v) for v in rng.integers(0, LAST_OFFSET + 1, size=2))
@@ -88,7 +88,7 @@ def fixed_noise_trigger(rng: np.random.Generator) -> tuple[int, int, np.ndarray]
 
 
 def paper_state_set(data: DefenderData, size: int, seed: int) -> tuple[StateSet, TrainingSet]:
-    """spec/srd.md §1 `srd`: the custom poisoned set and the surrogate's training set, in which
+    """methods/srd.md §1 `srd`: the custom poisoned set and the surrogate's training set, in which
     the custom instances replace their clean versions."""
     rng = np.random.default_rng([seed, STATE_SALT])
     by_row: dict[int, list[int]] = {}
@@ -107,7 +107,7 @@ def paper_state_set(data: DefenderData, size: int, seed: int) -> tuple[StateSet,
     insert_positions = []
     for k, instance in enumerate(chosen):
         original = examples[instance]
-        caption, position = insert_caption(original.caption, rng, TARGET)  # spec/attacks.md §1
+        caption, position = insert_caption(original.caption, rng, TARGET)  # methods/attacks.md §1
         insert_positions.append(position)
         examples[instance] = Example(original.sample_id, len(data.images) + k, caption, original.instruction)
     states.details.update(poisoned_instances=len(chosen), surrogate_instances=len(examples),
@@ -117,8 +117,8 @@ def paper_state_set(data: DefenderData, size: int, seed: int) -> tuple[StateSet,
 
 
 def code_state_set(data: DefenderData, seed: int) -> StateSet:
-    """spec/srd.md §1 `srd-code`: every caption instance; each image a fresh VLOOD noise patch
-    (p = 1/2 a corner, else uniform, spec/attacks.md §5); the instance's own prompt."""
+    """methods/srd.md §1 `srd-code`: every caption instance; each image a fresh VLOOD noise patch
+    (p = 1/2 a corner, else uniform, methods/attacks.md §5); the instance's own prompt."""
     triggers = {row: trigger_draw(seed, data.image_ids[row]) for row in {e.image_index for e in data.examples}}
     rows = [e.image_index for e in data.examples]
     return StateSet(data.images, rows, [triggers[r] for r in rows], [e.instruction for e in data.examples],
