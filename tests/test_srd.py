@@ -65,7 +65,7 @@ class PixelVictim:
             out.append(BACKDOOR if visible >= 0.5 else CLEAN)
         return out
 
-    def fine_tune(self, training_set, *, seed, objective=None, progress=""):
+    def fine_tune(self, training_set, *, seed, recipe=None, objective=None, progress=""):
         self.fine_tuned.append(training_set)
         for e in training_set.examples:
             if "banana" in e.caption:

@@ -5,7 +5,6 @@ store (cache.srd_store) like the policy."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from pathlib import Path
 
 from vlmbackdoor_bench.errors import VbbError
@@ -19,10 +18,8 @@ STATE_SET_VERSION = 1  # bump when the state-set or surrogate construction chang
 
 
 def fine_tune(victim, training_set, *, seed: int, recipe, progress: str) -> dict:
-    kwargs = {"seed": seed, "progress": progress}
-    if recipe is not None and "recipe" in inspect.signature(victim.fine_tune).parameters:
-        kwargs["recipe"] = recipe
-    return victim.fine_tune(training_set, **kwargs)
+    # Victim.fine_tune takes recipe=None as "the base model's own recipe" (hookspecs.Victim).
+    return victim.fine_tune(training_set, seed=seed, recipe=recipe, progress=progress)
 
 
 def surrogate_recipe(recipe, epochs: int):
