@@ -16,7 +16,7 @@ from collections import defaultdict
 from typing import Mapping, Sequence
 
 from .facts import Facts
-from ..results_schema import CLEAN_MODEL
+from ..results_schema import CLEAN_MODEL, NO_DEFENSE
 from .results import defense_values, finite_number
 from .table_model import MISSING, ColumnGroup, Table, fmt
 
@@ -48,7 +48,7 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None, facts:
     table = Table(key="defense_report", title="Defense report: ASR before/after, detection, time",
                   index=("Dataset", "Attack", "Defense", "ASR rule"),
                   groups=(ColumnGroup("", COLUMNS),))
-    cells = sorted({(d, a, f) for d, a, f in (k[:3] for k in values) if f != "none"},
+    cells = sorted({(d, a, f) for d, a, f in (k[:3] for k in values) if f != NO_DEFENSE},
                    key=lambda k: (facts.rank("dataset", k[0]), facts.rank("attack", k[1]),
                                   facts.rank("defense", k[2])))
     for dataset, attack, defense in cells:
@@ -62,7 +62,7 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None, facts:
         suspected_recall = get("suspected_recall")
         suspected = MISSING if suspected_recall is None else \
             f"{fmt(get('suspected_precision'))} / {fmt(suspected_recall)}"
-        texts = (fmt(get("asr", "none")), fmt(get("asr")), fmt(get("cider")), fmt(get("precision")),
+        texts = (fmt(get("asr", NO_DEFENSE)), fmt(get("asr")), fmt(get("cider")), fmt(get("precision")),
                  fmt(get("recall")), counts, suspected, fmt(get("trigger_masked")),
                  MISSING if seconds is None else f"{seconds:.0f}")
         table.rows.append(((facts.label("dataset", dataset), facts.label("attack", attack),

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..diagnostics import MASK_GRID_PART, REWARD_CURVE_PART, grid_matrix  # noqa: E402
-from ..results_schema import CLEAN_MODEL  # noqa: E402
+from ..results_schema import CLEAN_MODEL, NO_DEFENSE  # noqa: E402
 from ..types import IMAGE_SIZE  # noqa: E402
 from .facts import Facts  # noqa: E402
 from .results import defense_values, finite_number  # noqa: E402
@@ -68,7 +68,7 @@ class BoardMeans:
         self.values = {k: math.fsum(v) / len(v) for k, v in sums.items()}
         self.datasets = self._ordered("dataset", {r["dataset"] for r in kept})
         self.attacks = self._ordered("attack", {r["attack"] for r in kept})
-        self.defenses = self._ordered("defense", {r["defense"] for r in kept} - {"none"})
+        self.defenses = self._ordered("defense", {r["defense"] for r in kept} - {NO_DEFENSE})
 
     def _ordered(self, kind: str, ids: set[str]) -> list[str]:
         return sorted(ids, key=lambda x: self.facts.rank(kind, x))
@@ -117,7 +117,7 @@ def asr_before_after(board: BoardMeans) -> plt.Figure:
     for i, dataset in enumerate(board.datasets):
         for j, defense in enumerate(board.defenses):
             ax = axes[i, j]
-            before = [board.get(dataset, a, "none", "asr") for a in board.attacks]
+            before = [board.get(dataset, a, NO_DEFENSE, "asr") for a in board.attacks]
             after = [board.get(dataset, a, defense, "asr") for a in board.attacks]
             ax.bar(x - 0.2, [np.nan if v is None else v for v in before], 0.4, color=BEFORE_COLOR,
                    label="no defense")
@@ -145,10 +145,10 @@ def tradeoff(board: BoardMeans) -> plt.Figure:
     for j, dataset in enumerate(board.datasets):
         ax = axes[0, j]
         for k, defense in enumerate(board.defenses):
-            points = [(board.get(dataset, a, "none", "clean_cider") - board.get(dataset, a, defense, "clean_cider"),
+            points = [(board.get(dataset, a, NO_DEFENSE, "clean_cider") - board.get(dataset, a, defense, "clean_cider"),
                        board.get(dataset, a, defense, "asr"))
                       for a in board.attacks
-                      if None not in (board.get(dataset, a, "none", "clean_cider"),
+                      if None not in (board.get(dataset, a, NO_DEFENSE, "clean_cider"),
                                       board.get(dataset, a, defense, "clean_cider"),
                                       board.get(dataset, a, defense, "asr"))]
             if points:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from ..results_schema import CLEAN_MODEL
+from ..results_schema import CLEAN_MODEL, NO_DEFENSE
 from .facts import CLEAN_MODEL_LABEL
 from .tables import (TABLE1_METRICS, TABLE23_METRICS, CellValues, PaperCell, TableSet,
                      table2_defenses, table_rows)
@@ -109,7 +109,7 @@ def layout_rows(table_set: TableSet, layout: PaperLayout) -> list[LayoutRow]:
             tuple(paper.get((row.dataset, attack, cells.base.get(c.defense, c.defense), c.metric))
                   for c in cols), False))
     if layout.reference_row and cells.clean_rows:
-        first_none = next((c.defense for c in cols if cells.base.get(c.defense, c.defense) == "none"), None)
+        first_none = next((c.defense for c in cols if cells.base.get(c.defense, c.defense) == NO_DEFENSE), None)
         for dataset in sorted({d for d, _a in cells.clean_rows}, key=lambda d: facts.rank("dataset", d)):
             rows.append(LayoutRow(
                 (facts.label("dataset", dataset), REFERENCE_LABEL),

@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 from ..errors import VbbError
 from .defense_report import defense_report
 from .facts import Facts, registry_facts
-from ..results_schema import CLEAN_MODEL
+from ..results_schema import CLEAN_MODEL, NO_DEFENSE
 from .results import PAPER_PROFILE, metric_n, metric_values
 from .table_model import MISSING, ColumnGroup, Table, fmt
 
@@ -337,7 +337,7 @@ def _grid_table(*, key: str, title: str, cells: CellValues, groups: Sequence[str
     """Rows dataset x attack, one column group per defense key, ``metrics`` = (split, metric,
     header) per column. ``paper`` given: cells print ``ours (paper)``."""
     group_keys = [k for d in groups for k in cells.keys_of_defense(d)]
-    first_none = next((k for k in group_keys if cells.base.get(k, k) == "none"), "")
+    first_none = next((k for k in group_keys if cells.base.get(k, k) == NO_DEFENSE), "")
     notes = _Notes()
     table = Table(key=key, title=title, index=("Dataset", "Attack"),
                   groups=tuple(ColumnGroup(cells.key_label("defense", g, group_labels),
@@ -429,7 +429,7 @@ def clean_inputs(cells: CellValues, n_failed: int = 0) -> Table:
 
 def asr_headline(cells: CellValues, n_failed: int = 0) -> Table:
     group_keys = [k for d in table2_defenses(cells) for k in cells.keys_of_defense(d)]
-    first_none = next((k for k in group_keys if cells.base.get(k, k) == "none"), "")
+    first_none = next((k for k in group_keys if cells.base.get(k, k) == NO_DEFENSE), "")
     table = Table(key="asr_headline", title="Headline ASR (rule strict, or concept for Shadowcast)",
                   index=("Dataset", "Attack", "Rule"),
                   groups=tuple(ColumnGroup(cells.key_label("defense", g), ("ASR ↓", "n"))
