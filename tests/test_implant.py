@@ -159,3 +159,14 @@ def test_readmes_and_figures_carry_the_mark(board: Path):
     assert any(t.startswith(f"{MARK} left out") and "TrojVLM" in t for t in texts)
     points = sum(len(c.get_offsets()) for ax in fig.axes for c in ax.collections)
     assert points == 2 * 2 * 2  # datasets x defenses x BadNet, VLOOD (Blended: no no-defense C)
+
+
+def test_committed_readme_headline_carries_the_legend():
+    """The project README quotes headline_markdown (tests/test_leaderboard_page.py); where that
+    table marks an attack, the legend follows it."""
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| Attack | No Defense |"):]
+    table = table[:table.index("\n\n")]
+    if MARK in table:
+        assert LEGEND in readme[readme.index("| Attack | No Defense |"):]
