@@ -167,8 +167,9 @@ def test_table2_pivots_values(results: Path, tmp_path: Path) -> None:
     assert header[:5] == ["Dataset", "Attack", "No Defense / C ↑", "No Defense / SFS ↑",
                           "No Defense / ASR ↓"]
     # RobustIT is a Table 2 column (not in the SRD paper) even where it has no results
-    assert [h.split(" / ")[0] for h in header[2::3]] == ["No Defense", "ABL", "VDC", "CT", "SRD",
-                                                         "RobustIT (not in SRD paper)"]
+    assert [h.split(" / ")[0] for h in header[2:-1:3]] == ["No Defense", "ABL", "VDC", "CT", "SRD",
+                                                           "RobustIT (not in SRD paper)"]
+    assert header[-1] == "implanted"  # leaderboard/implant.py: true / false / empty (unknown)
     row = table[("COCO", "BadNet")]
     assert row["ABL / C ↑"] == f"{value('coco', 'badnet', 'abl', 'triggered', 'cider'):.1f}"
     assert row["SRD / ASR ↓"] == f"{value('coco', 'badnet', 'srd', 'triggered', 'asr_srd'):.1f}"

@@ -13,6 +13,7 @@ from typing import Any
 
 from .device import EVAL_DTYPES, TRAIN_DTYPES, check_device_spec, check_dtype
 from .errors import VbbError
+from .results_schema import NO_DEFENSE
 
 DEFAULT_CONFIG_NAME = "benchmark.toml"
 EXECUTORS = ("local", "ray")  # grid.runner.GridRunner.run; "ray" needs the [ray] extra
@@ -22,7 +23,7 @@ EXECUTORS = ("local", "ray")  # grid.runner.GridRunner.run; "ray" needs the [ray
 class BenchmarkConfig:
     profile: str = "tiny"
     attacks: list[str] = field(default_factory=lambda: ["badnet"])
-    defenses: list[str] = field(default_factory=lambda: ["none"])
+    defenses: list[str] = field(default_factory=lambda: [NO_DEFENSE])
     datasets: list[str] = field(default_factory=lambda: ["coco", "flickr30k"])
     poison_rate: float = 0.1  # methods/attacks.md §1: the default rate is 10 %
     seeds: list[int] = field(default_factory=lambda: [0])

@@ -17,6 +17,7 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
 STATUSES = ("ok", "failed")
 CLEAN_MODEL = "clean-model"  # pseudo-defense id of the clean reference model's cells (methods/design.md §6)
+NO_DEFENSE = "none"  # the defense id of the backdoored model left undefended (the No Defense column)
 #: The ASR rule whose column the paper's tables print (methods/metrics.md §4.1, §4.4).
 REPRODUCTION_ASR_RULE = "srd"
 

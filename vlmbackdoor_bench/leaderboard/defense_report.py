@@ -16,7 +16,8 @@ from collections import defaultdict
 from typing import Mapping, Sequence
 
 from .facts import Facts
-from ..results_schema import CLEAN_MODEL
+from .implant import LEGEND, csv_value, implant_status
+from ..results_schema import CLEAN_MODEL, NO_DEFENSE
 from .results import defense_values, finite_number
 from .table_model import MISSING, ColumnGroup, Table, fmt
 
@@ -48,7 +49,8 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None, facts:
     table = Table(key="defense_report", title="Defense report: ASR before/after, detection, time",
                   index=("Dataset", "Attack", "Defense", "ASR rule"),
                   groups=(ColumnGroup("", COLUMNS),))
-    cells = sorted({(d, a, f) for d, a, f in (k[:3] for k in values) if f != "none"},
+    status = implant_status(records, facts, poison_rate)
+    cells = sorted({(d, a, f) for d, a, f in (k[:3] for k in values) if f != NO_DEFENSE},
                    key=lambda k: (facts.rank("dataset", k[0]), facts.rank("attack", k[1]),
                                   facts.rank("defense", k[2])))
     for dataset, attack, defense in cells:
@@ -62,13 +64,14 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None, facts:
         suspected_recall = get("suspected_recall")
         suspected = MISSING if suspected_recall is None else \
             f"{fmt(get('suspected_precision'))} / {fmt(suspected_recall)}"
-        texts = (fmt(get("asr", "none")), fmt(get("asr")), fmt(get("cider")), fmt(get("precision")),
+        texts = (fmt(get("asr", NO_DEFENSE)), fmt(get("asr")), fmt(get("cider")), fmt(get("precision")),
                  fmt(get("recall")), counts, suspected, fmt(get("trigger_masked")),
                  MISSING if seconds is None else f"{seconds:.0f}")
         table.rows.append(((facts.label("dataset", dataset), facts.label("attack", attack),
                             facts.label("defense", defense),
                             facts.headline_metric(attack).removeprefix("asr_")),
                            texts))
+        table.implanted.append(csv_value(status, attack, dataset))
         table.has_data = True
     table.footnotes = [
         "Triggered test inputs for ASR (rule `strict`, or `concept` for Shadowcast, methods/metrics.md "
@@ -82,5 +85,5 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None, facts:
         "clean image) that the instance's mask covered.",
         "defense s: wall seconds of the defend stage when it was computed; the defended model is "
         "shared by both datasets, so its detection and time repeat on the Flickr row.",
-    ]
+    ] + ([LEGEND] if any(table.marked(i) for i in range(len(table.rows))) else [])
     return table

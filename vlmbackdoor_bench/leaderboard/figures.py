@@ -21,9 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..diagnostics import MASK_GRID_PART, REWARD_CURVE_PART, grid_matrix  # noqa: E402
-from ..results_schema import CLEAN_MODEL  # noqa: E402
+from ..results_schema import CLEAN_MODEL, NO_DEFENSE  # noqa: E402
 from ..types import IMAGE_SIZE  # noqa: E402
 from .facts import Facts  # noqa: E402
+from .implant import MARK, not_implanted  # noqa: E402
 from .results import defense_values, finite_number  # noqa: E402
 from .stage_tables import NOT_RECORDED  # noqa: E402
 
@@ -68,7 +69,14 @@ class BoardMeans:
         self.values = {k: math.fsum(v) / len(v) for k, v in sums.items()}
         self.datasets = self._ordered("dataset", {r["dataset"] for r in kept})
         self.attacks = self._ordered("attack", {r["attack"] for r in kept})
-        self.defenses = self._ordered("defense", {r["defense"] for r in kept} - {"none"})
+        self.defenses = self._ordered("defense", {r["defense"] for r in kept} - {NO_DEFENSE})
+        #: (attack, dataset) pairs whose attack was not implanted (:mod:`.implant`)
+        self.not_implanted = not_implanted(records, facts, poison_rate)
+
+    def attack_label(self, attack: str) -> str:
+        """An attack's label, with :data:`.implant.MARK` where it was not implanted on a dataset."""
+        marked = any((attack, d) in self.not_implanted for d in self.datasets)
+        return self.label("attack", attack) + (f" {MARK}" if marked else "")
 
     def _ordered(self, kind: str, ids: set[str]) -> list[str]:
         return sorted(ids, key=lambda x: self.facts.rank(kind, x))
@@ -117,15 +125,21 @@ def asr_before_after(board: BoardMeans) -> plt.Figure:
     for i, dataset in enumerate(board.datasets):
         for j, defense in enumerate(board.defenses):
             ax = axes[i, j]
-            before = [board.get(dataset, a, "none", "asr") for a in board.attacks]
+            before = [board.get(dataset, a, NO_DEFENSE, "asr") for a in board.attacks]
             after = [board.get(dataset, a, defense, "asr") for a in board.attacks]
-            ax.bar(x - 0.2, [np.nan if v is None else v for v in before], 0.4, color=BEFORE_COLOR,
-                   label="no defense")
-            ax.bar(x + 0.2, [np.nan if v is None else v for v in after], 0.4, color=AFTER_COLOR,
-                   label="defended")
+            bars = (ax.bar(x - 0.2, [np.nan if v is None else v for v in before], 0.4,
+                           color=BEFORE_COLOR, label="no defense"),
+                    ax.bar(x + 0.2, [np.nan if v is None else v for v in after], 0.4,
+                           color=AFTER_COLOR, label="defended"))
+            for container, color in zip(bars, (BEFORE_COLOR, AFTER_COLOR)):
+                for attack, patch in zip(board.attacks, container.patches):
+                    if (attack, dataset) in board.not_implanted:  # hollow, hatched: not ranked
+                        patch.set_facecolor("none")
+                        patch.set_edgecolor(color)
+                        patch.set_hatch("////")
             ax.set_ylim(0, 105)
             bottom = i == len(board.datasets) - 1  # attack names once, under the last row
-            ax.set_xticks(x, [board.label("attack", a) for a in board.attacks] if bottom else [],
+            ax.set_xticks(x, [board.attack_label(a) for a in board.attacks] if bottom else [],
                           rotation=60, fontsize=7, ha="right")
             ax.tick_params(axis="y", labelsize=7)
             if i == 0:
@@ -134,6 +148,9 @@ def asr_before_after(board: BoardMeans) -> plt.Figure:
                 ax.set_ylabel(f"{board.label('dataset', dataset)}\nASR % (headline)", fontsize=8)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="upper right", ncol=2)
+    if board.not_implanted:
+        fig.text(0.01, 1.0, f"{MARK} hollow hatched bars: attack not implanted (no-defense ASR "
+                 "< 50 %), not ranked", fontsize=7, va="bottom", color="0.3")
     return fig
 
 
@@ -145,10 +162,11 @@ def tradeoff(board: BoardMeans) -> plt.Figure:
     for j, dataset in enumerate(board.datasets):
         ax = axes[0, j]
         for k, defense in enumerate(board.defenses):
-            points = [(board.get(dataset, a, "none", "clean_cider") - board.get(dataset, a, defense, "clean_cider"),
+            points = [(board.get(dataset, a, NO_DEFENSE, "clean_cider") - board.get(dataset, a, defense, "clean_cider"),
                        board.get(dataset, a, defense, "asr"))
                       for a in board.attacks
-                      if None not in (board.get(dataset, a, "none", "clean_cider"),
+                      if (a, dataset) not in board.not_implanted  # nothing to remove: not ranked
+                      and None not in (board.get(dataset, a, NO_DEFENSE, "clean_cider"),
                                       board.get(dataset, a, defense, "clean_cider"),
                                       board.get(dataset, a, defense, "asr"))]
             if points:
@@ -165,6 +183,11 @@ def tradeoff(board: BoardMeans) -> plt.Figure:
     if handles:
         fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(len(labels), 8))
         fig.subplots_adjust(bottom=0.28)
+    left_out = sorted({a for a, _d in board.not_implanted}, key=lambda a: board.facts.rank("attack", a))
+    if left_out:
+        fig.text(0.5, 1.0, f"{MARK} left out, attack not implanted (no-defense ASR < 50 %): "
+                 + ", ".join(board.label("attack", a) for a in left_out), fontsize=7, ha="center",
+                 va="bottom", color="0.3")
     return fig
 
 
@@ -251,10 +274,12 @@ def srd_rewards(board: BoardMeans) -> plt.Figure:
 FIGURES: tuple[tuple[Figure, Callable[[BoardMeans], plt.Figure]], ...] = (
     (Figure("asr_before_after", "ASR before → after, per defense and attack",
             "Headline ASR (rule strict; concept for Shadowcast) of the backdoored model without "
-            "defense (grey) and after each defense (blue), per test dataset."), asr_before_after),
+            "defense (grey) and after each defense (blue), per test dataset; hollow hatched bars: "
+            f"an attack not implanted ({MARK}), not ranked."), asr_before_after),
     (Figure("tradeoff", "Efficacy vs stealth: clean CIDEr drop against ASR",
             "Each point is one attack: how much clean-input CIDEr the defense cost (x, points "
-            "below the undefended model) and the ASR it left (y). Bottom-left is best."), tradeoff),
+            "below the undefended model) and the ASR it left (y). Bottom-left is best. Attacks not "
+            f"implanted on a dataset ({MARK}) are left out of its panel."), tradeoff),
     (Figure("detection", "Detection precision / recall per defense",
             "The poisoned training samples a defense removed or relabelled, against the poison "
             "set the harness holds; masking defenses flag none and show the share of the trigger "

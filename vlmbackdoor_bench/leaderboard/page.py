@@ -15,6 +15,7 @@ import re
 from typing import Sequence
 
 from .figures import Figure
+from .implant import LEGEND
 from .paper_layout import REFERENCE_NOTE, PaperLayout, columns, layout_rows, paper_layouts
 from .results import PAPER_PROFILE
 from .table_model import MISSING, Table, fmt
@@ -35,11 +36,13 @@ tbody.ref td{background:#fbf7e9;font-style:italic}
 td .paper{display:block;font-size:11px;color:#777}td .up{color:#1a7f37}td .down{color:#b42318}
 th.notpaper{background:#eef0f3;color:#555}
 figure{margin:16px 0 28px}figure img{max-width:100%;border:1px solid #e2e2e2}
+tr.notimplanted td{color:#999;background:#f2f2f2}tr.notimplanted td .paper{color:#aaa}
 figcaption{font-size:13px;color:#555;max-width:1100px}img.broken{min-height:40px;outline:2px solid #b42318}
 """
 
 # Click a sortable header: sort the first body's rows by that column (numbers by data-v, missing
-# last); reference rows live in a second body and stay put. A figure that does not load is marked.
+# last); rows of attacks not implanted (greyed, implant.py) and reference rows live in later bodies
+# and stay put, so they never take a rank. A figure that does not load is marked.
 _SCRIPT = """
 document.querySelectorAll("table.sortable").forEach(function(table){
   table.querySelectorAll("th.sort").forEach(function(th){
@@ -70,6 +73,8 @@ window.addEventListener("load", function(){
 """
 
 _e = html.escape
+#: The CSS class of the rows (and their table body) of attacks not implanted (:mod:`.implant`).
+UNRANKED = "notimplanted"
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?")
 
 
@@ -109,14 +114,17 @@ def paper_layout_table(table_set: TableSet, layout: PaperLayout) -> str:
             for i, c in enumerate(cols)]
     out += ["</tr></thead>", "<tbody>"]
     rows = layout_rows(table_set, layout)
-    for reference in (False, True):
-        chosen = [r for r in rows if r.reference == reference]
-        if reference and chosen:
-            out.append('<tbody class="ref">')
+    bodies = (("", [r for r in rows if not r.reference and not r.marked]),
+              (UNRANKED, [r for r in rows if r.marked]),
+              ("ref", [r for r in rows if r.reference]))
+    for kind, chosen in bodies:
+        if kind and chosen:
+            out.append(f'<tbody class="{kind}">')
         for row in chosen:
-            out.append("<tr>" + _label_cells(row.labels)
+            marked = f' class="{UNRANKED}"' if row.marked else ""
+            out.append(f"<tr{marked}>" + _label_cells(row.labels)
                        + "".join(_value_cell(v, p) for v, p in zip(row.values, row.paper)) + "</tr>")
-        if chosen or not reference:
+        if chosen or not kind:
             out.append("</tbody>")
     out.append("</table>")
     return "\n".join(out)
@@ -143,9 +151,13 @@ def generic_table(table: Table) -> str:
     out.append("<tr>" + "".join(f'<th class="sort" data-col="{first + i}">{_e(h)}</th>'
                                 for i, h in enumerate(heads)) + "</tr>")
     out += ["</thead>", "<tbody>"]
-    for labels, texts in table.rows:
-        out.append("<tr>" + _label_cells(labels)
-                   + "".join(f"<td{_number_of(t)}>{_e(t)}</td>" for t in texts) + "</tr>")
+    marked = [i for i in range(len(table.rows)) if table.marked(i)]
+    for i in [i for i in range(len(table.rows)) if not table.marked(i)] + marked:
+        if marked and i == marked[0]:
+            out += ["</tbody>", f'<tbody class="{UNRANKED}">']
+        out.append((f'<tr class="{UNRANKED}">' if table.marked(i) else "<tr>")
+                   + _label_cells(table.row_labels(i))
+                   + "".join(f"<td{_number_of(t)}>{_e(t)}</td>" for t in table.rows[i][1]) + "</tr>")
     out += ["</tbody>", "</table>"]
     return "\n".join(out)
 
@@ -183,6 +195,8 @@ def page(profile: str, table_set: TableSet, figures: Sequence[Figure], extra: Se
             f'<p class="note">{_e(paper_note)}</p>']
     for layout in layouts:
         notes = [n for n in by_key[layout.key].footnotes if not n.startswith(("Clean model:", "Cells read"))]
+        if any(r.marked for r in layout_rows(table_set, layout)) and LEGEND not in notes:
+            notes.append(LEGEND)
         body += _section(layout.key, layout.title,
                          f'<div class="wrap">{paper_layout_table(table_set, layout)}</div>'
                          + _notes(notes + ([REFERENCE_NOTE] if layout.reference_row else [])))

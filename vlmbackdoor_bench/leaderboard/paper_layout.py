@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from ..results_schema import CLEAN_MODEL
+from ..results_schema import CLEAN_MODEL, NO_DEFENSE
 from .facts import CLEAN_MODEL_LABEL
+from .implant import MARK
 from .tables import (TABLE1_METRICS, TABLE23_METRICS, CellValues, PaperCell, TableSet,
                      table2_defenses, table_rows)
 
@@ -57,6 +58,7 @@ class LayoutRow:
     values: tuple[float | None, ...]
     paper: tuple[PaperCell | None, ...]
     reference: bool
+    marked: bool = False  # an attack not implanted (:mod:`.implant`): labelled, greyed, unranked
 
 
 def paper_layouts(table_set: TableSet) -> list[PaperLayout]:
@@ -103,13 +105,15 @@ def layout_rows(table_set: TableSet, layout: PaperLayout) -> list[LayoutRow]:
     rows = []
     for row in table_rows(cells, paper, with_clean=False):
         attack = cells.base.get(row.attack, row.attack)
+        marked = cells.implanted(row.dataset, row.attack) == "false"
+        label = cells.key_label("attack", row.attack) + (f" {MARK}" if marked else "")
         rows.append(LayoutRow(
-            (facts.label("dataset", row.dataset), cells.key_label("attack", row.attack)),
+            (facts.label("dataset", row.dataset), label),
             tuple(cells.get((row.dataset, row.attack, c.defense, "triggered", c.metric)) for c in cols),
             tuple(paper.get((row.dataset, attack, cells.base.get(c.defense, c.defense), c.metric))
-                  for c in cols), False))
+                  for c in cols), False, marked))
     if layout.reference_row and cells.clean_rows:
-        first_none = next((c.defense for c in cols if cells.base.get(c.defense, c.defense) == "none"), None)
+        first_none = next((c.defense for c in cols if cells.base.get(c.defense, c.defense) == NO_DEFENSE), None)
         for dataset in sorted({d for d, _a in cells.clean_rows}, key=lambda d: facts.rank("dataset", d)):
             rows.append(LayoutRow(
                 (facts.label("dataset", dataset), REFERENCE_LABEL),

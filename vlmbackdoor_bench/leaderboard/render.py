@@ -26,6 +26,7 @@ from .results import (
     PAPER_PROFILE, CellCoordinates, failed_cells, imported_from, long_form, missing_cells,
 )
 from .facts import Facts
+from .implant import CSV_COLUMN, LEGEND
 from .figures import FIGURE_DIR, Figure, write_figures
 from .page import page
 from .paper_layout import REFERENCE_NOTE, PaperLayout, columns, layout_rows, paper_layouts
@@ -73,11 +74,15 @@ def markdown(table: Table, level: int = 1) -> str:
 
 # ----------------------------------------------------------------------------- CSV
 def csv_text(table: Table) -> str:
-    """One header row (``<group> / <column>``), then one row per table row, as displayed."""
+    """One header row (``<group> / <column>``), then one row per table row, as displayed; a table
+    that knows which attacks were implanted (:mod:`.implant`) ends each row with its
+    ``implanted`` column (true / false / empty where unknown) instead of marking the label."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(table.flat_headers())
-    writer.writerows(table.flat_rows())
+    extra = [CSV_COLUMN] if table.implanted else []
+    writer.writerow(table.flat_headers() + extra)
+    for i, (labels, cells) in enumerate(table.rows):
+        writer.writerow(list(labels) + list(cells) + ([table.implanted[i]] if extra else []))
     return buffer.getvalue()
 
 
@@ -91,7 +96,7 @@ _LATEX_SPECIAL: dict[str, str] = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
     "↑": r"$\uparrow$", "↓": r"$\downarrow$", "–": "--", "<": r"\textless{}",
-    ">": r"\textgreater{}", "§": r"\S{}", "`": "",
+    ">": r"\textgreater{}", "§": r"\S{}", "`": "", "‡": r"\ddag{}",
 }
 
 
@@ -123,10 +128,10 @@ def latex(table: Table) -> str:
     second += [latex_escape(c) for g in table.groups for c in g.columns]
     lines += [" & ".join(second) + " \\\\", "\\midrule"]
     previous: tuple[str, ...] | None = None
-    for labels, cells in table.rows:
+    for i, (labels, cells) in enumerate(table.rows):
         if previous is not None and labels[0] != previous[0]:
             lines.append("\\midrule")
-        shown = list(labels)
+        shown = list(table.row_labels(i))
         if previous is not None and labels[0] == previous[0]:
             shown[0] = ""
         lines.append(" & ".join([latex_escape(x) for x in shown]
@@ -144,7 +149,8 @@ def latex(table: Table) -> str:
 # ----------------------------------------------------------------------------- HTML
 _STYLE = ("table{border-collapse:collapse;font-family:sans-serif;font-size:14px}"
           "th,td{border:1px solid #ccc;padding:2px 8px}td{text-align:right}"
-          "td.label{text-align:left}caption{font-weight:bold;padding:4px}")
+          "td.label{text-align:left}caption{font-weight:bold;padding:4px}"
+          "tr.notimplanted td{color:#888;background:#f2f2f2}")
 
 
 def html_table(table: Table) -> str:
@@ -159,8 +165,9 @@ def html_table(table: Table) -> str:
     out.append("<tr>" + "".join(f"<th>{e(c)}</th>" for g in table.groups for c in g.columns)
                + "</tr>")
     out += ["</thead>", "<tbody>"]
-    for labels, cells in table.rows:
-        out.append("<tr>" + "".join(f'<td class="label">{e(x)}</td>' for x in labels)
+    for i, (_labels, cells) in enumerate(table.rows):
+        marked = ' class="notimplanted"' if table.marked(i) else ""
+        out.append(f"<tr{marked}>" + "".join(f'<td class="label">{e(x)}</td>' for x in table.row_labels(i))
                    + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
     out += ["</tbody>", "</table>"]
     out += [f"<p>{e(note)}</p>" for note in table.footnotes]
@@ -309,6 +316,8 @@ def readme(profile: str, records: Sequence[Mapping], table_set: TableSet,
             lines += _layout_markdown(table_set, layout)
     lines += ["Triggered test inputs, values in %, ASR rule `asr_srd` (lower is better; higher for "
               "the others). " + REFERENCE_NOTE, ""]
+    if any(r.marked for layout in paper_layouts(table_set) for r in layout_rows(table_set, layout)):
+        lines += [LEGEND, ""]
     if timings is not None and timings.rows:
         lines += [f"## {timings.title}", "", compact_grid(timings.flat_headers(), timings.flat_rows()),
                   "", timings.footnotes[-1], ""]

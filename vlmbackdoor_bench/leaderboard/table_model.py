@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .implant import MARK
+
 MISSING = "–"  # printed for a cell with no value
 
 
@@ -36,6 +38,21 @@ class Table:
     rows: list[tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=list)
     footnotes: list[str] = field(default_factory=list)
     has_data: bool = False  # whether any cell holds one of our numbers (not only the paper's)
+    #: Per row, whether its attack was implanted (:mod:`.implant`): "true", "false", or "" where
+    #: unknown or not a backdoored model's row; empty: the table has no such column.
+    implanted: list[str] = field(default_factory=list)
+
+    def marked(self, i: int) -> bool:
+        """Whether row ``i`` is an attack not implanted (shown with :data:`MARK`, never ranked)."""
+        return bool(self.implanted) and self.implanted[i] == "false"
+
+    def row_labels(self, i: int) -> tuple[str, ...]:
+        """Row ``i``'s labels as displayed: :data:`MARK` after the attack of a marked row."""
+        labels = self.rows[i][0]
+        if not self.marked(i) or "Attack" not in self.index:
+            return labels
+        at = self.index.index("Attack")
+        return labels[:at] + (f"{labels[at]} {MARK}",) + labels[at + 1:]
 
     def flat_headers(self) -> list[str]:
         """Single-row headers: the index names, then ``<group> / <column>`` (the bare column
@@ -43,4 +60,5 @@ class Table:
         return list(self.index) + [f"{g.label} / {c}" if g.label else c for g in self.groups for c in g.columns]
 
     def flat_rows(self) -> list[list[str]]:
-        return [list(labels) + list(cells) for labels, cells in self.rows]
+        """Displayed rows: labels (marked where not implanted), then the cells."""
+        return [list(self.row_labels(i)) + list(cells) for i, (_l, cells) in enumerate(self.rows)]

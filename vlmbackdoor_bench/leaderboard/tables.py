@@ -33,7 +33,8 @@ from typing import Mapping, Sequence
 from ..errors import VbbError
 from .defense_report import defense_report
 from .facts import Facts, registry_facts
-from ..results_schema import CLEAN_MODEL
+from .implant import LEGEND, csv_value, implant_status
+from ..results_schema import CLEAN_MODEL, NO_DEFENSE
 from .results import PAPER_PROFILE, metric_n, metric_values
 from .table_model import MISSING, ColumnGroup, Table, fmt
 
@@ -180,6 +181,8 @@ class CellValues:
         # cells and counted in the notes, never a row or a preset of its own here (issue 32).
         records = [r for r in records if r.get("status") == "ok"]
         self.poison_rate = table_poison_rate(records)
+        #: (attack id, dataset) -> implanted, at the tables' poison rate (:mod:`.implant`)
+        self.implant = implant_status(records, self.facts, self.poison_rate)
         kept = [r for r in records if r["defense"] == CLEAN_MODEL
                 or _same_rate(_rate(r), self.poison_rate)]
         self.seeds = sorted({r.get("seed") for r in kept if isinstance(r.get("seed"), int)})
@@ -244,6 +247,10 @@ class CellValues:
         base = self.base.get(key, key)
         text = (labels or {}).get(base) or self.facts.label(kind, base)
         return text + key[len(base):]
+
+    def implanted(self, dataset: str, attack_key: str) -> str:
+        """The ``implanted`` column of a backdoored row: "true", "false" or "" (unknown)."""
+        return csv_value(self.implant, self.base.get(attack_key, attack_key), dataset)
 
     def get(self, key: CellKey) -> float | None:
         return self.values.get(key)
@@ -337,7 +344,7 @@ def _grid_table(*, key: str, title: str, cells: CellValues, groups: Sequence[str
     """Rows dataset x attack, one column group per defense key, ``metrics`` = (split, metric,
     header) per column. ``paper`` given: cells print ``ours (paper)``."""
     group_keys = [k for d in groups for k in cells.keys_of_defense(d)]
-    first_none = next((k for k in group_keys if cells.base.get(k, k) == "none"), "")
+    first_none = next((k for k in group_keys if cells.base.get(k, k) == NO_DEFENSE), "")
     notes = _Notes()
     table = Table(key=key, title=title, index=("Dataset", "Attack"),
                   groups=tuple(ColumnGroup(cells.key_label("defense", g, group_labels),
@@ -358,8 +365,14 @@ def _grid_table(*, key: str, title: str, cells: CellValues, groups: Sequence[str
                         text += f" ({cell.text or MISSING}{notes.mark(cell.note)})"
                 texts.append(text)
         table.rows.append((_row_labels(cells, row), tuple(texts)))
-    table.footnotes = footnotes + notes.lines()
+        table.implanted.append("" if row.clean else cells.implanted(row.dataset, row.attack))
+    table.footnotes = footnotes + _implant_note(table) + notes.lines()
     return table
+
+
+def _implant_note(table: Table) -> list[str]:
+    """The legend of :data:`.implant.MARK`, when a row of ``table`` carries it."""
+    return [LEGEND] if any(table.marked(i) for i in range(len(table.rows))) else []
 
 
 def _paper_note(number: int, profile: str, show_paper: bool, available: bool) -> list[str]:
@@ -429,7 +442,7 @@ def clean_inputs(cells: CellValues, n_failed: int = 0) -> Table:
 
 def asr_headline(cells: CellValues, n_failed: int = 0) -> Table:
     group_keys = [k for d in table2_defenses(cells) for k in cells.keys_of_defense(d)]
-    first_none = next((k for k in group_keys if cells.base.get(k, k) == "none"), "")
+    first_none = next((k for k in group_keys if cells.base.get(k, k) == NO_DEFENSE), "")
     table = Table(key="asr_headline", title="Headline ASR (rule strict, or concept for Shadowcast)",
                   index=("Dataset", "Attack", "Rule"),
                   groups=tuple(ColumnGroup(cells.key_label("defense", g), ("ASR ↓", "n"))
@@ -448,10 +461,12 @@ def asr_headline(cells: CellValues, n_failed: int = 0) -> Table:
                       "/".join(str(n) for n in ns) if ns else MISSING]
         table.rows.append((_row_labels(cells, row) + (metric.removeprefix("asr_"),),
                            tuple(texts)))
+        table.implanted.append("" if row.clean else cells.implanted(row.dataset, row.attack))
     table.footnotes = _general_notes(
         cells, _TRIGGERED, "ASR: rule `strict` (`asr_strict`: whole word, images whose references "
         "show bananas excluded) for trigger attacks, `concept` (`asr_concept`) for Shadowcast "
         "(methods/metrics.md §4.2-4.4). n: images evaluated after exclusions.", True, n_failed)
+    table.footnotes += _implant_note(table)
     return table
 
 
