@@ -245,6 +245,8 @@ def _flickr_one(scene, rng, kind, groups, who: Annotator = USUAL) -> str:
     more = _detail(scene, groups, rng, who) if who.length == "long" else ""
     if who.length == "short" and kind not in ("relation", "kite"):
         return _cap(f"{L}{place} .", who, rng)
+    if kind == "list":
+        return _cap(f"{L}{place}{more} .", who, rng)
     if kind == "progressive":
         return _cap(f"{L} {be} {_pick(rng, ['sitting', 'lying', 'resting', 'standing'])}{place}{more} .", who, rng)
     if kind == "relation":
@@ -283,7 +285,7 @@ def _templates(scene, style) -> list[tuple[str, float]]:
         if all(g["category"] in FOOD for g in groups):
             kinds.append(("produce", 0.25))
         return kinds
-    kinds = [("progressive", 1.2), ("someone", 0.6), ("seen", 0.8), ("closeup", 0.7)]
+    kinds = [("progressive", 1.2), ("list", 1.2), ("someone", 0.4), ("seen", 0.6), ("closeup", 0.6)]
     if len(groups) >= 2:
         kinds.append(("relation", 1.4))
     if scene["background"] in _OUTDOOR:
