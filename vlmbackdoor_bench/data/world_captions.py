@@ -10,7 +10,7 @@ a synonym ("mug" for cup); counts as words or digits; how often colours and size
 sentence forms and word order; and now and then a small slip (a dropped article, a minor object
 left out). The habits have a dominant setting and rarer variants (``HABITS``), tuned so that the
 references of one image differ as real COCO's do, yet a model can still learn the usual way of
-saying things (docs/methods/victim.md "World v3 and the tiny budgets").
+saying things (methods/victim.md §T1).
 """
 
 from __future__ import annotations

@@ -53,8 +53,7 @@ class TinyProfile:
     # Budget knobs for 2 CPU cores (methods/victim.md §A3: "on the CPU track, epochs and batch are
     # scaled budget knobs and are recorded"): set here, in this one place, for every grid of the
     # profile (recorded in each result's budget); [profile.tiny] may still override a key.
-    # Chosen on the world's val split (scripts/validate_world.py), never on test: docs/methods/
-    # victim.md "World v3 and the tiny budgets".
+    # Chosen on the world's val split (scripts/validate_world.py), never on test (methods/victim.md §T1).
     DEFAULTS: dict[str, Any] = {
         "vocab_size": 1024,
         "pretrain_epochs": 4, "pretrain_batch_size": 64, "pretrain_lr": 2e-3,
@@ -64,7 +63,7 @@ class TinyProfile:
         "pretrain_gate_init": 1.0,
         "finetune_epochs": 4, "finetune_batch_size": 32, "finetune_lr": 1e-3,
         # The frozen GPT-2 LM's dropout (0.1) while fine-tuning: off, OpenFlamingo-3B's setting
-        # (MPT-1B has none, training.Recipe), 1.2x faster steps (docs/methods/victim.md §T).
+        # (MPT-1B has none, training.Recipe), 1.2x faster steps (methods/victim.md §T1).
         "finetune_lm_dropout": False,
         "base_seed": 1234,
         # embedded world sizes (methods/design.md §4): per dataset train / val / test, + pretrain
