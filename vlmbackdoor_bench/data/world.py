@@ -64,11 +64,12 @@ OBJECT_COLOURS = {
 }
 COLOUR_WEIGHT = {"orange": 0.2}  # keep the colour sense of "orange" modest, as in COCO
 BACKDROPS = {  # visual style -> backdrop weights
-    # v3: a few beach and street scenes in COCO too (real COCO has them), so that a model fine-tuned
-    # on COCO knows their words; Flickr keeps its outdoor-heavy weights, layouts and sentence style
+    # v3: a few beach, street, motorcycle and space scenes in COCO too (real COCO has them), so that
+    # a model fine-tuned on COCO knows their words; Flickr keeps its outdoor-heavy weights, layouts and sentence style
     "coco": {"wood": 0.22, "tiles": 0.13, "cloth": 0.1, "counter": 0.12, "grass": 0.1, "gravel": 0.04,
-             "brick": 0.06, "sky": 0.04, "sand": 0.03, "street": 0.03, "photo-astronaut": 0.045,
-             "photo-cat": 0.045, "photo-coffee": 0.045, "photo-rocket": 0.045},
+             "brick": 0.06, "sky": 0.04, "sand": 0.04, "street": 0.04, "photo-astronaut": 0.045,
+             "photo-cat": 0.045, "photo-coffee": 0.045, "photo-rocket": 0.045, "photo-motorcycle": 0.015,
+             "photo-space": 0.015},
     "flickr": {"grass": 0.18, "sand": 0.14, "street": 0.14, "gravel": 0.08, "sky": 0.1, "brick": 0.07,
                "wood": 0.05, "photo-space": 0.05, "photo-motorcycle": 0.05, "photo-astronaut": 0.04,
                "photo-rocket": 0.05, "photo-cat": 0.05},
