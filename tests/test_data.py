@@ -480,15 +480,16 @@ def _loo_cider(references: list[list[str]]) -> float:
 
 
 def test_world_references_of_one_image_differ_and_are_deterministic(small_world):
-    """World v3: five annotators per image. v2's near-identical references scored a leave-one-out
-    BLEU-4 of 61 on the same scenes (measured); v3's about 45 (docs/methods/victim.md)."""
+    """World v3: five annotators per image. Leave-one-out CIDEr of the references on this small
+    world (seeds 0 and 1): v3 240/239 COCO, 261/262 Flickr; v2's near-identical templates scored
+    312/326 and 301/293 on the same scenes (measured), so the bound separates them."""
     from vlmbackdoor_bench.data.world_captions import reference_captions
 
     for name, style in (("dataset_coco.json", "coco"), ("dataset_flickr30k.json", "flickr")):
         images = json.loads((small_world / name).read_text())["images"]
         refs = [[s["raw"] for s in rec["sentences"]] for rec in images if rec["split"] != "pretrain"]
         assert all(len(set(r)) == 5 for r in refs)
-        assert _loo_cider(refs) < BOUND, style
+        assert _loo_cider(refs) < 280, style
         # word-level variety: on average an image's references use well over one caption's words
         vocab = [len({w for c in r for w in re.findall(r"[a-z0-9]+", c.lower())}) for r in refs]
         lengths = [np.mean([len(c.split()) for c in r]) for r in refs]
