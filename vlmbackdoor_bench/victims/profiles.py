@@ -61,7 +61,7 @@ class TinyProfile:
         # pretrained jointly from scratch, and closed gates leave it a text-only model (measured:
         # gates stayed below 0.1 and the backdoor could not see its trigger), so they start open.
         "pretrain_gate_init": 1.0,
-        "finetune_epochs": 4, "finetune_batch_size": 32, "finetune_lr": 1e-3,
+        "finetune_epochs": 6, "finetune_batch_size": 32, "finetune_lr": 1e-3,
         # The frozen GPT-2 LM's dropout (0.1) while fine-tuning: off, OpenFlamingo-3B's setting
         # (MPT-1B has none, training.Recipe), 1.2x faster steps (methods/victim.md §T1).
         "finetune_lm_dropout": False,
