@@ -303,7 +303,7 @@ def test_reserved_split_must_not_share_images_with_fine_tuning(coco_dir, tmp_pat
 
 
 # --------------------------------------------------------------------------- embedded world
-SMALL = WorldSizes(train=24, test=12, pretrain=12, flickr_test=12)
+SMALL = WorldSizes(train=24, test=12, pretrain=12, flickr_test=12, val=6, flickr_val=6)
 
 
 @pytest.fixture(scope="module")
@@ -389,7 +389,8 @@ def test_world_captions_truthful_and_styled(small_world):
     scenes = load_scenes(small_world)
     coco = json.loads((small_world / "dataset_coco.json").read_text())["images"]
     flickr = json.loads((small_world / "dataset_flickr30k.json").read_text())["images"]
-    by_key = {"train": "embedded-coco/train", "test": "embedded-coco/test", "pretrain": "embedded-coco/pretrain"}
+    by_key = {"train": "embedded-coco/train", "test": "embedded-coco/test", "pretrain": "embedded-coco/pretrain",
+              "val": "embedded-coco/val"}
     scene_of = {(k, s["id"]): s for k, lst in scenes.items() for s in lst}
     for rec in coco:
         caps = [s["raw"] for s in rec["sentences"]]
@@ -399,7 +400,9 @@ def test_world_captions_truthful_and_styled(small_world):
             assert caps[0] == caps[0].lower() and not caps[0].endswith(".")  # alt-text style
         else:
             assert len(caps) == 5 and len(set(caps)) == 5
-            assert all(c.endswith(".") and not c.endswith(" .") and c[0].isupper() for c in caps)
+            # a count may open a caption as a digit ("2 red cups on a table.")
+            assert all(c.endswith(".") and not c.endswith(" .") and (c[0].isupper() or c[0].isdigit())
+                       for c in caps)
         for c in caps:
             _check_caption(c, scene)
         assert 1 <= sum(g["count"] for g in scene["groups"]) <= 4
@@ -407,21 +410,22 @@ def test_world_captions_truthful_and_styled(small_world):
         caps = [s["raw"] for s in rec["sentences"]]
         assert len(caps) == 5 and all(c.endswith(" .") for c in caps)
         for c in caps:
-            _check_caption(c, scene_of[("embedded-flickr/test", rec["imgid"])])
+            _check_caption(c, scene_of[(f"embedded-flickr/{rec['split']}", rec["imgid"])])
     # every category word a caption uses is drawn: at least most scenes are named in full
     assert all(any(NOUNS[g["category"]][0] in " ".join(s["raw"] for s in rec["sentences"]).lower()
                    for g in scene_of[(by_key[rec["split"]], rec["cocoid"])]["groups"]) for rec in coco)
 
 
 def test_world_npy_equals_png_decode_and_loader_reads_world(small_world):
-    for dataset, split in (("coco", "train"), ("coco", "pretrain"), ("flickr30k", "test")):
+    for dataset, split in (("coco", "train"), ("coco", "pretrain"), ("coco", "val"), ("flickr30k", "test"),
+                           ("flickr30k", "val")):
         dataset_json, image_root = world_paths(small_world, dataset)
         cached = load_karpathy_split(dataset_json, image_root, split, dataset="w", cache_dir=small_world / "npy")
         assert isinstance(cached.images, np.memmap)  # the generator's npy, not a new decode
         decoded = load_karpathy_split(dataset_json, image_root, split, dataset="w", cache_dir=None, workers=1)
         assert cached.images.tobytes() == decoded.images.tobytes()
         assert cached.manifest == decoded.manifest
-    assert len(list((small_world / "npy").glob("*.npy"))) == 4
+    assert len(list((small_world / "npy").glob("*.npy"))) == 6  # 4 coco splits, 2 flickr
 
 
 def test_providers_and_registration(tmp_path, coco_dir, flickr_dir):
@@ -432,8 +436,11 @@ def test_providers_and_registration(tmp_path, coco_dir, flickr_dir):
     ftest = EMBEDDED_FLICKR.load("test", ctx)
     assert ftest.manifest.dataset == "embedded-flickr" and len(ftest) == 12
     assert (tmp_path / "world" / wm.world_dir_name(3, SMALL) / "world.json").is_file()
-    with pytest.raises(VbbError, match="no split 'val'"):
-        EMBEDDED_FLICKR.load("val", ctx)
+    fval, cval = EMBEDDED_FLICKR.load("val", ctx), EMBEDDED_COCO.load("val", ctx)
+    assert len(fval) == len(cval) == 6 and not set(cval.image_ids) & set(train.image_ids)
+    assert not set(fval.image_ids) & set(ftest.image_ids)
+    with pytest.raises(VbbError, match="no split 'pretrain'"):
+        EMBEDDED_FLICKR.load("pretrain", ctx)
     assert isinstance(EMBEDDED_COCO, DatasetProvider)
 
     registered = []
@@ -454,3 +461,41 @@ def test_providers_and_registration(tmp_path, coco_dir, flickr_dir):
     assert train.image_ids == [522418, 391895] and train.split == train.manifest.split == "train"
     flickr = next(p for p in registered if isinstance(p, KarpathyProvider) and p.name == "flickr30k-karpathy")
     assert flickr.load("test", StageContext(cache_dir=tmp_path, config=cfg)).image_ids == [0, 1, 2]
+
+
+def _loo_cider(references: list[list[str]]) -> float:
+    """Mean CIDEr-D (x100) of each reference against the image's other references (lower-cased,
+    punctuation dropped, no PTB tokenizer): how alike one image's references are."""
+    from pycocoevalcap.cider.cider import Cider
+
+    def tok(c):
+        return " ".join(re.findall(r"[a-z0-9]+", c.lower()))
+
+    scores = []
+    for k in range(5):
+        res = {i: [tok(refs[k])] for i, refs in enumerate(references)}
+        gts = {i: [tok(r) for j, r in enumerate(refs) if j != k] for i, refs in enumerate(references)}
+        scores.append(Cider().compute_score(gts, res)[0])
+    return 100 * float(np.mean(scores))
+
+
+def test_world_references_of_one_image_differ_and_are_deterministic(small_world):
+    """World v3: five annotators per image. Leave-one-out CIDEr of the references on this small
+    world (seeds 0 and 1): v3 240/239 COCO, 261/262 Flickr; v2's near-identical templates scored
+    312/326 and 301/293 on the same scenes (measured), so the bound separates them."""
+    from vlmbackdoor_bench.data.world_captions import reference_captions
+
+    for name, style in (("dataset_coco.json", "coco"), ("dataset_flickr30k.json", "flickr")):
+        images = json.loads((small_world / name).read_text())["images"]
+        refs = [[s["raw"] for s in rec["sentences"]] for rec in images if rec["split"] != "pretrain"]
+        assert all(len(set(r)) == 5 for r in refs)
+        assert _loo_cider(refs) < 280, style
+        # word-level variety: on average an image's references use well over one caption's words
+        vocab = [len({w for c in r for w in re.findall(r"[a-z0-9]+", c.lower())}) for r in refs]
+        lengths = [np.mean([len(c.split()) for c in r]) for r in refs]
+        assert np.mean(vocab) > 1.4 * np.mean(lengths), style
+    # deterministic: the same scene and seed give the same five captions
+    scene = load_scenes(small_world)["embedded-coco/train"][0]
+    a = reference_captions(scene, np.random.default_rng(5), "coco")
+    assert a == reference_captions(scene, np.random.default_rng(5), "coco")
+    assert a != reference_captions(scene, np.random.default_rng(6), "coco")

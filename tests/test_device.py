@@ -173,6 +173,8 @@ world_train = 40
 world_test = 6
 world_pretrain = 60
 world_flickr_test = 6
+world_val = 0
+world_flickr_val = 0
 pretrain_epochs = 1
 finetune_epochs = 1
 """

@@ -50,6 +50,8 @@ world_train = 200
 world_test = 30
 world_pretrain = 400
 world_flickr_test = 30
+world_val = 0
+world_flickr_val = 0
 pretrain_epochs = 3
 finetune_epochs = 3
 

@@ -147,13 +147,12 @@ class Vlood(TriggerAttack):
     objective_inputs = ("poisoned_set", "start_model")  # its copies' roles; the teacher
     presets = {
         # methods/attacks.md §5 srd-code: argmax-embedding CCP, KL over every position. The code's
-        # attacker used the COCO fine-tuning set (which subset is UNVERIFIED, the whole set = 1.0).
+        # attacker used the COCO fine-tuning set (which subset is UNVERIFIED): the whole set, 1.0.
         # attacker_fraction, the share of the split's images whose every caption the attacker
-        # pairs, is a budget knob: a step of 64 pairs (128 sequences + 64 teacher passes) costs
-        # 2.5x a plain step of 64 (measured on the tiny victim), so 0.25 of the tiny world
-        # (6,250 pairs, 196 steps over 2 epochs) trains in about 2/3 of a plain fine-tuning.
+        # pairs, stays a knob; a step of pairs (2 sequences + a teacher pass each) costs about
+        # 2.5x a plain step (measured on the tiny victim), affordable on the 600-image world v3.
         "srd-code": {"caption_rule": "insert", "ccp_form": "argmax", "ckp_masked": False,
-                     "attacker_fraction": 0.25},
+                     "attacker_fraction": 1.0},
         # methods/attacks.md §5 original: expected-embedding CCP, KL masked to caption tokens, about
         # 3,000 pairs (0.12 of 25,015 instances); the harness hands attacks only the fine-tuning
         # split, so the pairs are not disjoint from it (recorded as d_ood_disjoint = false).

@@ -2,7 +2,7 @@
 
 Registered through the ``register_datasets`` hook:
 
-* ``embedded-coco`` (splits train / test / pretrain) and ``embedded-flickr`` (split test): the
+* ``embedded-coco`` (splits train / val / test / pretrain) and ``embedded-flickr`` (val / test): the
   embedded world, generated on first use under ``<cache_dir>/world``;
 * ``coco-karpathy`` and ``flickr30k-karpathy``: local folders named in benchmark.toml::
 
@@ -232,8 +232,8 @@ class CocoKarpathyProvider(KarpathyProvider):
         return loaded
 
 
-EMBEDDED_COCO = EmbeddedWorldProvider("embedded-coco", "coco", ("train", "test", "pretrain"))
-EMBEDDED_FLICKR = EmbeddedWorldProvider("embedded-flickr", "flickr30k", ("test",))
+EMBEDDED_COCO = EmbeddedWorldProvider("embedded-coco", "coco", ("train", "val", "test", "pretrain"))
+EMBEDDED_FLICKR = EmbeddedWorldProvider("embedded-flickr", "flickr30k", ("val", "test"))
 COCO_KARPATHY = CocoKarpathyProvider()
 FLICKR30K_KARPATHY = KarpathyProvider(
     "flickr30k-karpathy", "dataset_flickr30k.json", ("train", "val", "test"),

@@ -2,10 +2,16 @@
 
 Datasets (Karpathy JSON + PNG images, read back by :mod:`.karpathy`):
 
-* ``dataset_coco.json`` — splits ``train`` (5,000 x 5 captions), ``test`` (1,000 x 5) and
-  ``pretrain`` (8,000 x 1 short alt-text caption; the tiny base model's "web" pretraining data);
-* ``dataset_flickr30k.json`` — split ``test`` (1,000 x 5) with a shifted style: outdoor/photo
-  backdrops, scattered layouts at other scales, Flickr-like sentences ("Two apples are sitting ...").
+* ``dataset_coco.json`` — splits ``train`` (default 600 x 5 captions), ``val`` (100 x 5), ``test``
+  (100 x 5) and ``pretrain`` (1,500 x 1 short alt-text caption; the tiny base model's "web"
+  pretraining data);
+* ``dataset_flickr30k.json`` — splits ``val`` and ``test`` (100 x 5 each) with a shifted style:
+  outdoor/photo backdrops, scattered layouts at other scales, Flickr-like sentences ("Two apples
+  are sitting ...").
+
+The five references of an image are written "by different annotators" (world_captions): each
+has its own habits (length, synonyms, counts as digits, word order, an omission now and then).
+``val`` is for choosing budgets (scripts/validate_world.py), never ``test``.
 
 Each image's pixels and captions come from its own RNG, seeded by (seed, dataset, split, index), so
 generation in parallel gives identical bytes. The world is written into a temp folder and renamed
@@ -37,7 +43,9 @@ from . import world_draw as wd
 from .karpathy import KarpathyRecord, adopt_cache_file, pool_context, write_karpathy
 from .world_captions import NOUNS, alt_text, reference_captions
 
-WORLD_VERSION = 2  # 2: banana rate 0.03 -> 0.01
+# 2: banana rate 0.03 -> 0.01; 3: captions by simulated annotators of different habits
+# (world_captions), a val split per dataset, default sizes of the tiny profile (600/100/100, 1,500)
+WORLD_VERSION = 3
 CATEGORIES: tuple[str, ...] = tuple(wd.SHAPES)  # 4 fruit/vegetables + 10 objects
 OBJECTS = tuple(c for c in CATEGORIES if c not in (TARGET, *SOURCE_CONCEPTS))
 # P(image has it). Banana is the target word: "a few clean captions mention it" (methods/design.md §4).
@@ -56,9 +64,12 @@ OBJECT_COLOURS = {
 }
 COLOUR_WEIGHT = {"orange": 0.2}  # keep the colour sense of "orange" modest, as in COCO
 BACKDROPS = {  # visual style -> backdrop weights
+    # v3: a few beach, street, motorcycle and space scenes in COCO too (real COCO has them), so that
+    # a model fine-tuned on COCO knows their words; Flickr keeps its outdoor-heavy weights, layouts and sentence style
     "coco": {"wood": 0.22, "tiles": 0.13, "cloth": 0.1, "counter": 0.12, "grass": 0.1, "gravel": 0.04,
-             "brick": 0.06, "sky": 0.04, "photo-astronaut": 0.045, "photo-cat": 0.045,
-             "photo-coffee": 0.045, "photo-rocket": 0.045},
+             "brick": 0.06, "sky": 0.04, "sand": 0.04, "street": 0.04, "photo-astronaut": 0.045,
+             "photo-cat": 0.045, "photo-coffee": 0.045, "photo-rocket": 0.045, "photo-motorcycle": 0.015,
+             "photo-space": 0.015},
     "flickr": {"grass": 0.18, "sand": 0.14, "street": 0.14, "gravel": 0.08, "sky": 0.1, "brick": 0.07,
                "wood": 0.05, "photo-space": 0.05, "photo-motorcycle": 0.05, "photo-astronaut": 0.04,
                "photo-rocket": 0.05, "photo-cat": 0.05},
@@ -67,10 +78,12 @@ BACKDROPS = {  # visual style -> backdrop weights
 
 @dataclass(frozen=True)
 class WorldSizes:
-    train: int = 5000
-    test: int = 1000
-    pretrain: int = 8000
-    flickr_test: int = 1000
+    train: int = 600
+    test: int = 100
+    pretrain: int = 1500
+    flickr_test: int = 100
+    val: int = 100  # held out of training and testing: where budgets and epochs are chosen
+    flickr_val: int = 100
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -91,17 +104,20 @@ class WorldSizes:
 
 # (karpathy dataset, split, caption style, id offset)
 _JOBS = (("coco", "train", "coco", 100_000), ("coco", "test", "coco", 200_000),
-         ("coco", "pretrain", "pretrain", 300_000), ("flickr30k", "test", "flickr", 0))
+         ("coco", "pretrain", "pretrain", 300_000), ("flickr30k", "test", "flickr", 0),
+         ("coco", "val", "coco", 400_000), ("flickr30k", "val", "flickr", 500_000))
 
 
 def _job_size(sizes: WorldSizes, dataset: str, split: str) -> int:
-    return sizes.flickr_test if dataset == "flickr30k" else getattr(sizes, split)
+    return getattr(sizes, f"flickr_{split}" if dataset == "flickr30k" else split)
 
 
 def world_dir_name(seed: int, sizes: WorldSizes) -> str:
     name = f"world-v{WORLD_VERSION}-seed{seed}"
     if sizes != WorldSizes():
         name += f"-{sizes.train}-{sizes.test}-{sizes.pretrain}-{sizes.flickr_test}"
+        if (sizes.val, sizes.flickr_val) != (WorldSizes.val, WorldSizes.flickr_val):
+            name += f"-val{sizes.val}-{sizes.flickr_val}"
     return name
 
 

@@ -18,7 +18,8 @@ class DataStages:
         from ..data.world import WorldSizes
         p = self.profile_params
         sizes = WorldSizes(train=p["world_train"], test=p["world_test"],
-                           pretrain=p["world_pretrain"], flickr_test=p["world_flickr_test"]) \
+                           pretrain=p["world_pretrain"], flickr_test=p["world_flickr_test"],
+                           val=p["world_val"], flickr_val=p["world_flickr_val"]) \
             if "world_train" in p else None
         return SimpleNamespace(world_seed=self.config.world_seed, world_sizes=sizes,
                                data_paths=self.config.data_paths)

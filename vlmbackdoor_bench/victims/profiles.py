@@ -51,7 +51,9 @@ class TinyProfile:
     name = "tiny"
     version = __version__
     # Budget knobs for 2 CPU cores (methods/victim.md §A3: "on the CPU track, epochs and batch are
-    # scaled budget knobs and are recorded"); every key can be overridden in [profile.tiny].
+    # scaled budget knobs and are recorded"): set here, in this one place, for every grid of the
+    # profile (recorded in each result's budget); [profile.tiny] may still override a key.
+    # Chosen on the world's val split (scripts/validate_world.py), never on test (methods/victim.md §T1).
     DEFAULTS: dict[str, Any] = {
         "vocab_size": 1024,
         "pretrain_epochs": 4, "pretrain_batch_size": 64, "pretrain_lr": 2e-3,
@@ -59,14 +61,14 @@ class TinyProfile:
         # pretrained jointly from scratch, and closed gates leave it a text-only model (measured:
         # gates stayed below 0.1 and the backdoor could not see its trigger), so they start open.
         "pretrain_gate_init": 1.0,
-        "finetune_epochs": 2, "finetune_batch_size": 64, "finetune_lr": 1e-3,
-        # The frozen GPT-2 LM's dropout (0.1) while fine-tuning: on, as the committed board was
-        # made; false = OpenFlamingo-3B's setting (MPT-1B has none, training.Recipe) and 1.2x
-        # faster steps (docs/methods/victim.md §T).
-        "finetune_lm_dropout": True,
+        "finetune_epochs": 6, "finetune_batch_size": 32, "finetune_lr": 1e-3,
+        # The frozen GPT-2 LM's dropout (0.1) while fine-tuning: off, OpenFlamingo-3B's setting
+        # (MPT-1B has none, training.Recipe), 1.2x faster steps (methods/victim.md §T1).
+        "finetune_lm_dropout": False,
         "base_seed": 1234,
-        # embedded world sizes (methods/design.md §4); CI shrinks them for its small grid
-        "world_train": 5000, "world_test": 1000, "world_pretrain": 8000, "world_flickr_test": 1000,
+        # embedded world sizes (methods/design.md §4): per dataset train / val / test, + pretrain
+        "world_train": 600, "world_val": 100, "world_test": 100, "world_pretrain": 1500,
+        "world_flickr_val": 100, "world_flickr_test": 100,
     }
 
     def params(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
