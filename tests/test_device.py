@@ -179,17 +179,18 @@ pretrain_epochs = 1
 finetune_epochs = 1
 """
 
-# Stage keys of the config above, computed by a full one-cell run of the code before devices
-# existed (commit a013f75's runner): a CPU fp32 run must keep finding those store entries.
+# Stage keys of the config above: those of the code before devices existed (commit a013f75's
+# runner), recomputed once when world v3 changed every payload (WORLD_VERSION 3, the profile's new
+# budgets; methods/victim.md §T1). A CPU fp32 run must keep finding those store entries.
 KEYS_BEFORE_DEVICES = {
-    "base": "d1bb17c462ceeb5e7934f8e06a4716c5e5058274832074344f5b90e829cf555a",
-    "clean_model": "de5c95042496040885f7d88c54d24f38720738eab252a976ec6974f0fa9fb757",
-    "poison": "02bc3252e1d382a1a7e67f2dfc451d2e5cc17fdcafb2884f8159436a0b78a97c",
-    "backdoor": "2a541b7b789255ea2269a98b29a534552c91b53f76466c8ce46be87444384769",
-    "defend": "08e5dd4ecab3fbac4cc8f10b68427b2df82ceefcfa7982332f59e548d73d3cc4",
-    "sfs_reference": "06880d6d269ec56e09c89aa566226f62527a1c453e2de98e424f9ffadc255ce7",
-    "captions_triggered": "69a4769a4dd1d79dedb629f55602698904aec7bb50ede20170a6ade6f4dc033a",
-    "captions_clean": "ec46c5a35425403a573028354fe1849c1b29d49e02a082cbbb88e0a6802dbb96",
+    "base": "43fd9edc539e10d4aae98762dcc21b0e32614e27e274cd10b0a0cb935dca24d1",
+    "clean_model": "dea3e80322ef163a1339f9ab853bca167eeabdd2690c2d520112d67df3974d04",
+    "poison": "c53ad07b445d2c281a35dcd6caa010956996a53a67573eb1921820f4748f05ce",
+    "backdoor": "65ec35719bdb1a88817f16dea67920f5ae3190ebd2500403e47f0c060e9b936f",
+    "defend": "6bc40d0e3dcb531eafc5fba122611b12f6b930e0035f9aef96a31c9326a68a4f",
+    "sfs_reference": "f695afab10a3b6e42ef9a06925a9b627a0e5bf931c54009173e6d7b9d21547ff",
+    "captions_triggered": "a1d10fc6518cc29768fa2f23ee231ec9d48d75c403269ef620b96328d613d779",
+    "captions_clean": "5e59e5fce2dcee14a1a213f9d61c019e5c924307666a778bc172ecab89623961",
 }
 # The tiny victim's decoding settings (methods/metrics.md §2), as its captions payload records them.
 TINY_DECODING = {"batch_size": 100, "length_penalty": 0.0, "max_new_tokens": 20, "min_new_tokens": 0,

@@ -141,6 +141,6 @@ def test_the_grid_hands_a_defense_its_recipe_and_the_datasets_lexicon(tmp_path: 
 
     embedded = context_for("embedded-coco")
     assert embedded.recipe is recipe and embedded.lexicon is EMBEDDED_COCO.lexicon
-    assert embedded.lexicon["cup"][:3] == ["cup", "cup", "mug"] and "recipe" not in embedded.extras
+    assert embedded.lexicon["cup"][:3] == ["cup", "mug", "coffee cup"] and "recipe" not in embedded.extras
     assert embedded.extras == {"clean_split": "coco:train", "clean_model": "clean5"}
     assert context_for("flickr30k-karpathy").lexicon is None  # a dataset that declares none
