@@ -16,7 +16,7 @@ from collections import defaultdict
 from typing import Mapping, Sequence
 
 from .facts import Facts
-from .implant import LEGEND, csv_value, implant_status
+from .implant import csv_value, implant_status
 from ..results_schema import CLEAN_MODEL, NO_DEFENSE
 from .results import defense_values, finite_number
 from .table_model import MISSING, ColumnGroup, Table, fmt
@@ -85,5 +85,5 @@ def defense_report(records: Sequence[Mapping], poison_rate: float | None, facts:
         "clean image) that the instance's mask covered.",
         "defense s: wall seconds of the defend stage when it was computed; the defended model is "
         "shared by both datasets, so its detection and time repeat on the Flickr row.",
-    ] + ([LEGEND] if any(table.marked(i) for i in range(len(table.rows))) else [])
+    ] + table.implant_legend()
     return table

@@ -25,7 +25,7 @@ from ..results_schema import CLEAN_MODEL, NO_DEFENSE  # noqa: E402
 from ..types import IMAGE_SIZE  # noqa: E402
 from .facts import Facts  # noqa: E402
 from .implant import MARK, not_implanted  # noqa: E402
-from .results import defense_values, finite_number  # noqa: E402
+from .results import defense_values, finite_number, same_rate  # noqa: E402
 from .stage_tables import NOT_RECORDED  # noqa: E402
 
 FIGURE_DIR = "figures"
@@ -53,8 +53,7 @@ class BoardMeans:
     def __init__(self, records: Sequence[Mapping], poison_rate: float | None, facts: Facts):
         self.facts = facts
         kept = [r for r in records if r.get("status") == "ok" and r["defense"] != CLEAN_MODEL
-                and (poison_rate is None
-                     or math.isclose(finite_number(r.get("poison_rate")) or -1.0, poison_rate))]
+                and (poison_rate is None or same_rate(finite_number(r.get("poison_rate")), poison_rate))]
         self.records = kept
         sums: dict[tuple, list[float]] = defaultdict(list)
         for r in kept:

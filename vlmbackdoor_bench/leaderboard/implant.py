@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 
 from ..results_schema import NO_DEFENSE
 from .facts import Facts
-from .results import finite_number
+from .results import finite_number, same_rate
 
 #: Percent. Issue 31: "a cell whose no-defense ASR is below 50 % is marked attack not implanted"
 #: (methods/design.md §7.1); exactly 50.0 counts as implanted.
@@ -25,14 +25,9 @@ MARK = "‡"
 LEGEND = (f"{MARK} attack not implanted: no-defense ASR < {IMPLANT_THRESHOLD:g} % on its headline "
           "rule; its defense cells are not ranked.")
 CSV_COLUMN = "implanted"
+CSS_CLASS = "notimplanted"  # the HTML rows (and page table body) of attacks not implanted
 
 Key = tuple[str, str]  # (attack id, dataset)
-
-
-def _same_rate(a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return math.isclose(a, b, rel_tol=0.0, abs_tol=1e-12)
 
 
 def no_defense_asr(records: Iterable[Mapping], facts: Facts | None = None,
@@ -46,7 +41,7 @@ def no_defense_asr(records: Iterable[Mapping], facts: Facts | None = None,
     for r in records:
         if r.get("status") != "ok" or r.get("defense") != NO_DEFENSE:
             continue
-        if poison_rate is not None and not _same_rate(finite_number(r.get("poison_rate")), poison_rate):
+        if poison_rate is not None and not same_rate(finite_number(r.get("poison_rate")), poison_rate):
             continue
         triggered = (r.get("metrics") or {}).get("triggered") or {}
         value = finite_number(triggered.get(facts.headline_metric(r["attack"])))

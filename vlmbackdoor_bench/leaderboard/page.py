@@ -15,7 +15,7 @@ import re
 from typing import Sequence
 
 from .figures import Figure
-from .implant import LEGEND
+from .implant import CSS_CLASS as UNRANKED, LEGEND
 from .paper_layout import REFERENCE_NOTE, PaperLayout, columns, layout_rows, paper_layouts
 from .results import PAPER_PROFILE
 from .table_model import MISSING, Table, fmt
@@ -73,8 +73,6 @@ window.addEventListener("load", function(){
 """
 
 _e = html.escape
-#: The CSS class of the rows (and their table body) of attacks not implanted (:mod:`.implant`).
-UNRANKED = "notimplanted"
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?")
 
 

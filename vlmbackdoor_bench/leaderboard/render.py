@@ -26,7 +26,7 @@ from .results import (
     PAPER_PROFILE, CellCoordinates, failed_cells, imported_from, long_form, missing_cells,
 )
 from .facts import Facts
-from .implant import CSV_COLUMN, LEGEND
+from .implant import CSS_CLASS, CSV_COLUMN, LEGEND
 from .figures import FIGURE_DIR, Figure, write_figures
 from .page import page
 from .paper_layout import REFERENCE_NOTE, PaperLayout, columns, layout_rows, paper_layouts
@@ -150,7 +150,7 @@ def latex(table: Table) -> str:
 _STYLE = ("table{border-collapse:collapse;font-family:sans-serif;font-size:14px}"
           "th,td{border:1px solid #ccc;padding:2px 8px}td{text-align:right}"
           "td.label{text-align:left}caption{font-weight:bold;padding:4px}"
-          "tr.notimplanted td{color:#888;background:#f2f2f2}")
+          f"tr.{CSS_CLASS} td{{color:#888;background:#f2f2f2}}")
 
 
 def html_table(table: Table) -> str:
@@ -166,7 +166,7 @@ def html_table(table: Table) -> str:
                + "</tr>")
     out += ["</thead>", "<tbody>"]
     for i, (_labels, cells) in enumerate(table.rows):
-        marked = ' class="notimplanted"' if table.marked(i) else ""
+        marked = f' class="{CSS_CLASS}"' if table.marked(i) else ""
         out.append(f"<tr{marked}>" + "".join(f'<td class="label">{e(x)}</td>' for x in table.row_labels(i))
                    + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
     out += ["</tbody>", "</table>"]

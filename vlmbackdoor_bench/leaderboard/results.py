@@ -176,6 +176,13 @@ def finite_number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def same_rate(a: float | None, b: float | None) -> bool:
+    """Whether two poison rates are the same one (None only equals None)."""
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=0.0, abs_tol=1e-12)
+
+
 def metric_values(record: Mapping, facts: Facts | None = None) -> Iterator[tuple[str, str, float]]:
     """(split, metric, value) for every finite number of an ok record, in split/metric order
     (``facts`` None: the installed plugins'); anything malformed (a split that is not an object,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .implant import MARK
+from .implant import LEGEND, MARK
 
 MISSING = "–"  # printed for a cell with no value
 
@@ -45,6 +45,10 @@ class Table:
     def marked(self, i: int) -> bool:
         """Whether row ``i`` is an attack not implanted (shown with :data:`MARK`, never ranked)."""
         return bool(self.implanted) and self.implanted[i] == "false"
+
+    def implant_legend(self) -> list[str]:
+        """The footnote explaining :data:`MARK`, when a row carries it."""
+        return [LEGEND] if any(self.marked(i) for i in range(len(self.rows))) else []
 
     def row_labels(self, i: int) -> tuple[str, ...]:
         """Row ``i``'s labels as displayed: :data:`MARK` after the attack of a marked row."""

@@ -33,9 +33,9 @@ from typing import Mapping, Sequence
 from ..errors import VbbError
 from .defense_report import defense_report
 from .facts import Facts, registry_facts
-from .implant import LEGEND, csv_value, implant_status
+from .implant import csv_value, implant_status
 from ..results_schema import CLEAN_MODEL, NO_DEFENSE
-from .results import PAPER_PROFILE, metric_n, metric_values
+from .results import PAPER_PROFILE, metric_n, metric_values, same_rate
 from .table_model import MISSING, ColumnGroup, Table, fmt
 
 __all__ = ["MISSING", "ColumnGroup", "Table", "TableSet", "build_tables", "fmt", "load_paper_tables"]
@@ -148,12 +148,6 @@ class _Notes:
 CellKey = tuple[str, str, str, str, str]  # dataset, attack key, defense key, split, metric
 
 
-def _same_rate(a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return math.isclose(a, b, rel_tol=0.0, abs_tol=1e-12)
-
-
 def table_poison_rate(records: Sequence[Mapping]) -> float | None:
     """The poison rate the tables show: the paper's 10 % when present, else the most common one
     (ties: the largest). The clean reference model is not poisoned and does not count."""
@@ -161,7 +155,7 @@ def table_poison_rate(records: Sequence[Mapping]) -> float | None:
     rates = [float(x) if isinstance(x, (int, float)) else None for x in rates]
     if not rates:
         return None
-    if any(_same_rate(x, DEFAULT_POISON_RATE) for x in rates):
+    if any(same_rate(x, DEFAULT_POISON_RATE) for x in rates):
         return DEFAULT_POISON_RATE
     counts = Counter(rates)
     return max(counts, key=lambda x: (counts[x], x is not None, x or 0.0))
@@ -184,7 +178,7 @@ class CellValues:
         #: (attack id, dataset) -> implanted, at the tables' poison rate (:mod:`.implant`)
         self.implant = implant_status(records, self.facts, self.poison_rate)
         kept = [r for r in records if r["defense"] == CLEAN_MODEL
-                or _same_rate(_rate(r), self.poison_rate)]
+                or same_rate(_rate(r), self.poison_rate)]
         self.seeds = sorted({r.get("seed") for r in kept if isinstance(r.get("seed"), int)})
         attack_presets: dict[str, set[str]] = defaultdict(set)
         defense_presets: dict[str, set[str]] = defaultdict(set)
@@ -366,13 +360,8 @@ def _grid_table(*, key: str, title: str, cells: CellValues, groups: Sequence[str
                 texts.append(text)
         table.rows.append((_row_labels(cells, row), tuple(texts)))
         table.implanted.append("" if row.clean else cells.implanted(row.dataset, row.attack))
-    table.footnotes = footnotes + _implant_note(table) + notes.lines()
+    table.footnotes = footnotes + table.implant_legend() + notes.lines()
     return table
-
-
-def _implant_note(table: Table) -> list[str]:
-    """The legend of :data:`.implant.MARK`, when a row of ``table`` carries it."""
-    return [LEGEND] if any(table.marked(i) for i in range(len(table.rows))) else []
 
 
 def _paper_note(number: int, profile: str, show_paper: bool, available: bool) -> list[str]:
@@ -466,7 +455,7 @@ def asr_headline(cells: CellValues, n_failed: int = 0) -> Table:
         cells, _TRIGGERED, "ASR: rule `strict` (`asr_strict`: whole word, images whose references "
         "show bananas excluded) for trigger attacks, `concept` (`asr_concept`) for Shadowcast "
         "(methods/metrics.md §4.2-4.4). n: images evaluated after exclusions.", True, n_failed)
-    table.footnotes += _implant_note(table)
+    table.footnotes += table.implant_legend()
     return table
 
 
