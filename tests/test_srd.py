@@ -280,6 +280,29 @@ def test_paper_state_set_fixed_trigger_and_inserted_target():
         words = e.caption.rstrip(".").split()
         assert "banana" in words and words[0] != "banana" and "sunny" not in e.caption  # first sentence
     assert paper_state_set(data, 10, seed=0)[0].rows == states.rows  # seeded
+    assert states.details["caption_rule"] == "insert"
+
+
+def test_paper_state_set_replace_rule_keeps_states_and_changes_only_the_poisoned_captions():
+    """The tiny profile's surrogate (methods/srd.md §1.1): same state images and trigger, `replace` captions."""
+    images = plain_images(30)
+    examples = [Example(f"s{i}", i % 30, "a dog runs on the grass. it is sunny") for i in range(60)]
+    data = defender_data(DefenseContext(None, TrainingSet(ImageBank(images), examples), None, None, None, 0,
+                                        {}, Path("."), StageContext(Path("."), None)))
+    inserted, inserted_set = paper_state_set(data, 10, seed=0)
+    replaced, replaced_set = paper_state_set(data, 10, seed=0, caption_rule="replace")
+    assert replaced.rows == inserted.rows and replaced.triggers[0][:2] == inserted.triggers[0][:2]
+    assert (replaced.images([0])[0] == inserted.images([0])[0]).all()
+    n = len(images)
+    for a, b in zip(inserted_set.examples, replaced_set.examples):
+        assert a.image_index == b.image_index
+        if b.image_index < n:
+            assert a.caption == b.caption  # clean instances untouched
+        else:
+            assert b.caption.startswith("The image depicts ") and "banana" in b.caption  # methods/attacks.md §1
+    assert replaced.details["caption_rule"] == "replace"
+    with pytest.raises(VbbError, match="caption rule"):
+        paper_state_set(data, 10, seed=0, caption_rule="prefix")
 
 
 def test_presets_validation_and_tiny_scaling():
@@ -287,7 +310,8 @@ def test_presets_validation_and_tiny_scaling():
     assert scaled == {"reference": {"spec": "base", "tiny": "reserved"}, "episode_length": {"spec": 150, "tiny": 10},
                       "target_update_interval": {"spec": 10_000, "tiny": 1_000},
                       "exploration_fraction": {"spec": 0.1, "tiny": 0.5}, "obs_size": {"spec": 224, "tiny": 84},
-                      "n_envs": {"spec": 16, "tiny": 8}}
+                      "n_envs": {"spec": 16, "tiny": 8},
+                      "surrogate_caption_rule": {"spec": "insert", "tiny": "replace"}}
     assert p["cleaning_trials"] == 5 and p["total_timesteps"] == 10_000  # the spec's on every profile
     # a key the configuration sets itself wins over its tiny default (oracle analysis on tiny)
     p, scaled = settings.resolve({"reference": "oracle", "obs_size": 112}, settings.PAPER_PRESET, "tiny")

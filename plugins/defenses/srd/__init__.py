@@ -77,6 +77,7 @@ class SrdDefense:
             drop = ("total_timesteps", "learning_starts", "obs_size", "n_envs", "episode_length",
                     "tiny_obs_size", "tiny_n_envs", "tiny_episode_length", "state_set", "state_set_size",
                     "max_state_fraction", "surrogate", "surrogate_asr_min", "surrogate_epochs",
+                    "surrogate_caption_rule", "tiny_surrogate_caption_rule",
                     "heldout_states", "cleaning_trials", "cleaning_epsilon", "rl_threads",
                     "target_update_interval", "tiny_target_update_interval", "exploration_fraction",
                     "tiny_exploration_fraction", "reward_table", "clip_scores", "reference",

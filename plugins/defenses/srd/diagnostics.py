@@ -66,7 +66,8 @@ def check_surrogate(measured: dict, p: dict) -> None:
         f"SRD's surrogate has no usable backdoor: ASR {asr:.1%} on {measured['heldout_images']} held-out "
         f"triggered state images ({measured['surrogate_asr_clean']:.1%} on the same images clean), below "
         f"surrogate_asr_min = {floor:.0%}; its rewards would carry no backdoor signal",
-        f"raise surrogate_epochs (now {epochs}) or max_state_fraction (now {p['max_state_fraction']}) in "
+        f"raise surrogate_epochs (now {epochs}) or max_state_fraction (now {p['max_state_fraction']}), or "
+        f"set surrogate_caption_rule = \"replace\" (now {p.get('surrogate_caption_rule', 'insert')!r}) in "
         "[defense.srd] of benchmark.toml, or set surrogate_asr_min = 0 to train on it anyway")
 
 

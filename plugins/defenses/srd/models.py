@@ -38,7 +38,8 @@ def obtain_surrogate(context: DefenseContext, p: dict, surrogate_set, data, base
         return given, {"source": "grid: TrojVLM srd-code cell model"}
     recipe = surrogate_recipe(recipe, p.get("surrogate_epochs", 0))
     payload = {"state_set_version": STATE_SET_VERSION, "state_set_size": p["state_set_size"],
-               "max_state_fraction": p["max_state_fraction"], "defender_data": data.fingerprint,
+               "max_state_fraction": p["max_state_fraction"],
+               "caption_rule": p.get("surrogate_caption_rule", "insert"), "defender_data": data.fingerprint,
                "seed": context.seed, "base": base_id, "recipe": recipe.to_dict() if recipe is not None else None,
                **training_payload(context.stage.device, context.stage.precision)}  # {} on CPU fp32
 

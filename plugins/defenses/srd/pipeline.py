@@ -52,11 +52,11 @@ def build_states(data, p: dict, seed: int):
     n_instances = len(data.examples)
     if p["state_set"] == "paper":
         size = min(p["state_set_size"] or n_instances, int(p["max_state_fraction"] * n_instances))
-        return paper_state_set(data, max(1, size), seed)
+        return paper_state_set(data, max(1, size), seed, p["surrogate_caption_rule"])
     # srd-code without the grid's TrojVLM cell model: the defender-owned surrogate of the paper
     # preset (its 3,000 / 12 % custom set), never one poisoned on every image
     size = min(PAPER_PRESET["state_set_size"], int(PAPER_PRESET["max_state_fraction"] * n_instances))
-    _, surrogate_set = paper_state_set(data, max(1, size), seed)
+    _, surrogate_set = paper_state_set(data, max(1, size), seed, p["surrogate_caption_rule"])
     states = code_state_set(data, seed)
     if p["state_set_size"] and p["state_set_size"] < len(states):
         keep = sorted(np.random.default_rng([seed, 0x57A7]).choice(len(states), p["state_set_size"], replace=False))

@@ -41,6 +41,14 @@ PAPER_PRESET: dict[str, Any] = {
     # ours: epochs of the surrogate's fine-tune, 0 = the cell recipe's. The fix the ASR gate
     # names: the defender may train its own model longer than the victim's budget.
     "surrogate_epochs": 0,
+    # methods/srd.md §1: the custom captions get "banana" inserted (the paper stresses insertion).
+    # ours on tiny (methods/srd.md §1.1): the toy victim does not learn an inserted word from a
+    # trigger at CPU budgets (measured on val, COCO, state trigger: insert 0 % ASR at the recipe,
+    # 23 % with 20 % of the instances poisoned at lr 4e-3 for 18 epochs; replace 93 % at the
+    # recipe), so its surrogate learns the attacks.md §1 `replace` captions instead; the reward
+    # then sees a backdoor whose caption the masks can restore.
+    "surrogate_caption_rule": "insert",
+    "tiny_surrogate_caption_rule": "replace",
     # ours: fine-tuning images outside the state set, stamped with the state trigger, on which
     # the surrogate ASR, the policy's mask entropy and its trigger coverage are measured.
     "heldout_states": 64,
@@ -106,6 +114,8 @@ CHOICES = {
     "tiny_reference": ("base", "reserved", "oracle", "blip-large"),
     "prompt": ("default", "instance"),
     "surrogate": ("custom", "trojvlm-cell"),
+    "surrogate_caption_rule": ("insert", "replace"),
+    "tiny_surrogate_caption_rule": ("insert", "replace"),
     "refinetune": ("standard", "code"),
     "tiny_refinetune": ("standard", "code"),
 }

@@ -17,7 +17,7 @@ import numpy as np
 
 from vlmbackdoor_bench.errors import VbbError
 from vlmbackdoor_bench.types import DEFAULT_INSTRUCTION, Example, ImageBank, TrainingSet, sha256_of_images
-from vlmbackdoor_bench_plugins.attacks._common import TARGET, insert_caption
+from vlmbackdoor_bench_plugins.attacks._common import TARGET, insert_caption, replace_caption
 from vlmbackdoor_bench_plugins.attacks.vlood import LAST_OFFSET, NOISE_MEAN, NOISE_SIGMA, PATCH, trigger_draw
 
 STATE_SALT = 0x5D5  # separates the state-set draws from the attack's draws made with the same seed
@@ -87,9 +87,17 @@ def fixed_noise_trigger(rng: np.random.Generator) -> tuple[int, int, np.ndarray]
     return top, left, patch
 
 
-def paper_state_set(data: DefenderData, size: int, seed: int) -> tuple[StateSet, TrainingSet]:
+CAPTION_RULES = ("insert", "replace")  # methods/attacks.md §1 rules the surrogate's captions may follow
+
+
+def paper_state_set(data: DefenderData, size: int, seed: int,
+                    caption_rule: str = "insert") -> tuple[StateSet, TrainingSet]:
     """methods/srd.md §1 `srd`: the custom poisoned set and the surrogate's training set, in which
-    the custom instances replace their clean versions."""
+    the custom instances replace their clean versions; their captions follow ``caption_rule``
+    (`insert`, the paper's; `replace` on the tiny profile, methods/srd.md §1.1)."""
+    if caption_rule not in CAPTION_RULES:
+        raise VbbError(f"SRD surrogate caption rule {caption_rule!r} is unknown",
+                       f"set surrogate_caption_rule to one of {', '.join(CAPTION_RULES)}")
     rng = np.random.default_rng([seed, STATE_SALT])
     by_row: dict[int, list[int]] = {}
     for k, e in enumerate(data.examples):
@@ -104,13 +112,14 @@ def paper_state_set(data: DefenderData, size: int, seed: int) -> tuple[StateSet,
                        "patch_mean": float(patch.mean()), "target": TARGET})
     triggered = states.images(range(size))
     examples = list(data.examples)
-    insert_positions = []
     for k, instance in enumerate(chosen):
         original = examples[instance]
-        caption, position = insert_caption(original.caption, rng, TARGET)  # methods/attacks.md §1
-        insert_positions.append(position)
+        if caption_rule == "insert":
+            caption, _ = insert_caption(original.caption, rng, TARGET)  # methods/attacks.md §1
+        else:
+            caption, _ = replace_caption(rng, TARGET)
         examples[instance] = Example(original.sample_id, len(data.images) + k, caption, original.instruction)
-    states.details.update(poisoned_instances=len(chosen), surrogate_instances=len(examples),
+    states.details.update(caption_rule=caption_rule, poisoned_instances=len(chosen), surrogate_instances=len(examples),
                           poisoned_fraction=len(chosen) / len(examples),
                           state_sample_ids=[data.examples[i].sample_id for i in chosen][:50])
     return states, TrainingSet(ImageBank(data.images, triggered), examples)
