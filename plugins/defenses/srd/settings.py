@@ -45,7 +45,7 @@ PAPER_PRESET: dict[str, Any] = {
     # ours on tiny (methods/srd.md §1.1): the toy victim does not learn an inserted word from a
     # trigger at CPU budgets (measured on val, COCO, state trigger: insert 0 % ASR at the recipe,
     # 23 % with 20 % of the instances poisoned at lr 4e-3 for 18 epochs; replace 93 % at the
-    # recipe), so its surrogate learns the attacks.md §1 `replace` captions instead; the reward
+    # recipe), so its surrogate learns the `replace` captions of methods/attacks.md §1 instead; the reward
     # then sees a backdoor whose caption the masks can restore.
     "surrogate_caption_rule": "insert",
     "tiny_surrogate_caption_rule": "replace",
