@@ -60,6 +60,23 @@ def test_a_full_frame_crop_is_the_identity_and_a_partial_one_moves_a_corner_trig
         assert 0.6 * 224 * 224 * 0.97 <= h * w <= 224 * 224 and 0.74 <= w / h <= 1.35
 
 
+def test_paper_spatial_idr_cuts_a_corner_trigger_out_of_about_half_the_poisons():
+    """The measured cause of RobustIT's clean-caption loss on the tiny profile (methods/defenses.md
+    §R2.1): the paper preset's crop removes BadNet's 21 px corner patch entirely from about
+    half of the images and keeps it in place in few, so about half of the poisons train "an image
+    without a trigger -> the target caption". A change of the spatial defaults shows up here."""
+    image = np.zeros((224, 224, 3), np.uint8)
+    image[203:, 203:] = 255  # BadNet's patch cell (plugins/attacks/badnet.py: rows/cols 203-223)
+    idr = InputDiversity({**PAPER, "idr_color_p": 0.0, "idr_text_p": 0.0}, seed=0)
+    outs = idr.images(np.stack([image] * 400))
+    bright = outs[..., 0] > 128
+    gone = float((~bright.any((1, 2))).mean())
+    in_place = float(np.mean([max(b[203:, 203:].mean(), b[203:, :21].mean()) > 0.9 for b in bright]))
+    assert 0.4 < gone < 0.6 and in_place < 0.15, (gone, in_place)
+    plain = InputDiversity({**PAPER, **ONLY}, seed=0).images(np.stack([image] * 4))
+    assert np.array_equal(plain, np.stack([image] * 4))  # without IDR every poison keeps its trigger
+
+
 def test_flip_only_mirrors_and_keeps_every_pixel_value():
     image = scenes(1)[0]
     idr = InputDiversity({**PAPER, **ONLY, "idr_flip_p": 1.0}, seed=0)

@@ -18,23 +18,23 @@ PAPER: dict[str, Any] = {
     "idr": True,  # methods/defenses.md §R2
     "idr_crop_p": 1.0,  # §R2 spatial: RandomResizedCrop always (UNVERIFIED)
     "idr_crop_scale": [0.6, 1.0],  # methods/defenses.md §R2 (UNVERIFIED)
-    "idr_crop_ratio": [0.75, 4.0 / 3.0],  # §2: 3/4 to 4/3 (UNVERIFIED)
+    "idr_crop_ratio": [0.75, 4.0 / 3.0],  # §R2: 3/4 to 4/3 (UNVERIFIED)
     "idr_flip_p": 0.5,  # methods/defenses.md §R2: horizontal flip (UNVERIFIED)
-    "idr_color_p": 0.8,  # §2 colour: ColorJitter with p = 0.8 (UNVERIFIED)
+    "idr_color_p": 0.8,  # §R2 colour: ColorJitter with p = 0.8 (UNVERIFIED)
     "idr_brightness": 0.4,  # methods/defenses.md §R2 (UNVERIFIED)
-    "idr_contrast": 0.4,  # §2 (UNVERIFIED)
+    "idr_contrast": 0.4,  # §R2 (UNVERIFIED)
     "idr_saturation": 0.4,  # methods/defenses.md §R2 (UNVERIFIED)
-    "idr_hue": 0.1,  # §2 (UNVERIFIED)
+    "idr_hue": 0.1,  # §R2 (UNVERIFIED)
     "idr_text_p": 0.5,  # methods/defenses.md §R2 textual: one operation with p = 0.5, instruction only (UNVERIFIED)
-    "idr_word_drop_p": 0.1,  # §2 textual (a): drop each word with p = 0.1 (UNVERIFIED)
+    "idr_word_drop_p": 0.1,  # §R2 textual (a): drop each word with p = 0.1 (UNVERIFIED)
     "aar": True,  # methods/defenses.md §R3
     "aar_gamma": 0.1,  # §R3: top γ = 0.1 of the channels per layer (UNVERIFIED; sweep 0.05-0.2)
     "aar_beta": 0.9,  # methods/defenses.md §R3: momentum β = 0.9 (UNVERIFIED; β = 0 in preset beta-0)
-    "aar_statistic": "peak-to-mean",  # §3: max|h| / mean|h| per channel (UNVERIFIED)
+    "aar_statistic": "peak-to-mean",  # §R3: max|h| / mean|h| per channel (UNVERIFIED)
     "aar_dynamic": True,  # methods/defenses.md §R3: re-selected every step; False freezes after epoch 1 (UNVERIFIED)
-    "aar_final_mask": "keep",  # §3: the final mask written into the weights; "drop" (UNVERIFIED)
+    "aar_final_mask": "keep",  # §R3: the final mask written into the weights; "drop" (UNVERIFIED)
     "aar_penalty_weight": 0.0,  # methods/defenses.md §R3: no loss term by default; λ of the L1 option (UNVERIFIED)
-    # Cost (§4): a plain fine-tune of the same recipe for this many steps on the same data is
+    # Cost (§R4): a plain fine-tune of the same recipe for this many steps on the same data is
     # timed beside the regularised run (0: not measured); the ratio of seconds per step is the
     # cost ratio, warned about above 1.15 (methods/defenses.md §R4, the paper's "< 15 %").
     "cost_reference_steps": 10,
@@ -42,7 +42,7 @@ PAPER: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": PAPER,
     "idr-only": {**PAPER, "aar": False},  # methods/defenses.md §R6 ablation (R1, R3)
-    "aar-only": {**PAPER, "idr": False},  # §6 ablation (R1, R3)
+    "aar-only": {**PAPER, "idr": False},  # §R6 ablation (R1, R3)
     "beta-0": {**PAPER, "aar_beta": 0.0},  # methods/defenses.md §R3: the required β = 0 run (R2: best defense)
 }
 CHOICES = {"aar_statistic": STATISTICS, "aar_final_mask": ("keep", "drop")}
