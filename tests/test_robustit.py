@@ -345,3 +345,18 @@ def test_presets_and_bad_parameters():
             resolve(bad)
     objective = RobustObjective(PRESETS["idr-only"], seed=0, steps_per_epoch=1)
     assert hasattr(objective, "batch_inputs") and not hasattr(objective, "adapter_output")
+
+
+def test_the_two_ablations_are_defenses_of_their_own_beside_robustit_in_table_2():
+    """methods/defenses.md §R6: idr-only and aar-only as cells of one store (cells are keyed by
+    defense name), columns after RobustIT's in Table 2, each with only its own preset."""
+    from vlmbackdoor_bench.registry import load_registry
+    registry = load_registry()
+    main = registry.defense("robustit")
+    idr, aar = registry.defense("robustit_idr"), registry.defense("robustit_aar")
+    assert (idr.default_preset, aar.default_preset) == ("idr-only", "aar-only")
+    assert list(idr.presets) == ["idr-only"] and list(aar.presets) == ["aar-only"]
+    assert resolve(idr.presets["idr-only"])["aar"] is False and resolve(idr.presets["idr-only"])["idr"] is True
+    assert resolve(aar.presets["aar-only"])["idr"] is False and resolve(aar.presets["aar-only"])["aar"] is True
+    assert main.paper_tables[2] < idr.paper_tables[2] < aar.paper_tables[2]
+    assert main.presets["paper"]["aar"] and main.presets["paper"]["idr"]  # RobustIT itself untouched

@@ -116,6 +116,22 @@ class RobustInstructionTuning:
                 "encoding_seconds_per_step": encoding_per_step, "plain": plain}
 
 
+class RobustITAblation(RobustInstructionTuning):
+    """One of the paper's ablations (methods/defenses.md §R6) as its own defense, so that its
+    cells sit beside RobustIT's in one store and one Table 2 (a cell is keyed by defense name)."""
+
+    def __init__(self, name: str, preset: str, label: str, column: int):
+        self.name, self.label, self.order = name, label, RobustInstructionTuning.order + column
+        self.paper_tables = {2: RobustInstructionTuning.paper_tables[2] + column}  # after RobustIT
+        self.presets, self.default_preset = {preset: PRESETS[preset]}, preset
+
+
+ABLATIONS = (RobustITAblation("robustit_idr", "idr-only", "RobustIT IDR only (not in SRD paper)", 1),
+             RobustITAblation("robustit_aar", "aar-only", "RobustIT AAR only (not in SRD paper)", 2))
+
+
 @hookimpl
 def register_defenses(register) -> None:
     register(RobustInstructionTuning())
+    for ablation in ABLATIONS:
+        register(ablation)
