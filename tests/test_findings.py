@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FINDINGS = REPO / "docs" / "findings"
 BOARD = REPO / "leaderboards" / "tiny" / "results.csv"
-PAGES = ("attacks", "baselines", "srd", "reproducibility")
+PAGES = ("attacks", "baselines", "srd", "robustit", "reproducibility")
 KEY = ("dataset", "attack", "defense", "split", "metric")
 
 NUMBER = r"(?P<num>[−-]?\d[\d,]*(?:\.\d+)?)"
