@@ -150,8 +150,9 @@ def test_new_plugins_appear_in_the_tables_with_their_facts(toy_registry):
 def test_registry_fallback_gives_the_paper_layout_for_records_without_facts():
     facts = registry_facts()
     assert facts.paper_defenses(1) == ["none", "srd"]
-    # RobustIT and the re-fine-tune control are extra columns after the paper's (not in its tables)
-    assert facts.paper_defenses(2) == ["none", "abl", "vdc", "ct", "srd", "robustit"]
+    # RobustIT (with its two ablations) and the re-fine-tune control are extra columns after the
+    # paper's (not in its tables)
+    assert facts.paper_defenses(2) == ["none", "abl", "vdc", "ct", "srd", "robustit", "robustit_idr", "robustit_aar"]
     assert facts.paper_defenses(3) == ["none", "random_mask", "srd_ppo", "srd_sac", "srd", "refinetune"]
     assert facts.paper_label(3, "srd") == "DQN" and facts.label("defense", "srd") == "SRD"
     assert facts.headline_metric("shadowcast") == "asr_concept"

@@ -166,9 +166,10 @@ def test_table2_pivots_values(results: Path, tmp_path: Path) -> None:
     header = list(next(iter(table.values())).keys())
     assert header[:5] == ["Dataset", "Attack", "No Defense / C ↑", "No Defense / SFS ↑",
                           "No Defense / ASR ↓"]
-    # RobustIT is a Table 2 column (not in the SRD paper) even where it has no results
-    assert [h.split(" / ")[0] for h in header[2:-1:3]] == ["No Defense", "ABL", "VDC", "CT", "SRD",
-                                                           "RobustIT (not in SRD paper)"]
+    # RobustIT and its ablations are Table 2 columns (not in the SRD paper) even where they have no results
+    assert [h.split(" / ")[0] for h in header[2:-1:3]] == [
+        "No Defense", "ABL", "VDC", "CT", "SRD", "RobustIT (not in SRD paper)",
+        "RobustIT IDR only (not in SRD paper)", "RobustIT AAR only (not in SRD paper)"]
     assert header[-1] == "implanted"  # leaderboard/implant.py: true / false / empty (unknown)
     row = table[("COCO", "BadNet")]
     assert row["ABL / C ↑"] == f"{value('coco', 'badnet', 'abl', 'triggered', 'cider'):.1f}"
@@ -285,7 +286,8 @@ def test_table3_written_when_it_has_data(tmp_path: Path) -> None:
     # Table 2 grows a column group per extra defense, after SRD
     t2 = read_csv(folder / "table2.csv")
     groups = list(dict.fromkeys(h.split(" / ")[0] for h in t2[("COCO", "BadNet")] if " / " in h))
-    assert groups == ["No Defense", "ABL", "VDC", "CT", "SRD", "RobustIT (not in SRD paper)", "Random", "PPO"]
+    assert groups == ["No Defense", "ABL", "VDC", "CT", "SRD", "RobustIT (not in SRD paper)",
+                      "RobustIT IDR only (not in SRD paper)", "RobustIT AAR only (not in SRD paper)", "Random", "PPO"]
     # keep only cells Table 3 does not show (ABL, clean model): table3 disappears on rebuild
     for path in (root / PROFILE).glob("*.json"):
         if not any(f"-{d}-" in path.name for d in ("abl", "clean-model")):
