@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -195,7 +196,9 @@ def test_gpu_check_stops_without_cuda(tmp_path):
     import subprocess
     from pathlib import Path
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
-    done = subprocess.run(["bash", str(script)], env={**os.environ, "OUT": str(tmp_path / "out")},
+    # PYTHON: this interpreter (the script's default, python3 on the PATH, may be one without torch)
+    done = subprocess.run(["bash", str(script)], env={**os.environ, "OUT": str(tmp_path / "out"),
+                                                      "PYTHON": sys.executable},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 3, done.stdout + done.stderr
     env = (tmp_path / "out" / "env.txt").read_text()
