@@ -262,11 +262,17 @@ def test_random_masking_draws_one_action_per_instance_without_scoring():
 
 
 # --------------------------------------------------------------------------- state set
-def test_paper_state_set_fixed_trigger_and_inserted_target():
+def _defender_data_of_30_images():
+    """30 plain images, two caption instances each (two sentences: the rules keep the first)."""
     images = plain_images(30)
     examples = [Example(f"s{i}", i % 30, "a dog runs on the grass. it is sunny") for i in range(60)]
     data = defender_data(DefenseContext(None, TrainingSet(ImageBank(images), examples), None, None, None, 0,
                                         {}, Path("."), StageContext(Path("."), None)))
+    return images, data
+
+
+def test_paper_state_set_fixed_trigger_and_inserted_target():
+    images, data = _defender_data_of_30_images()
     states, surrogate_set = paper_state_set(data, 10, seed=0)
     top, left, patch = states.triggers[0]
     assert len(states) == 10 and len(set(states.rows)) == 10 and 0 <= top <= 204 and 0 <= left <= 204
@@ -285,10 +291,7 @@ def test_paper_state_set_fixed_trigger_and_inserted_target():
 
 def test_paper_state_set_replace_rule_keeps_states_and_changes_only_the_poisoned_captions():
     """The tiny profile's surrogate (methods/srd.md §1.1): same state images and trigger, `replace` captions."""
-    images = plain_images(30)
-    examples = [Example(f"s{i}", i % 30, "a dog runs on the grass. it is sunny") for i in range(60)]
-    data = defender_data(DefenseContext(None, TrainingSet(ImageBank(images), examples), None, None, None, 0,
-                                        {}, Path("."), StageContext(Path("."), None)))
+    images, data = _defender_data_of_30_images()
     inserted, inserted_set = paper_state_set(data, 10, seed=0)
     replaced, replaced_set = paper_state_set(data, 10, seed=0, caption_rule="replace")
     assert replaced.rows == inserted.rows and replaced.triggers[0][:2] == inserted.triggers[0][:2]

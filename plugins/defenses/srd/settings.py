@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from vlmbackdoor_bench.errors import VbbError
 
 from .geometry import CODE_SIZES, PAPER_SIZES, check_sizes
+from .state_set import CAPTION_RULES
 
 PAPER_PRESET: dict[str, Any] = {
     "mask_sizes": list(PAPER_SIZES),  # methods/srd.md §3: Discrete(400)
@@ -114,8 +115,8 @@ CHOICES = {
     "tiny_reference": ("base", "reserved", "oracle", "blip-large"),
     "prompt": ("default", "instance"),
     "surrogate": ("custom", "trojvlm-cell"),
-    "surrogate_caption_rule": ("insert", "replace"),
-    "tiny_surrogate_caption_rule": ("insert", "replace"),
+    "surrogate_caption_rule": CAPTION_RULES,
+    "tiny_surrogate_caption_rule": CAPTION_RULES,
     "refinetune": ("standard", "code"),
     "tiny_refinetune": ("standard", "code"),
 }
